@@ -1,0 +1,120 @@
+"""The `ppoflow` command.
+
+    ppoflow train --config configs/quickstart.yaml [--set algo.gamma=0.99 ...] [--run-id RUN]
+    ppoflow make-tiny-model models/tiny [--sft-steps N]
+    ppoflow make-prompts data/arith [--n-train N --n-eval N]
+
+`train` with the id of an existing run resumes it from storage (committed stages are not redone).
+"""
+
+import argparse
+import os
+import sys
+
+
+def _env_defaults() -> None:
+    # Before Prefect is imported: its analytics ping fails offline and clutters logs with "database is locked".
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+COLUMNS = [  # (header, metric name, format)
+    ("iter", "iteration", "{:>4}"),
+    ("reward", "rollout/reward_mean", "{:>7.3f}"),
+    ("kl", "rollout/kl", "{:>8.4f}"),
+    ("pg_loss", "ppo/policy_loss", "{:>8.4f}"),
+    ("v_loss", "critic/value_loss", "{:>8.4f}"),
+    ("resp_len", "rollout/response_len", "{:>8.1f}"),
+    ("gen_s", "time/generate_s", "{:>6.1f}"),
+    ("score_s", "time/score_s", "{:>7.1f}"),
+    ("adv_s", "time/advantages_s", "{:>6.2f}"),
+    ("upd_s", "time/update_s", "{:>6.1f}"),
+    ("sync_s", "time/sync_s", "{:>6.2f}"),
+]
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = ["  ".join(f"{h:>{len(fmt.format(0)) if 'f' in fmt else 4}}" for h, _, fmt in COLUMNS)]
+    for row in rows:
+        cells = []
+        for header, key, fmt in COLUMNS:
+            value = row.get(key)
+            width = len(fmt.format(0)) if "f" in fmt else 4
+            cells.append(fmt.format(value) if value is not None else f"{'-':>{width}}")
+        lines.append("  ".join(cells))
+    return "\n".join(lines)
+
+
+def cmd_train(args) -> int:
+    from stages.config import ConfigError, load_config
+
+    try:
+        config = load_config(args.config, args.set + ([f"run_id={args.run_id}"] if args.run_id else []))
+    except ConfigError as err:
+        print(f"ppoflow: {err}", file=sys.stderr)
+        return 2
+
+    from flows.ppo import ppo_train
+    from stages.common import iteration_summary, store_of
+    from stages.score import RewardError
+    from stages.setup import RunSetupError
+    from storage.lock import RunLocked
+    from storage.prompts import PromptFileError
+
+    try:
+        run = ppo_train(config=config)
+    except (RunSetupError, RewardError, PromptFileError, RunLocked) as err:
+        print(f"ppoflow: {err}", file=sys.stderr)
+        return 2
+    store = store_of(config, run["run_uri"])
+    rows = [iteration_summary(store, n) for n in range(1, config.iterations + 1)]
+    print(f"\nrun {run['run_id']}  ({run['run_uri']})")
+    print(format_table(rows))
+    return 0
+
+
+def cmd_make_tiny_model(args) -> int:
+    from ppoflow.tiny_model import make_tiny_model
+
+    make_tiny_model(args.out_dir, seed=args.seed, **({"sft_steps": args.sft_steps} if args.sft_steps is not None
+                                                     else {}))
+    return 0
+
+
+def cmd_make_prompts(args) -> int:
+    from ppoflow.tasks.arith import write_prompts
+
+    print(write_prompts(args.out_dir, n_train=args.n_train, n_eval=args.n_eval, seed=args.seed))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    _env_defaults()
+    parser = argparse.ArgumentParser(prog="ppoflow", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train or resume a run")
+    p.add_argument("--config", required=True, help="YAML run config")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override, repeatable")
+    p.add_argument("--run-id", help="run to resume (or name of a new run)")
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("make-tiny-model", help="build a small Qwen2 + tokenizer locally (HF format)")
+    p.add_argument("out_dir")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sft-steps", type=int, default=None, help="SFT steps on the quickstart task (0: random init)")
+    p.set_defaults(fn=cmd_make_tiny_model)
+
+    p = sub.add_parser("make-prompts", help="write the quickstart task's train.jsonl and eval.jsonl")
+    p.add_argument("out_dir")
+    p.add_argument("--n-train", type=int, default=2048)
+    p.add_argument("--n-eval", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=cmd_make_prompts)
+
+    args = parser.parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

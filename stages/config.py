@@ -1,0 +1,202 @@
+"""The run configuration: one pydantic model composed of each component's config, loaded from YAML.
+
+The same model is the YAML schema, the Prefect flow parameter (Prefect validates it and draws its form from it) and
+what the run manifest stores. Unknown keys and invalid values fail here, before any worker starts, naming the field
+path (`algo.gamma: ...`).
+
+Run alone to validate a config and print it resolved:
+    python -m stages.config configs/quickstart.yaml --set algo.gamma=0.99
+"""
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from algorithms.config import GROUP_ESTIMATORS, AlgoConfig
+from storage.config import StorageConfig
+from workers.config import GenerationConfig, ModelConfig, RayConfig, TrainerConfig
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names every offending field path."""
+
+
+class DataConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompts: str
+    """URI of the training prompts: a JSONL or Parquet file with one prompt per row."""
+
+    prompt_key: str = "prompt"
+    """Column holding the prompt text; the row's other columns reach the reward function as metadata."""
+
+    prompts_per_iteration: int = Field(16, ge=1)
+    """Prompts drawn per PPO iteration (the batch holds prompts_per_iteration × n_samples_per_prompt samples)."""
+
+    max_prompt_tokens: int = Field(128, ge=1)
+    """Templated prompts longer than this keep their last tokens and are flagged `prompt_truncated`."""
+
+    apply_chat_template: bool = True
+    """Wrap each prompt as a user turn with the tokenizer's chat template (with the generation prompt)."""
+
+    shuffle: bool = True
+    """Shuffle prompts once per pass over the file (seeded by the run seed and the pass number)."""
+
+
+class RewardConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    fn: str = "ppoflow.tasks.arith:reward"
+    """Rule reward `module:function`, called as fn(prompts, responses, metadata) -> list[float]."""
+
+    @field_validator("fn")
+    @classmethod
+    def _module_function(cls, v: str) -> str:
+        module, _, fn = v.partition(":")
+        if not module or not fn:
+            raise ValueError(f"expected 'package.module:function', got {v!r}")
+        return v
+
+
+class FlowConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    retries: int = Field(1, ge=0)
+    """Prefect retries of each stage task; a retry resumes from what the stage committed."""
+
+    retry_delay_s: float = Field(2.0, ge=0.0)
+    """Seconds between retries."""
+
+
+class RunConfig(BaseModel):
+    """Everything a run needs. Sections mirror the components that own them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    run_id: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    """Run name under `{storage.root}/runs/`; the same id resumes the run. None generates one."""
+
+    seed: int = 0
+    """Seed of data order, sampling and training."""
+
+    iterations: int = Field(3, ge=1)
+    """PPO iterations of the run in total (a resumed run continues to this number)."""
+
+    model: ModelConfig
+    data: DataConfig
+    generation: GenerationConfig = GenerationConfig()
+    policy: TrainerConfig = TrainerConfig()
+    critic: TrainerConfig = TrainerConfig()
+    algo: AlgoConfig = AlgoConfig()
+    reward: RewardConfig = RewardConfig()
+    storage: StorageConfig = StorageConfig()
+    ray: RayConfig = RayConfig()
+    flow: FlowConfig = FlowConfig()
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> "RunConfig":
+        errors = []
+        n = self.generation.n_samples_per_prompt
+        if self.algo.estimator in GROUP_ESTIMATORS and n < 2:
+            errors.append(
+                f"generation.n_samples_per_prompt: algo.estimator={self.algo.estimator!r} normalises rewards "
+                f"within each prompt's samples and needs at least 2 samples per prompt (got {n})"
+            )
+        if self.data.max_prompt_tokens + self.generation.max_new_tokens > self.generation.max_model_len:
+            errors.append(
+                "generation.max_model_len: must hold data.max_prompt_tokens + generation.max_new_tokens "
+                f"({self.data.max_prompt_tokens} + {self.generation.max_new_tokens} > {self.generation.max_model_len})"
+            )
+        batch = self.data.prompts_per_iteration * n
+        for name in (["policy", "critic"] if self.uses_critic else ["policy"]):
+            t: TrainerConfig = getattr(self, name)
+            if batch % t.mini_batch_size or t.mini_batch_size % t.micro_batch_size:
+                errors.append(
+                    f"{name}.mini_batch_size: samples per iteration ({batch}) must be a multiple of "
+                    f"{name}.mini_batch_size ({t.mini_batch_size}), itself a multiple of "
+                    f"{name}.micro_batch_size ({t.micro_batch_size})"
+                )
+        if errors:
+            raise ValueError("; ".join(errors))
+        return self
+
+    @property
+    def uses_critic(self) -> bool:
+        """Only GAE learns a value function."""
+        return self.algo.estimator == "gae"
+
+    def resume_fingerprint(self) -> dict:
+        """The settings a resumed run must share with its start: all but operational ones (iteration count,
+        Ray address, retries), so a run can be extended or moved to another cluster without changing its results."""
+        data = self.model_dump(mode="json")
+        for key in ("run_id", "iterations", "ray", "flow"):
+            data.pop(key)
+        return data
+
+    def config_hash(self) -> str:
+        text = json.dumps(self.resume_fingerprint(), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see configs/quickstart.yaml for the fields)"
+        lines.append(f"  {path}: {msg}" if path else f"  {msg}")
+    return "invalid config:\n" + "\n".join(lines)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `a.b.c=value` overrides (value parsed as YAML) to a nested dict; returns a new dict."""
+    data = json.loads(json.dumps(data))
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected dotted.key=value")
+        node = data
+        parts = key.split(".")
+        for i, part in enumerate(parts[:-1]):
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {'.'.join(parts[: i + 1])} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def validate_config(data: dict) -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err)) from None
+
+
+def load_config(path: str | None = None, overrides: list[str] = (), base: dict | None = None) -> RunConfig:
+    """YAML file (or `base` dict) + dotted overrides → a validated RunConfig, or ConfigError naming the fields."""
+    data = dict(base or {})
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path}: expected a mapping of sections at the top level")
+        data.update(loaded)
+    return validate_config(apply_overrides(data, list(overrides)))
+
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    sets = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
+    try:
+        print(yaml.safe_dump(load_config(args[0], sets).model_dump(mode="json"), sort_keys=False))
+    except ConfigError as err:
+        sys.exit(str(err))

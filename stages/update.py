@@ -1,0 +1,57 @@
+"""Update stage: PPO epochs over the experience for the policy (and the critic), then a committed checkpoint.
+
+Both trainers first return to the committed state of the previous iteration, so a retried or resumed update is the
+same update, never one on top of a half-finished one. The checkpoint (DeepSpeed state of each model + an HF export of
+the policy) is written before the stage marker, which lists its files: the marker commits both.
+
+Tests: tests/stages/test_update.py; crash/resume: tests/flows/test_resume.py
+"""
+
+import time
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from stages.common import actor, checkpoint_uri, commit, fault_point, skip_if_committed, store_of
+
+
+def update(config, run_uri: str, iteration: int) -> dict:
+    import numpy as np
+    import pyarrow as pa
+    import ray
+
+    from storage.schema import METRICS
+
+    store = store_of(config, run_uri)
+    if (done := skip_if_committed(store, iteration, "update")) is not None:
+        return done
+    started = time.perf_counter()
+    fault_point("update.start", iteration)
+    experience = ray.put(store.read_stage(iteration, "advantages"))
+    opts = config.storage.storage_options
+    roles = ["policy", "critic"] if config.uses_critic else ["policy"]
+    workers = {role: actor(config, run_uri, role) for role in roles}
+    ray.get([w.ensure_version.remote(iteration - 1, checkpoint_uri(store, iteration - 1), opts)
+             for w in workers.values()])
+    ckpt = store.clear_uncommitted_checkpoint(iteration)
+
+    seed = config.seed * 7919 + iteration  # same shuffles on a retry: the update is reproducible
+    results = ray.get([w.train.remote(experience, iteration, seed) for w in workers.values()])
+    fault_point("update.after_train", iteration)
+    save_s = ray.get([w.save_checkpoint.remote(ckpt, opts) for w in workers.values()]
+                     + [workers["policy"].export_hf.remote(ckpt, opts)])
+    fault_point("update.before_commit", iteration)
+
+    rows = [{"name": name, "step": step, "value": value}
+            for steps in results for step, m in enumerate(steps) for name, value in m.items()]
+    metrics = {name: float(np.mean([r["value"] for r in rows if r["name"] == name]))
+               for name in dict.fromkeys(r["name"] for r in rows)}
+    metrics["perf/checkpoint_s"] = float(sum(save_s))
+    return commit(store, config, iteration, "update", pa.Table.from_pylist(rows, schema=METRICS), "metrics",
+                  started, metrics, policy_version=iteration,
+                  checkpoint={"uri": ckpt, "files": store.checkpoint_files(iteration)})
+
+
+@task(name="update", cache_policy=NO_CACHE)
+def update_task(config, run_uri: str, iteration: int) -> dict:
+    return update(config, run_uri, iteration)

@@ -1,0 +1,222 @@
+"""One run's folder: layout, stage commits, the run manifest and event records, on any fsspec filesystem.
+
+Layout (every path below the run URI `{root}/runs/{run_id}`):
+
+    run.json                                  run manifest: config, config hash, seeds, package versions
+    _LOCK.json                                held by the one process writing the run (storage.lock)
+    iter-000001/generate/part-00000.parquet   stage output ...
+    iter-000001/generate/_SUCCESS.json        ... committed by its marker, written last
+    iter-000001/{score,advantages,update,sync}/...
+    checkpoints/iter-000001/{policy,critic,hf}/  DeepSpeed state + HF export, trusted only once update is committed
+    events/*.json                             one record per stage execution (ran / skipped), for operators and tests
+
+A stage folder without a readable marker is never trusted: it is wiped and rewritten. A committed stage is never
+overwritten. Run alone to list a run's committed stages:  python -m storage.run RUN_URI
+"""
+
+import json
+import os
+import socket
+import sys
+import time
+import uuid
+from datetime import datetime, timezone
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from storage.schema import fingerprint
+
+MARKER = "_SUCCESS.json"
+STAGES = ("generate", "score", "advantages", "update", "sync")
+
+
+class StageAlreadyCommitted(RuntimeError):
+    pass
+
+
+class CorruptStage(RuntimeError):
+    pass
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def run_uri(root: str, run_id: str) -> str:
+    """`{root}/runs/{run_id}`; a local root becomes an absolute path so every process agrees on it."""
+    fs, path = fsspec.core.url_to_fs(root)
+    if "file" in fs.protocol:
+        root = path
+    return f"{root.rstrip('/')}/runs/{run_id}"
+
+
+class RunStore:
+    """Reads and writes one run's folder. Cheap to construct; holds no open files."""
+
+    def __init__(self, uri: str, storage_options: dict | None = None):
+        self.uri = uri.rstrip("/")
+        self.fs, self.path = fsspec.core.url_to_fs(self.uri, **(storage_options or {}))
+        self.local = "file" in self.fs.protocol
+
+    @property
+    def run_id(self) -> str:
+        return self.uri.rsplit("/", 1)[-1]
+
+    def _path(self, uri: str) -> str:
+        return self.fs._strip_protocol(uri)
+
+    # ---- layout -------------------------------------------------------------------------------------------
+    def stage_uri(self, iteration: int, stage: str) -> str:
+        return f"{self.uri}/iter-{iteration:06d}/{stage}"
+
+    def checkpoint_uri(self, iteration: int) -> str:
+        return f"{self.uri}/checkpoints/iter-{iteration:06d}"
+
+    # ---- markers ------------------------------------------------------------------------------------------
+    def marker(self, uri: str) -> dict | None:
+        """The commit marker of a stage folder, or None when absent or unreadable (a torn write)."""
+        try:
+            with self.fs.open(f"{self._path(uri)}/{MARKER}", "rb") as f:
+                return json.loads(f.read())
+        except FileNotFoundError:
+            return None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return None
+
+    def stage_marker(self, iteration: int, stage: str) -> dict | None:
+        return self.marker(self.stage_uri(iteration, stage))
+
+    def _write_json(self, path: str, obj: dict) -> None:
+        data = json.dumps(obj, indent=1, sort_keys=True).encode()
+        if self.local:
+            # A local write is not atomic: write beside, then rename, so a reader never sees half a marker.
+            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+            self.fs.pipe_file(tmp, data)
+            self.fs.mv(tmp, path)
+        else:
+            # An object store PUT is atomic already; renames there are copies.
+            self.fs.pipe_file(path, data)
+
+    def write_stage(
+        self,
+        iteration: int,
+        stage: str,
+        table: pa.Table,
+        schema_name: str,
+        schema: pa.Schema,
+        rows_per_part: int = 1 << 16,
+        **marker_fields,
+    ) -> dict:
+        """Write `table` as Parquet parts, then the marker. Returns the marker (a small JSON-able dict)."""
+        uri = self.stage_uri(iteration, stage)
+        if self.marker(uri) is not None:
+            raise StageAlreadyCommitted(f"{uri} is already committed; refusing to overwrite it")
+        path = self._path(uri)
+        if self.fs.exists(path):
+            self.fs.rm(path, recursive=True)  # leftovers of an attempt that never committed
+        self.fs.makedirs(path, exist_ok=True)
+        if not table.schema.equals(schema):
+            table = table.select(schema.names).cast(schema)
+        files = []
+        for i, start in enumerate(range(0, max(table.num_rows, 1), rows_per_part)):
+            part = table.slice(start, rows_per_part)
+            name = f"part-{i:05d}.parquet"
+            pq.write_table(part, f"{path}/{name}", filesystem=self.fs)
+            files.append({"name": name, "rows": part.num_rows, "bytes": self.fs.size(f"{path}/{name}")})
+        marker = {
+            "stage": stage,
+            "iteration": iteration,
+            "uri": uri,
+            "rows": table.num_rows,
+            "files": files,
+            "schema": schema_name,
+            "schema_fingerprint": fingerprint(schema),
+            "committed_at": now_iso(),
+            **marker_fields,
+        }
+        self._write_json(f"{path}/{MARKER}", marker)
+        return marker
+
+    def read_stage(self, iteration: int, stage: str) -> pa.Table:
+        """The committed table of a stage; only the files its marker lists, each checked against its size."""
+        uri = self.stage_uri(iteration, stage)
+        marker = self.marker(uri)
+        if marker is None:
+            raise CorruptStage(f"{uri} has no commit marker; run the stage (or resume the run) first")
+        path = self._path(uri)
+        tables = []
+        for f in marker["files"]:
+            fpath = f"{path}/{f['name']}"
+            if not self.fs.exists(fpath) or self.fs.size(fpath) != f["bytes"]:
+                raise CorruptStage(f"{fpath} is missing or its size differs from the commit marker")
+            tables.append(pq.read_table(fpath, filesystem=self.fs))
+        return pa.concat_tables(tables)
+
+    def committed_stages(self, iteration: int) -> list[str]:
+        return [s for s in STAGES if self.stage_marker(iteration, s) is not None]
+
+    def iterations(self) -> list[int]:
+        """Iteration numbers that have a folder (committed or not), ascending."""
+        try:
+            names = [p.rsplit("/", 1)[-1] for p in self.fs.ls(self.path, detail=False)]
+        except FileNotFoundError:
+            return []
+        return sorted(int(n[5:]) for n in names if n.startswith("iter-") and n[5:].isdigit())
+
+    def latest_committed(self, stage: str) -> int:
+        """Largest iteration whose `stage` is committed; 0 when none."""
+        done = [n for n in self.iterations() if self.stage_marker(n, stage) is not None]
+        return max(done, default=0)
+
+    # ---- checkpoints --------------------------------------------------------------------------------------
+    def clear_uncommitted_checkpoint(self, iteration: int) -> str:
+        """Remove leftovers in checkpoint `iteration` before it is written; the update marker commits it."""
+        if self.stage_marker(iteration, "update") is not None:
+            raise StageAlreadyCommitted(f"checkpoint of iteration {iteration} is committed; refusing to overwrite")
+        uri = self.checkpoint_uri(iteration)
+        if self.fs.exists(self._path(uri)):
+            self.fs.rm(self._path(uri), recursive=True)
+        return uri
+
+    def checkpoint_files(self, iteration: int) -> list[dict]:
+        """Relative name and size of every file of a checkpoint, for the update marker."""
+        base = self._path(self.checkpoint_uri(iteration))
+        out = []
+        for p, info in sorted(self.fs.find(base, detail=True).items()):
+            out.append({"name": p[len(base) + 1 :], "bytes": info["size"]})
+        return out
+
+    # ---- manifest and events ------------------------------------------------------------------------------
+    def read_manifest(self) -> dict | None:
+        try:
+            return json.loads(self.fs.cat_file(f"{self.path}/run.json"))
+        except FileNotFoundError:
+            return None
+
+    def write_manifest(self, manifest: dict) -> None:
+        if self.fs.exists(f"{self.path}/run.json"):
+            raise StageAlreadyCommitted(f"{self.uri}/run.json exists; a run manifest is written once")
+        self.fs.makedirs(self.path, exist_ok=True)
+        self._write_json(f"{self.path}/run.json", manifest)
+
+    def record_event(self, **event) -> None:
+        """One small JSON file per stage execution; object stores can't append, so no shared log file."""
+        event = {"at": now_iso(), "host": socket.gethostname(), "pid": os.getpid(), **event}
+        name = f"{time.time_ns()}-{uuid.uuid4().hex[:6]}.json"
+        self.fs.makedirs(f"{self.path}/events", exist_ok=True)
+        self.fs.pipe_file(f"{self.path}/events/{name}", json.dumps(event).encode())
+
+    def events(self) -> list[dict]:
+        try:
+            paths = sorted(self.fs.ls(f"{self.path}/events", detail=False))
+        except FileNotFoundError:
+            return []
+        return [json.loads(self.fs.cat_file(p)) for p in paths]
+
+
+if __name__ == "__main__":
+    store = RunStore(sys.argv[1])
+    for n in store.iterations():
+        print(f"iter {n}: {', '.join(store.committed_stages(n)) or '(nothing committed)'}")

@@ -1,0 +1,83 @@
+"""Arrow schemas of the tables a PPO iteration persists: rollout → scored → experience.
+
+Each stage adds columns to the previous table, so every table is self-contained and the experience table alone
+holds everything a user needs to inspect an iteration with plain pyarrow. Per-token columns are Arrow lists over the
+*response* tokens of one sample (length A = len(response_ids)); prompt tokens carry no per-token values.
+
+Run alone to print the schemas:  python -m storage.schema
+"""
+
+import hashlib
+
+import pyarrow as pa
+
+ROLLOUT = pa.schema(
+    [
+        pa.field("sample_id", pa.string()),  # "it{iteration}-p{prompt_index}-s{sample_index}", unique within a run
+        pa.field("iteration", pa.int64()),  # PPO iteration that generated the sample (1-based)
+        pa.field("prompt_index", pa.int64()),  # row of the prompt in the prompt file
+        pa.field("group_id", pa.int64()),  # prompt position within this iteration's batch; samples of a prompt share it
+        pa.field("sample_index", pa.int32()),  # k in 0..n_samples_per_prompt-1
+        pa.field("prompt", pa.string()),  # the prompt text as it appears in the prompt file
+        pa.field("prompt_ids", pa.list_(pa.int32())),  # (P,) token ids fed to the engine (chat template applied)
+        pa.field("prompt_truncated", pa.bool_()),  # the templated prompt was longer than data.max_prompt_tokens
+        pa.field("response", pa.string()),  # decoded response, special tokens skipped
+        pa.field("response_ids", pa.list_(pa.int32())),  # (A,) sampled token ids, eos included when emitted
+        pa.field("engine_logprobs", pa.list_(pa.float32())),  # (A,) log π_engine(a_t|s_t) reported by the engine
+        pa.field("finish_reason", pa.string()),  # "stop" (eos / stop string) or "length" (max_new_tokens hit)
+        pa.field("policy_version", pa.int64()),  # policy version the engine served (iteration - 1)
+        pa.field("metadata", pa.string()),  # JSON object of the prompt row's other columns (e.g. the answer)
+    ]
+)
+
+SCORED = pa.schema(
+    list(ROLLOUT)
+    + [
+        pa.field("reward", pa.float32()),  # scalar reward of the whole response from the reward function(s)
+        pa.field("old_logprobs", pa.list_(pa.float32())),  # (A,) log π_old(a_t|s_t), trainer, before the update
+        pa.field("ref_logprobs", pa.list_(pa.float32())),  # (A,) log π_ref(a_t|s_t), frozen reference model
+        pa.field("values", pa.list_(pa.float32())),  # (A,) critic V(s_t) before each token; null without a critic
+    ]
+)
+
+EXPERIENCE = pa.schema(
+    list(SCORED)
+    + [
+        pa.field("kl", pa.list_(pa.float32())),  # (A,) per-token KL estimate vs the reference (algo.kl_estimator)
+        pa.field("token_rewards", pa.list_(pa.float32())),  # (A,) reward per token (KL penalty + final score)
+        pa.field("advantages", pa.list_(pa.float32())),  # (A,) advantage estimate Â_t used by the policy loss
+        pa.field("returns", pa.list_(pa.float32())),  # (A,) value targets R_t (GAE: Â_t + V(s_t)); zeros without critic
+    ]
+)
+
+METRICS = pa.schema(
+    [
+        pa.field("name", pa.string()),  # stable metric name, e.g. "ppo/policy_loss"
+        pa.field("step", pa.int64()),  # optimizer step within the iteration (0-based); -1 for iteration summaries
+        pa.field("value", pa.float64()),
+    ]
+)
+
+SYNC = pa.schema(
+    [
+        pa.field("engine", pa.string()),  # engine actor name
+        pa.field("policy_version", pa.int64()),  # version the engine serves after the sync
+        pa.field("method", pa.string()),  # how the weights travelled: "object_store" (bytes) or "storage" (HF export)
+        pa.field("bytes", pa.int64()),  # size of the weights sent
+        pa.field("seconds", pa.float64()),  # wall time of the transfer and in-place load
+        pa.field("checksum", pa.float64()),  # engine-side checksum of the loaded weights (see workers.vllm_engine)
+    ]
+)
+
+SCHEMAS = {"rollout": ROLLOUT, "scored": SCORED, "experience": EXPERIENCE, "metrics": METRICS, "sync": SYNC}
+
+
+def fingerprint(schema: pa.Schema) -> str:
+    """Short stable hash of the column names and types (not metadata), stored in every commit marker."""
+    text = "\n".join(f"{f.name}:{f.type}:{f.nullable}" for f in schema)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+if __name__ == "__main__":
+    for name, schema in SCHEMAS.items():
+        print(f"# {name}  ({fingerprint(schema)})\n{schema}\n")

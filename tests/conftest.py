@@ -1,0 +1,56 @@
+"""Session fixtures shared by the suite: environment, the tiny model, prompt files, one Ray and one Prefect backend.
+
+Everything is built locally (no downloads). Expensive things are session-scoped and built once.
+"""
+
+import os
+import tempfile
+
+import pytest
+
+_HOME = tempfile.mkdtemp(prefix="ppoflow-test-home-")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_HOME", os.path.join(_HOME, "prefect"))
+os.environ.setdefault("PREFECT_MEMO_STORE_PATH", os.path.join(_HOME, "prefect", "memo_store.toml"))
+os.environ.setdefault("VLLM_CACHE_ROOT", os.path.join(_HOME, "vllm"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    """A random-init tiny Qwen2 + tokenizer in HF format (fast; for plumbing tests)."""
+    from ppoflow.tiny_model import make_tiny_model
+
+    out = str(tmp_path_factory.mktemp("models") / "tiny-random")
+    make_tiny_model(out, sft_steps=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def prompts_dir(tmp_path_factory) -> str:
+    """train.jsonl / eval.jsonl of the quickstart task."""
+    from ppoflow.tasks.arith import write_prompts
+
+    out = str(tmp_path_factory.mktemp("data") / "arith")
+    write_prompts(out, n_train=256, n_eval=64, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the session (2 CPUs as on the CI machines)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, namespace="ppoflow-tests", log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def prefect_backend():
+    """A temporary Prefect API for in-process flow runs (one per session: it costs ~10 s)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness():
+        yield

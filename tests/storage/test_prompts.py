@@ -1,0 +1,40 @@
+"""Prompt files: good ones load; bad ones fail naming the file, line and column."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from storage.prompts import PromptFileError, read_prompts
+
+
+def test_jsonl_and_parquet(tmp_path):
+    rows = [{"prompt": "What is 1+2?", "answer": "3"}, {"prompt": "What is 2+2?", "answer": "4"}]
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "p.parquet")
+    assert read_prompts(str(tmp_path / "p.jsonl")) == rows
+    assert read_prompts(str(tmp_path / "p.parquet")) == rows
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b'{"prompt": "a"}\n{"prompt": "b"\n', r"line 2: invalid JSON"),
+        (b'{"prompt": "a"}\n\n{"question": "b"}\n', r"line 3: missing or empty column 'prompt'"),
+        (b"", r"no prompts"),
+        (b'{"prompt": "caf\xe9"}\n', r"not UTF-8"),
+        (b'["prompt"]\n', r"line 1: expected a JSON object"),
+    ],
+)
+def test_bad_files_name_the_problem(tmp_path, content, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(PromptFileError, match=message) as err:
+        read_prompts(str(path))
+    assert str(path) in str(err.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(PromptFileError, match="data.prompts: file not found"):
+        read_prompts(str(tmp_path / "nope.jsonl"))

@@ -1,0 +1,97 @@
+"""Stage commits: a marker written last commits a stage; anything without one is ignored and rewritten."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from storage.run import MARKER, CorruptStage, RunStore, StageAlreadyCommitted, run_uri
+from storage.schema import METRICS, fingerprint
+
+ROWS = [{"name": "ppo/policy_loss", "step": i, "value": float(i) / 3} for i in range(10)]
+
+
+@pytest.fixture(params=["local", "memory"])
+def store(request, tmp_path) -> RunStore:
+    root = str(tmp_path) if request.param == "local" else f"memory://ppoflow-test-{tmp_path.name}"
+    return RunStore(run_uri(root, "r1"))
+
+
+def test_write_then_read_roundtrip_in_parts(store):
+    table = pa.Table.from_pylist(ROWS, schema=METRICS)
+    marker = store.write_stage(1, "update", table, "metrics", METRICS, rows_per_part=4, seconds=1.5)
+    assert marker["rows"] == 10 and [f["rows"] for f in marker["files"]] == [4, 4, 2]
+    assert marker["schema_fingerprint"] == fingerprint(METRICS) and marker["seconds"] == 1.5
+    assert store.read_stage(1, "update").to_pylist() == ROWS
+    assert store.committed_stages(1) == ["update"]
+    assert store.latest_committed("update") == 1 and store.latest_committed("sync") == 0
+
+
+def test_committed_stage_is_never_overwritten(store):
+    table = pa.Table.from_pylist(ROWS, schema=METRICS)
+    store.write_stage(1, "update", table, "metrics", METRICS)
+    with pytest.raises(StageAlreadyCommitted):
+        store.write_stage(1, "update", table.slice(0, 1), "metrics", METRICS)
+    assert store.read_stage(1, "update").num_rows == 10
+
+
+def test_folder_without_marker_is_ignored_and_rewritten(store):
+    path = store._path(store.stage_uri(2, "generate"))
+    store.fs.makedirs(path, exist_ok=True)
+    store.fs.pipe_file(f"{path}/part-00000.parquet", b"PAR1 half a file")
+    store.fs.pipe_file(f"{path}/part-00007.parquet", b"stray part of a crashed attempt")
+    assert store.stage_marker(2, "generate") is None
+    with pytest.raises(CorruptStage, match="no commit marker"):
+        store.read_stage(2, "generate")
+    store.write_stage(2, "generate", pa.Table.from_pylist(ROWS[:3], schema=METRICS), "metrics", METRICS)
+    assert sorted(p.rsplit("/", 1)[-1] for p in store.fs.ls(path, detail=False)) == [MARKER, "part-00000.parquet"]
+    assert store.read_stage(2, "generate").num_rows == 3
+
+
+def test_torn_marker_means_uncommitted(store):
+    store.write_stage(1, "score", pa.Table.from_pylist(ROWS, schema=METRICS), "metrics", METRICS)
+    path = f"{store._path(store.stage_uri(1, 'score'))}/{MARKER}"
+    store.fs.pipe_file(path, store.fs.cat_file(path)[:20])
+    assert store.stage_marker(1, "score") is None
+
+
+def test_part_file_changed_after_commit_is_detected(store):
+    store.write_stage(1, "score", pa.Table.from_pylist(ROWS, schema=METRICS), "metrics", METRICS)
+    part = f"{store._path(store.stage_uri(1, 'score'))}/part-00000.parquet"
+    store.fs.pipe_file(part, b"truncated")
+    with pytest.raises(CorruptStage, match="size differs"):
+        store.read_stage(1, "score")
+
+
+def test_plain_pyarrow_reads_committed_parts(tmp_path):
+    store = RunStore(run_uri(str(tmp_path), "r2"))
+    store.write_stage(1, "update", pa.Table.from_pylist(ROWS, schema=METRICS), "metrics", METRICS)
+    folder = tmp_path / "runs" / "r2" / "iter-000001" / "update"
+    assert pq.read_table(folder / "part-00000.parquet").column("value").to_pylist() == [r["value"] for r in ROWS]
+    assert json.loads((folder / MARKER).read_text())["rows"] == 10
+
+
+def test_manifest_written_once_and_events_recorded(store):
+    store.write_manifest({"run_id": "r1", "config_hash": "abc"})
+    with pytest.raises(StageAlreadyCommitted):
+        store.write_manifest({"run_id": "r1", "config_hash": "other"})
+    assert store.read_manifest()["config_hash"] == "abc"
+    store.record_event(stage="generate", iteration=1, action="ran")
+    store.record_event(stage="generate", iteration=1, action="skipped")
+    assert [e["action"] for e in store.events()] == ["ran", "skipped"]
+
+
+def test_checkpoint_cleared_only_while_uncommitted(store):
+    ckpt = store._path(store.checkpoint_uri(1))
+    store.fs.makedirs(f"{ckpt}/policy", exist_ok=True)
+    store.fs.pipe_file(f"{ckpt}/policy/partial.pt", b"x")
+    store.clear_uncommitted_checkpoint(1)
+    assert not store.fs.exists(ckpt)
+    store.fs.makedirs(f"{ckpt}/policy", exist_ok=True)
+    store.fs.pipe_file(f"{ckpt}/policy/state.pt", b"committed")
+    assert store.checkpoint_files(1) == [{"name": "policy/state.pt", "bytes": 9}]
+    store.write_stage(1, "update", pa.Table.from_pylist(ROWS, schema=METRICS), "metrics", METRICS)
+    with pytest.raises(StageAlreadyCommitted):
+        store.clear_uncommitted_checkpoint(1)
+    assert store.fs.exists(f"{ckpt}/policy/state.pt")

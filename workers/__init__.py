@@ -1,0 +1,1 @@
+"""Ray actors that own models across PPO iterations (vLLM generation, DeepSpeed training)."""

@@ -1,0 +1,378 @@
+"""DeepSpeed trainer ranks (policy, critic) and the frozen reference model, as Ray actor classes.
+
+Each class is a plain class; `workers.cluster` wraps it with `ray.remote` and names it, so the actors live for the
+whole run and every PPO iteration reuses them. Data arrives as Arrow tables with the columns of storage.schema
+(per-token lists over response tokens); results go back as plain lists.
+
+Every trainer knows which policy version its in-memory state is (`state_version`) and whether an update started
+since (`dirty`). A stage that needs version v calls `ensure_version(v, checkpoint_uri)`, which reloads the committed
+checkpoint when the memory state is anything else — so a retried or resumed update never trains on top of a half
+update.
+
+Run alone (smoke test on a local HF model folder):  python -m workers.trainer MODEL_DIR
+"""
+
+import os
+import socket
+import sys
+import time
+
+import numpy as np
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+def _collate(prompt_ids: list, response_ids: list, pad_id: int):
+    """Right-padded prompt+response ids (B, L), attention mask (B, L), and prompt/response lengths."""
+    import torch
+
+    seqs = [list(p) + list(r) for p, r in zip(prompt_ids, response_ids)]
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        attn[i, : len(s)] = 1
+    return ids, attn, [len(p) for p in prompt_ids], [len(r) for r in response_ids]
+
+
+def _response_slice(per_position, prompt_lens: list, resp_lens: list):
+    """Gather per-position values (B, L-1) at the positions that predict response tokens → (B, A_max), mask.
+
+    Position P-1+t predicts response token t (its logit; its hidden state is the critic's V(s_t))."""
+    import torch
+
+    a_max = max(max(resp_lens), 1)
+    out = per_position.new_zeros((len(resp_lens), a_max))
+    mask = torch.zeros((len(resp_lens), a_max), dtype=torch.bool)
+    for i, (p, a) in enumerate(zip(prompt_lens, resp_lens)):
+        out[i, :a] = per_position[i, p - 1 : p - 1 + a]
+        mask[i, :a] = True
+    return out, mask
+
+
+def response_logprobs(model, ids, attn, prompt_lens, resp_lens):
+    """log π(a_t|s_t) of every response token, (B, A_max) float32, and its mask."""
+    import torch
+
+    logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
+    # log_softmax then gather = logit - logsumexp; the second form avoids a (B, L, V) log-prob tensor.
+    token_logits = logits.gather(-1, ids[:, 1:, None]).squeeze(-1)
+    logp = token_logits - torch.logsumexp(logits, dim=-1)
+    return _response_slice(logp, prompt_lens, resp_lens)
+
+
+def _padded(column: list, a_max: int):
+    import torch
+
+    out = torch.zeros((len(column), a_max), dtype=torch.float32)
+    for i, row in enumerate(column):
+        out[i, : len(row)] = torch.tensor(row, dtype=torch.float32)
+    return out
+
+
+def _micro_batches(indices: np.ndarray, size: int):
+    return [indices[i : i + size] for i in range(0, len(indices), size)]
+
+
+class _DeepSpeedWorker:
+    """One rank of a DeepSpeed model group: init, micro-batching, checkpoints and state versioning."""
+
+    role = "model"
+
+    def __init__(self, model_path: str, trainer: dict, dtype: str, seed: int, rank: int = 0, world_size: int = 1,
+                 master_addr: str = "127.0.0.1", master_port: int | None = None):
+        import torch
+
+        torch.set_num_threads(trainer["num_threads"])
+        self.model_path, self.cfg, self.dtype, self.seed = model_path, trainer, dtype, seed
+        self.rank, self.world_size = rank, world_size
+        os.environ.update(
+            MASTER_ADDR=master_addr, MASTER_PORT=str(master_port or _free_port()), RANK=str(rank),
+            LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
+        )
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl")
+        self.engine = None
+        self._build()
+
+    def _build(self) -> None:
+        """(Re)create model (`_make_model` of the subclass) and optimizer from the base weights: version 0."""
+        import deepspeed
+        import torch
+
+        if self.engine is not None:
+            self.engine.destroy()
+            self.engine = None
+        torch.manual_seed(self.seed)
+        model = self._make_model()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=self.cfg["lr"], weight_decay=self.cfg["weight_decay"])
+        mini, micro = self.cfg["mini_batch_size"], self.cfg["micro_batch_size"]
+        ds_config = {
+            "train_batch_size": mini,
+            "train_micro_batch_size_per_gpu": micro,
+            "gradient_accumulation_steps": mini // (micro * self.world_size),
+            "gradient_clipping": self.cfg["grad_clip"],
+            "zero_optimization": {"stage": self.cfg["zero_stage"]},
+            "bf16": {"enabled": self.dtype == "bfloat16"},
+            # A torch optimizer (not DeepSpeed's fused/CPU Adam): no op build, same math on CPU and GPU.
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 1 << 30,
+        }
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        self.state_version, self.dirty = 0, False
+
+    # ---- state versioning and checkpoints -----------------------------------------------------------------
+    def state(self) -> dict:
+        return {"role": self.role, "version": self.state_version, "dirty": self.dirty}
+
+    def ensure_version(self, version: int, checkpoint_uri: str | None, storage_options: dict | None = None) -> bool:
+        """Bring the in-memory state to policy `version`; returns True when it had to reload."""
+        if self.state_version == version and not self.dirty:
+            return False
+        if version == 0:
+            self._build()
+            return True
+        from storage.checkpoint import local_dir_for_read
+
+        with local_dir_for_read(f"{checkpoint_uri}/{self.role}", storage_options) as path:
+            self.engine.load_checkpoint(path, tag="state")
+        self.state_version, self.dirty = version, False
+        return True
+
+    def save_checkpoint(self, checkpoint_uri: str, storage_options: dict | None = None) -> float:
+        from storage.checkpoint import local_dir_for_write
+
+        t0 = time.perf_counter()
+        with local_dir_for_write(f"{checkpoint_uri}/{self.role}", storage_options) as path:
+            self.engine.save_checkpoint(path, tag="state", save_latest=False)
+        return time.perf_counter() - t0
+
+    def _full_state_dict(self) -> dict:
+        """Full (gathered) weights with HF names, as independent CPU tensors."""
+        if self.cfg["zero_stage"] == 3:
+            sd = self.engine._zero3_consolidated_16bit_state_dict()
+        else:
+            sd = self.engine.module.state_dict()
+        # Clones: tied embeddings share storage, which safetensors refuses to serialise.
+        return {k: v.detach().to("cpu").clone().contiguous() for k, v in sd.items()}
+
+    def _optimizer_steps(self, n: int, seed: int):
+        """Per epoch, a seeded permutation cut into mini-batches (one optimizer step each) of micro-batches."""
+        rng = np.random.default_rng(seed)
+        mini, micro = self.cfg["mini_batch_size"], self.cfg["micro_batch_size"]
+        for _ in range(self._epochs):
+            perm = rng.permutation(n)
+            for start in range(0, n, mini):
+                yield _micro_batches(perm[start : start + mini], micro)
+
+
+class PolicyWorker(_DeepSpeedWorker):
+    role = "policy"
+
+    def __init__(self, *args, algo: dict, **kwargs):
+        self.algo = algo
+        self._epochs = algo["ppo_epochs"]
+        super().__init__(*args, **kwargs)
+
+    def _make_model(self):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        return AutoModelForCausalLM.from_pretrained(self.model_path, dtype=_torch_dtype(self.dtype))
+
+    def logprobs(self, table, micro_batch_size: int | None = None) -> list[list[float]]:
+        """log π(a_t|s_t) of the current weights for every response token of `table`'s samples."""
+        import torch
+
+        self.engine.eval()
+        out = []
+        with torch.no_grad():
+            for idx in _micro_batches(np.arange(table.num_rows), micro_batch_size or self.cfg["micro_batch_size"]):
+                rows = table.take(idx)
+                batch = _collate(rows["prompt_ids"].to_pylist(), rows["response_ids"].to_pylist(),
+                                 self.tokenizer.pad_token_id)
+                logp, mask = response_logprobs(self.engine, *batch)
+                out += [lp[m].tolist() for lp, m in zip(logp, mask)]
+        return out
+
+    def train(self, table, new_version: int, seed: int) -> list[dict]:
+        """PPO policy update on an experience table; returns one metrics dict per optimizer step."""
+        import torch
+
+        from algorithms.kl import kl_estimate
+        from algorithms.losses import policy_loss
+
+        self.engine.train()
+        self.dirty = True
+        algo, metrics = self.algo, []
+        prompt_ids, response_ids = table["prompt_ids"].to_pylist(), table["response_ids"].to_pylist()
+        old_lp, adv = table["old_logprobs"].to_pylist(), table["advantages"].to_pylist()
+        ref_lp = table["ref_logprobs"].to_pylist()
+        for micro_batches in self._optimizer_steps(table.num_rows, seed):
+            # Token-mean over the whole optimizer step: each micro-batch divides by the step's token count, so the
+            # gradient does not depend on how the step is split into micro-batches.
+            step_tokens = float(sum(len(response_ids[i]) for mb in micro_batches for i in mb))
+            acc = {"ppo/policy_loss": 0.0, "ppo/clipfrac": 0.0, "ppo/approx_kl": 0.0, "ppo/kl_loss": 0.0}
+            for mb in micro_batches:
+                ids, attn, p_lens, a_lens = _collate([prompt_ids[i] for i in mb], [response_ids[i] for i in mb],
+                                                     self.tokenizer.pad_token_id)
+                logp, mask = response_logprobs(self.engine, ids, attn, p_lens, a_lens)
+                a_max = logp.shape[1]
+                loss, stats = policy_loss(logp, _padded([old_lp[i] for i in mb], a_max),
+                                          _padded([adv[i] for i in mb], a_max), mask, algo["clip_eps"],
+                                          loss_denominator=step_tokens)
+                if not algo["kl_in_reward"] and algo["kl_coef"] > 0:
+                    kl = kl_estimate(logp, _padded([ref_lp[i] for i in mb], a_max), algo["kl_estimator"])
+                    kl_loss = (kl * mask).sum() / step_tokens
+                    loss = loss + algo["kl_coef"] * kl_loss
+                    acc["ppo/kl_loss"] += kl_loss.item()
+                self.engine.backward(loss, scale_wrt_gas=False)
+                self.engine.step()
+                weight = mask.sum().item() / step_tokens
+                acc["ppo/policy_loss"] += loss.item()
+                acc["ppo/clipfrac"] += stats["clipfrac"] * weight
+                acc["ppo/approx_kl"] += stats["approx_kl"] * weight
+            acc["ppo/grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
+            metrics.append(acc)
+        self.state_version, self.dirty = new_version, False
+        return metrics
+
+    def export_weights(self) -> bytes:
+        """Full policy weights as safetensors bytes (HF parameter names), for an in-place engine reload."""
+        from safetensors.torch import save
+
+        return save(self._full_state_dict())
+
+    def export_hf(self, checkpoint_uri: str, storage_options: dict | None = None) -> float:
+        """HF folder (config, tokenizer, safetensors) of the current policy: `from_pretrained` loads it."""
+        from storage.checkpoint import local_dir_for_write
+
+        t0 = time.perf_counter()
+        sd = self._full_state_dict()
+        if self.rank == 0:
+            with local_dir_for_write(f"{checkpoint_uri}/hf", storage_options) as path:
+                self.engine.module.save_pretrained(path, state_dict=sd, safe_serialization=True)
+                self.tokenizer.save_pretrained(path)
+        return time.perf_counter() - t0
+
+
+def _value_model(model_path: str, dtype):
+    """Critic network: the base transformer body and a scalar value head on every position's hidden state."""
+    import torch
+    from transformers import AutoModel
+
+    class ValueModel(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = AutoModel.from_pretrained(model_path, dtype=dtype)
+            hidden = self.body.config.hidden_size
+            self.value_head = torch.nn.Linear(hidden, 1, dtype=dtype)
+            torch.nn.init.normal_(self.value_head.weight, std=1.0 / (hidden + 1) ** 0.5)
+            torch.nn.init.zeros_(self.value_head.bias)
+
+        def forward(self, input_ids, attention_mask):
+            h = self.body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            return self.value_head(h).squeeze(-1).float()
+
+    return ValueModel()
+
+
+class CriticWorker(_DeepSpeedWorker):
+    role = "critic"
+
+    def __init__(self, *args, algo: dict, pad_token_id: int, **kwargs):
+        self.algo, self.pad_token_id = algo, pad_token_id
+        self._epochs = algo["ppo_epochs"]
+        super().__init__(*args, **kwargs)
+
+    def _make_model(self):
+        return _value_model(self.model_path, _torch_dtype(self.dtype))
+
+    def values(self, table) -> list[list[float]]:
+        """V(s_t) before every response token."""
+        import torch
+
+        self.engine.eval()
+        out = []
+        with torch.no_grad():
+            for idx in _micro_batches(np.arange(table.num_rows), self.cfg["micro_batch_size"]):
+                rows = table.take(idx)
+                ids, attn, p_lens, a_lens = _collate(rows["prompt_ids"].to_pylist(), rows["response_ids"].to_pylist(),
+                                                     self.pad_token_id)
+                v, mask = _response_slice(self.engine(ids, attn)[:, :-1], p_lens, a_lens)
+                out += [row[m].tolist() for row, m in zip(v, mask)]
+        return out
+
+    def train(self, table, new_version: int, seed: int) -> list[dict]:
+        """Clipped value regression onto the experience's returns; one metrics dict per optimizer step."""
+        from algorithms.losses import value_loss
+
+        self.engine.train()
+        self.dirty = True
+        metrics = []
+        prompt_ids, response_ids = table["prompt_ids"].to_pylist(), table["response_ids"].to_pylist()
+        old_v, returns = table["values"].to_pylist(), table["returns"].to_pylist()
+        for micro_batches in self._optimizer_steps(table.num_rows, seed):
+            step_tokens = float(sum(len(response_ids[i]) for mb in micro_batches for i in mb))
+            acc = {"critic/value_loss": 0.0, "critic/clipfrac": 0.0}
+            for mb in micro_batches:
+                ids, attn, p_lens, a_lens = _collate([prompt_ids[i] for i in mb], [response_ids[i] for i in mb],
+                                                     self.pad_token_id)
+                v, mask = _response_slice(self.engine(ids, attn)[:, :-1], p_lens, a_lens)
+                a_max = v.shape[1]
+                loss, stats = value_loss(v, _padded([old_v[i] for i in mb], a_max),
+                                         _padded([returns[i] for i in mb], a_max), mask,
+                                         self.algo["value_clip_eps"], loss_denominator=step_tokens)
+                self.engine.backward(loss, scale_wrt_gas=False)
+                self.engine.step()
+                acc["critic/value_loss"] += loss.item()
+                acc["critic/clipfrac"] += stats["clipfrac"] * mask.sum().item() / step_tokens
+            acc["critic/grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
+            metrics.append(acc)
+        self.state_version, self.dirty = new_version, False
+        return metrics
+
+
+class ReferenceWorker:
+    """The frozen reference policy π_ref: a plain HF model in eval mode, no optimizer, no DeepSpeed."""
+
+    def __init__(self, model_path: str, dtype: str, micro_batch_size: int, num_threads: int):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        torch.set_num_threads(num_threads)
+        self.pad_id = AutoTokenizer.from_pretrained(model_path).pad_token_id
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=_torch_dtype(dtype)).eval()
+        self.micro_batch_size = micro_batch_size
+
+    def logprobs(self, table) -> list[list[float]]:
+        import torch
+
+        out = []
+        with torch.no_grad():
+            for idx in _micro_batches(np.arange(table.num_rows), self.micro_batch_size):
+                rows = table.take(idx)
+                batch = _collate(rows["prompt_ids"].to_pylist(), rows["response_ids"].to_pylist(), self.pad_id)
+                logp, mask = response_logprobs(self.model, *batch)
+                out += [lp[m].tolist() for lp, m in zip(logp, mask)]
+        return out
+
+
+if __name__ == "__main__":
+    import pyarrow as pa
+
+    ref = ReferenceWorker(sys.argv[1], "float32", 4, 2)
+    demo = pa.table({"prompt_ids": [[1, 2, 3]], "response_ids": [[4, 5]]})
+    print("reference logprobs:", ref.logprobs(demo))

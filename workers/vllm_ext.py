@@ -1,0 +1,82 @@
+"""vLLM worker extension that loads new policy weights in place (ppoflow's weight sync).
+
+vLLM imports this class inside its engine process (`LLM(worker_extension_cls="workers.vllm_ext.WeightSyncExtension")`)
+and mixes it into its worker, so the methods run beside `self.model_runner` and are called with
+`llm.collective_rpc("ppoflow_...")`. Names carry a `ppoflow_` prefix because vLLM refuses an extension whose attributes
+clash with the worker's own (`update_weights`, `reload_weights`, ...).
+
+Not runnable alone: `tests/workers/test_vllm_engine.py` exercises it through `workers.vllm_engine.VLLMEngine`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+
+def state_dict_checksum(tensors: Iterable[torch.Tensor]) -> float:
+    """Sum of all elements of all tensors, each summed in float64 and combined with `math.fsum`.
+
+    `fsum` makes the result independent of tensor order, so the trainer can compute the same number over its own
+    state dict (`state_dict_checksum(sd.values())`) and compare it with the engine's for equality.
+    """
+    import torch
+
+    return math.fsum(float(t.sum(dtype=torch.float64)) for t in tensors)
+
+
+class WeightSyncExtension:
+    """Mixed into vLLM's worker class: `self` is the worker."""
+
+    def ppoflow_load_weights(self, payload: bytes) -> dict[str, float]:
+        """Load a full HF-named state dict given as `safetensors.torch.save` bytes; return both checksums.
+
+        Bytes rather than tensors because `collective_rpc` arguments reach the worker as plain lists.
+        """
+        from safetensors.torch import load
+
+        return self._ppoflow_reload(iter(load(payload).items()))
+
+    def ppoflow_load_weights_from_path(self, path: str) -> dict[str, float]:
+        """Load every `*.safetensors` file of a local HF model folder; return both checksums."""
+        from pathlib import Path
+
+        from safetensors import safe_open
+
+        files = sorted(Path(path).glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"no *.safetensors file in {path!r}: save the policy with save_pretrained first")
+
+        def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+            for file in files:
+                with safe_open(str(file), framework="pt") as f:
+                    for name in f.keys():
+                        yield name, f.get_tensor(name)
+
+        return self._ppoflow_reload(tensors())
+
+    def ppoflow_engine_checksum(self) -> float:
+        """`state_dict_checksum` of the parameters as vLLM holds them.
+
+        On CPU vLLM moves linear weights into packed kernel handles and leaves empty parameters, so this covers only
+        embeddings (= tied lm_head, with vocab padding), norms and biases; it tells two engine states apart, it is not
+        comparable with a checksum of the HF state dict.
+        """
+        return state_dict_checksum(p.detach() for p in self.model_runner.get_model().parameters())
+
+    def _ppoflow_reload(self, named_tensors: Iterator[tuple[str, torch.Tensor]]) -> dict[str, float]:
+        # model_runner.reload_weights, not model.load_weights: the latter fails on CPU because the linear weights
+        # were repacked at startup. reload_weights takes HF names and redoes vLLM's fusing (qkv, gate_up) and packing.
+        loaded = []
+
+        def tracked() -> Iterator[tuple[str, torch.Tensor]]:
+            for name, tensor in named_tensors:
+                loaded.append(tensor)
+                yield name, tensor
+
+        self.model_runner.reload_weights(weights_iterator=tracked())
+        return {"checksum": state_dict_checksum(loaded), "engine_checksum": self.ppoflow_engine_checksum()}
