@@ -13,6 +13,10 @@ import sys
 
 ROLES = ("engine", "policy", "critic", "reference")
 
+# Ray kills a non-detached actor once no handle to it is left, name or not: this process keeps one per actor for
+# as long as the run's workers should live (until stop_workers).
+_HANDLES: dict[str, object] = {}
+
 
 def connect(address: str | None, num_cpus: int | None, namespace: str) -> None:
     """Join `address`, or start a local Ray. Idempotent within a process."""
@@ -68,6 +72,8 @@ def start_workers(run_uri: str, config, timeout_s: float = 600.0) -> dict:
         actors["critic"] = ray.remote(CriticWorker).options(**options("critic", config.critic.num_cpus)).remote(
             model.critic_path or model.path, config.critic.model_dump(), model.dtype, seed, algo=algo,
             pad_token_id=pad_id)
+    for role, handle in actors.items():
+        _HANDLES[actor_name(run_uri, role)] = handle
     # Constructors run concurrently; a trivial call on each waits for all of them (and raises their errors).
     probes = [a.ready.remote() if role == "engine" else a.__ray_ready__.remote() for role, a in actors.items()]
     ray.get(probes, timeout=timeout_s)
@@ -78,6 +84,7 @@ def stop_workers(run_uri: str, namespace: str) -> None:
     import ray
 
     for role in ROLES:
+        _HANDLES.pop(actor_name(run_uri, role), None)
         try:
             ray.kill(get_actor(run_uri, role, namespace))
         except ValueError:

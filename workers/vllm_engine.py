@@ -161,11 +161,13 @@ class VLLMEngine:
 
 
 def create_engine_actor(name: str, namespace: str, num_cpus: float, **engine_kwargs: Any):
-    """Start a named (non-detached) `VLLMEngine` actor and return its handle; await `handle.ready.remote()`.
+    """Start (or find, when a retried task asks again) the named, non-detached `VLLMEngine` actor; return its handle.
 
-    `engine_kwargs` are `VLLMEngine`'s constructor arguments. Ray does not pin CPUs: pass `omp_threads_bind` (e.g.
-    "1") so engines on one host don't all run on core 0.
+    Await startup with `ray.get(handle.ready.remote())`. `engine_kwargs` are `VLLMEngine`'s constructor arguments;
+    an existing actor of that name is returned as it is, whatever they say. Ray does not pin CPUs: pass
+    `omp_threads_bind` (e.g. "1") so that several engines on one host don't all run on core 0.
     """
     import ray
 
-    return ray.remote(num_cpus=num_cpus)(VLLMEngine).options(name=name, namespace=namespace).remote(**engine_kwargs)
+    actor_cls = ray.remote(num_cpus=num_cpus)(VLLMEngine)
+    return actor_cls.options(name=name, namespace=namespace, get_if_exists=True).remote(**engine_kwargs)

@@ -21,12 +21,17 @@ if TYPE_CHECKING:
 def state_dict_checksum(tensors: Iterable[torch.Tensor]) -> float:
     """Sum of all elements of all tensors, each summed in float64 and combined with `math.fsum`.
 
-    `fsum` makes the result independent of tensor order, so the trainer can compute the same number over its own
-    state dict (`state_dict_checksum(sd.values())`) and compare it with the engine's for equality.
+    `fsum` makes it independent of tensor order, so the trainer can compute it over its own state dict
+    (`state_dict_checksum(sd.values())`) and compare with the engine's; per-tensor float64 sums may differ in the
+    last bits between thread counts, so compare with `math.isclose(a, b, rel_tol=1e-9)`.
     """
+    return math.fsum(_float64_sum(t) for t in tensors)
+
+
+def _float64_sum(tensor: torch.Tensor) -> float:
     import torch
 
-    return math.fsum(float(t.sum(dtype=torch.float64)) for t in tensors)
+    return float(tensor.sum(dtype=torch.float64))
 
 
 class WeightSyncExtension:
@@ -71,12 +76,13 @@ class WeightSyncExtension:
     def _ppoflow_reload(self, named_tensors: Iterator[tuple[str, torch.Tensor]]) -> dict[str, float]:
         # model_runner.reload_weights, not model.load_weights: the latter fails on CPU because the linear weights
         # were repacked at startup. reload_weights takes HF names and redoes vLLM's fusing (qkv, gate_up) and packing.
-        loaded = []
+        # Sum each tensor as it streams past so the path route never holds a second copy of the model.
+        sums = []
 
-        def tracked() -> Iterator[tuple[str, torch.Tensor]]:
+        def summed() -> Iterator[tuple[str, torch.Tensor]]:
             for name, tensor in named_tensors:
-                loaded.append(tensor)
+                sums.append(_float64_sum(tensor))
                 yield name, tensor
 
-        self.model_runner.reload_weights(weights_iterator=tracked())
-        return {"checksum": state_dict_checksum(loaded), "engine_checksum": self.ppoflow_engine_checksum()}
+        self.model_runner.reload_weights(weights_iterator=summed())
+        return {"checksum": math.fsum(sums), "engine_checksum": self.ppoflow_engine_checksum()}
