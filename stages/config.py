@@ -149,7 +149,10 @@ def _format_validation_error(err: ValidationError) -> str:
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; see configs/quickstart.yaml for the fields)"
-        lines.append(f"  {path}: {msg}" if path else f"  {msg}")
+        if path:
+            lines.append(f"  {path}: {msg}")
+        else:  # cross-field rules: each message starts with the field it is about
+            lines += [f"  {m}" for m in msg.split("; ")]
     return "invalid config:\n" + "\n".join(lines)
 
 

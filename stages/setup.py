@@ -122,7 +122,9 @@ def start_workers(config, run_uri: str) -> dict:
     ray.get([actor(config, run_uri, r).ensure_version.remote(version, checkpoint_uri(store, version),
                                                             config.storage.storage_options) for r in roles])
     bring_engine_to(config, store, run_uri, version)
-    return {"actors": names, "policy_version": version, "seconds": round(time.perf_counter() - t0, 2)}
+    seconds = round(time.perf_counter() - t0, 2)
+    store.record_event(stage="workers", action="started", policy_version=version, seconds=seconds)
+    return {"actors": names, "policy_version": version, "seconds": seconds}
 
 
 def close_run(config, run_uri: str, stop_workers: bool = True) -> None:
@@ -134,6 +136,11 @@ def close_run(config, run_uri: str, stop_workers: bool = True) -> None:
         from workers.cluster import stop_workers as stop
 
         if ray.is_initialized():
+            try:  # what this process asked of the engine, for operators (and the resume test)
+                stats = ray.get(actor(config, run_uri, "engine").stats.remote(), timeout=30)
+                store_of(config, run_uri).record_event(stage="workers", action="stopped", engine=stats)
+            except ValueError:
+                pass  # the engine never started
             stop(run_uri, config.ray.namespace)
     lock = _LOCKS.pop(run_uri, None)
     if lock is not None:

@@ -54,3 +54,20 @@ def prefect_backend():
 
     with prefect_test_harness():
         yield
+
+
+@pytest.fixture
+def make_config(tmp_path, tiny_model_dir, prompts_dir):
+    """The quickstart config pointed at the test model, prompts and a temporary storage root, plus overrides."""
+    from pathlib import Path
+
+    from stages.config import load_config
+
+    quickstart = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+
+    def make(*overrides: str):
+        return load_config(str(quickstart), [f"model.path={tiny_model_dir}", f"data.prompts={prompts_dir}/train.jsonl",
+                                             f"storage.root={tmp_path}", "data.prompts_per_iteration=8",
+                                             *overrides])
+
+    return make

@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 EXTENSION_CLS = "workers.vllm_ext.WeightSyncExtension"
+_REQUEST_KEYS = frozenset({"prompt_ids", "n", "temperature", "top_p", "top_k", "max_new_tokens", "seed"})
 
 
 class VLLMEngine:
@@ -83,6 +84,14 @@ class VLLMEngine:
         Sample i of a request is drawn with seed `seed + i` (vLLM's rule for n > 1), independently of batching: give
         requests seeds at least n apart or their samples are correlated.
         """
+        for i, r in enumerate(requests):
+            missing = _REQUEST_KEYS - r.keys()
+            if missing:
+                raise ValueError(f"generate: request {i} lacks {sorted(missing)}; every request needs "
+                                 f"{sorted(_REQUEST_KEYS)} (and optionally 'stop')")
+        if not requests:
+            return []
+
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 

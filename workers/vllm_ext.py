@@ -85,4 +85,17 @@ class WeightSyncExtension:
                 yield name, tensor
 
         self.model_runner.reload_weights(weights_iterator=summed())
+        self._ppoflow_repack_embedding_matmuls()
         return {"checksum": math.fsum(sums), "engine_checksum": self.ppoflow_engine_checksum()}
+
+    def _ppoflow_repack_embedding_matmuls(self) -> None:
+        # vLLM bug workaround (0.32, CPU): a tied lm_head shares embed_tokens' weight, but on CPU its logits matmul
+        # runs on a packed copy made at startup. reload_weights refreshes embed_tokens, finds no checkpoint entry of
+        # its own for lm_head and keeps its old packed copy, so the logits silently stay those of the first weights.
+        # Re-running the embedding method's post-load step repacks from the current weight (a no-op off CPU).
+        from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
+
+        for module in self.model_runner.get_model().modules():
+            method = getattr(module, "quant_method", None)
+            if isinstance(method, UnquantizedEmbeddingMethod):
+                method.process_weights_after_loading(module)

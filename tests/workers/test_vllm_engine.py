@@ -98,7 +98,11 @@ def test_same_seed_same_samples_regardless_of_batch(engine, prompts):
     again = _generate(engine, [_request(prompts[1], seed=1), base, _request(prompts[2], seed=2, n=2)])[1]
     [other_seed] = _generate(engine, [_request(prompts[0], seed=4321)])
 
-    assert again == alone  # ids, logprobs and text, bit for bit
+    # Seeded sampling is per request; batch shape may only move logprobs in the last bits (GEMM blocking).
+    assert [s["response_ids"] for s in again] == [s["response_ids"] for s in alone]
+    for a, b in zip(again, alone):
+        assert a["text"] == b["text"] and a["finish_reason"] == b["finish_reason"]
+        assert max(abs(x - y) for x, y in zip(a["logprobs"], b["logprobs"])) < 1e-5
     assert [s["response_ids"] for s in other_seed] != [s["response_ids"] for s in alone]
     # vLLM draws sample i with seed + i, so the n samples of one request differ
     assert len({tuple(s["response_ids"]) for s in alone}) == len(alone)

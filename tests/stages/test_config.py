@@ -1,0 +1,66 @@
+"""Config loading: YAML + dotted overrides; bad configs fail before any worker starts, naming the field."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from stages.config import ConfigError, RunConfig, load_config
+
+REPO = Path(__file__).resolve().parents[2]
+QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
+
+
+def test_quickstart_loads_and_overrides_apply():
+    config = load_config(QUICKSTART, ["algo.gamma=0.99", 'generation.stop=["\\n"]', "seed=7"])
+    assert config.algo.gamma == 0.99 and config.generation.stop == ["\n"] and config.seed == 7
+    assert load_config(QUICKSTART).algo.gamma == 1.0
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (["algo.gama=0.9"], "algo.gama: unknown key"),
+        (["policy.lr=-1e-5"], "policy.lr: Input should be greater than 0"),
+        (["algo.estimator=group_norm", "generation.n_samples_per_prompt=1"], "generation.n_samples_per_prompt"),
+        (["algo.estimator=ppo"], "algo.estimator"),
+        (["generation.max_new_tokens=500"], "generation.max_model_len"),
+        (["policy.mini_batch_size=24"], "policy.mini_batch_size"),
+        (["reward.fn=no_colon"], "reward.fn"),
+        (["nonsense=1"], "nonsense: unknown key"),
+    ],
+)
+def test_bad_values_name_the_field(overrides, field):
+    with pytest.raises(ConfigError) as err:
+        load_config(QUICKSTART, overrides)
+    assert field in str(err.value)
+
+
+def test_override_through_a_scalar_is_refused():
+    with pytest.raises(ConfigError, match="algo.gamma is not a section"):
+        load_config(QUICKSTART, ["algo.gamma.x=1"])
+
+
+def test_config_hash_ignores_operational_fields():
+    a = load_config(QUICKSTART)
+    assert a.config_hash() == load_config(QUICKSTART, ["iterations=50", "flow.retries=3"]).config_hash()
+    assert a.config_hash() != load_config(QUICKSTART, ["algo.kl_coef=0.05"]).config_hash()
+
+
+def test_cli_rejects_bad_config_before_starting_anything(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "ppoflow.cli", "train", "--config", QUICKSTART, "--set", f"storage.root={tmp_path}",
+         "--set", "algo.estimator=group_norm", "--set", "generation.n_samples_per_prompt=1",
+         "--set", "policy.mini_batch_size=24"],
+        cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "\n  generation.n_samples_per_prompt: " in proc.stderr and "\n  policy.mini_batch_size: " in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing written, no run started
+
+
+def test_flow_parameter_schema_is_pinned():
+    """The flow parameter is public surface (Prefect draws its form from it): change it on purpose."""
+    assert list(RunConfig.model_fields) == ["run_id", "seed", "iterations", "model", "data", "generation", "policy",
+                                            "critic", "algo", "reward", "storage", "ray", "flow"]
