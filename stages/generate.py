@@ -74,7 +74,10 @@ def generate(config, run_uri: str, iteration: int) -> dict:
         requests.append({
             "prompt_ids": ids, "n": gen.n_samples_per_prompt, "temperature": gen.temperature, "top_p": gen.top_p,
             "top_k": gen.top_k, "max_new_tokens": gen.max_new_tokens, "stop": gen.stop or None,
-            "seed": (config.seed * 1_000_003 + iteration * 10_007 + group_id) % (2**31 - 1),
+            # The engine draws sample i of a request with seed + i: space requests n apart so no two samples of
+            # the iteration share a random stream.
+            "seed": (config.seed * 1_000_003 + iteration * 100_003 + group_id * gen.n_samples_per_prompt)
+            % (2**31 - 1),
         })
 
     before = ray.get(engine.stats.remote())

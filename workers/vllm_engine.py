@@ -87,8 +87,10 @@ class VLLMEngine:
         for i, r in enumerate(requests):
             missing = _REQUEST_KEYS - r.keys()
             if missing:
-                raise ValueError(f"generate: request {i} lacks {sorted(missing)}; every request needs "
-                                 f"{sorted(_REQUEST_KEYS)} (and optionally 'stop')")
+                raise ValueError(
+                    f"generate: request {i} lacks {sorted(missing)}; every request needs {sorted(_REQUEST_KEYS)}"
+                    " and optionally 'stop'"
+                )
         if not requests:
             return []
 
@@ -136,7 +138,8 @@ class VLLMEngine:
         return results
 
     def update_weights(self, weights: bytes, version: int) -> dict[str, Any]:
-        """Load a full state dict in place and serve it as policy `version`.
+        """Load a full state dict in place and serve it as policy `version` (the extension also repacks a tied
+        lm_head, which vLLM 0.32 on CPU would otherwise leave at the old weights).
 
         `weights` is `safetensors.torch.save(state_dict)` with HF parameter names (bytes, because tensors passed
         through vLLM's collective_rpc arrive as lists). Returns `{"version", "seconds", "checksum",

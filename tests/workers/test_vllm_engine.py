@@ -60,7 +60,8 @@ def _generate(engine, requests):
 def test_samples_have_aligned_ids_logprobs_and_finish_reasons(engine, prompts, tokenizer):
     max_new = 64
     # 32 samples of up to 64 tokens from a random-init model: some stop at eos (p(eos) ~ 1/vocab per token).
-    results = _generate(engine, [_request(p, seed=100 * i, n=32, max_new_tokens=max_new) for i, p in enumerate(prompts)])
+    requests = [_request(p, seed=100 * i, n=32, max_new_tokens=max_new) for i, p in enumerate(prompts)]
+    results = _generate(engine, requests)
 
     assert len(results) == len(prompts)
     finish_reasons = set()
