@@ -42,6 +42,9 @@ def preflight(config) -> None:
     from stages.score import load_reward_fn
     from storage.prompts import read_prompts
 
+    if config.storage.root.startswith("memory://"):
+        raise RunSetupError("storage.root: memory:// lives inside one process and the Ray workers write checkpoints "
+                            "from theirs; use a local folder or a shared object store (s3://...)")
     load_reward_fn(config.reward.fn)
     read_prompts(config.data.prompts, config.data.prompt_key, config.storage.storage_options)
     for field, path in (("model.path", config.model.path), ("model.ref_path", config.model.ref_path),

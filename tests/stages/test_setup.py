@@ -15,6 +15,7 @@ from storage.prompts import PromptFileError
         ("reward.fn=no_such_module:fn", RewardError, "reward.fn"),
         ("model.path=/nonexistent/model", RunSetupError, "model.path"),
         ("data.prompts=/nonexistent/prompts.jsonl", PromptFileError, "data.prompts"),
+        ("storage.root=memory://runs", RunSetupError, "storage.root"),
     ],
 )
 def test_preflight_errors_name_the_field_and_write_nothing(make_config, tmp_path, override, error, field):
