@@ -30,7 +30,7 @@ def bring_engine_to(config, store, run_uri: str, version: int) -> dict:
     result = ray.get(engine.update_weights.remote(weights, version))
     if result["version"] != version:
         raise RuntimeError(f"engine reports version {result['version']} after a sync to {version}")
-    row.update(method="object_store", bytes=len(ray.get(weights)), seconds=time.perf_counter() - t0,
+    row.update(method="object_store", bytes=result["bytes"], seconds=time.perf_counter() - t0,
                checksum=float(result.get("checksum", float("nan"))))
     return row
 

@@ -192,14 +192,14 @@ class PolicyWorker(_DeepSpeedWorker):
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         return AutoModelForCausalLM.from_pretrained(self.model_path, dtype=_torch_dtype(self.dtype))
 
-    def logprobs(self, table, micro_batch_size: int | None = None) -> list[list[float]]:
+    def logprobs(self, table) -> list[list[float]]:
         """log π(a_t|s_t) of the current weights for every response token of `table`'s samples."""
         import torch
 
         self.engine.eval()
         out = []
         with torch.no_grad():
-            for idx in _micro_batches(np.arange(table.num_rows), micro_batch_size or self.cfg["micro_batch_size"]):
+            for idx in _micro_batches(np.arange(table.num_rows), self.cfg["micro_batch_size"]):
                 rows = table.take(idx)
                 batch = _collate(rows["prompt_ids"].to_pylist(), rows["response_ids"].to_pylist(),
                                  self.tokenizer.pad_token_id)

@@ -143,13 +143,14 @@ class VLLMEngine:
 
         `weights` is `safetensors.torch.save(state_dict)` with HF parameter names (bytes, because tensors passed
         through vLLM's collective_rpc arrive as lists). Returns `{"version", "seconds", "checksum",
-        "engine_checksum"}`: `checksum` is `state_dict_checksum` of what was loaded (compare it with the same function
+        "engine_checksum", "bytes"}`:
+        `checksum` is `state_dict_checksum` of what was loaded (compare it with the same function
         on the trainer's state dict); `engine_checksum` sums the parameters vLLM holds, which on CPU covers only
         embeddings (= tied lm_head), norms and biases, because vLLM moves linear weights into packed kernel handles.
         """
         started = time.perf_counter()
         sums = self._llm.collective_rpc("ppoflow_load_weights", args=(weights,))[0]
-        return self._finish_update(version, started, sums)
+        return {**self._finish_update(version, started, sums), "bytes": len(weights)}
 
     def update_weights_from_path(self, path: str, version: int) -> dict[str, Any]:
         """Like `update_weights`, from a local folder of HF safetensors (e.g. one written by `save_pretrained`)."""

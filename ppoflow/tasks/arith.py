@@ -1,19 +1,26 @@
-"""Two-number addition: the synthetic, verifiable task of the CPU quickstart.
+"""Doubling: the synthetic, verifiable arithmetic task of the CPU quickstart.
 
-A prompt asks "What is 23+45?" and the answer is the decimal sum, "68". Both operands are drawn from 0..99, so there are
-10,000 distinct questions with sums up to 198. With the chat template of `ppoflow.tiny_model` a templated prompt is
-about 20 tokens and an answer 1-3 digit tokens plus `<|im_end|>`, so rollouts are short and cheap. Two-digit carries
-make the task hard enough that a one-minute SFT of the tiny model only partly solves it, which leaves RL room to improve.
+A prompt asks "What is 2*4827?" and the answer is the decimal product, "9654". The number is drawn from 0..9999, so
+there are 10,000 distinct questions. With the chat template of `ppoflow.tiny_model` a templated prompt is at most 18
+tokens and an answer at most 5 digit tokens plus `<|im_end|>`, so rollouts are short and cheap.
 
-Rows are `{"prompt": "What is 23+45?", "answer": "68"}`; `prompt` is the raw user message (the chat template is
+Why doubling and not two-number addition ("23+45")? Measured with the 1.1M-parameter tiny model: addition needs the
+100-entry (a+b) mod 10 table, which such a model picks up in a sudden jump anywhere from ~200 to more than 1,400 SFT
+steps depending on the seed (in most of ~30 runs it had not come by step 450), far outside a one-minute SFT. Each
+digit of a doubled number depends only on that digit and on whether the next one is >= 5 (the carry), which the same
+model learns gradually and reliably: exact match rises from 0 to 30-50% within 60-160 steps for each of 8 seeds and
+keeps rising with more training. An SFT stopped part-way therefore leaves a policy that is right on some questions and
+a digit or two off on many others: room for RL to improve.
+
+Rows are `{"prompt": "What is 2*4827?", "answer": "9654"}`; `prompt` is the raw user message (the chat template is
 applied by whoever generates) and every other column reaches `reward` as that row's `metadata`.
 
 Reward, a rule in [0, 1] (referenced from configs as `ppoflow.tasks.arith:reward`):
-  1.0  the response, with surrounding whitespace stripped, is exactly the sum ("68");
-  0.1  it is a bare ASCII integer but the wrong one ("67", "068"): the right format, the wrong value;
-  0.0  anything else: empty, extra words, garbage, or an answer that runs on instead of stopping at `<|im_end|>`.
-The small format credit separates "almost an answer" from garbage so that a policy that drifts away from the format
-still gets a gradient back to it; it is too small to be worth more than a correct sum.
+  1.0  the response, with surrounding whitespace stripped, is exactly the answer ("9654");
+  0.1  it is a bare ASCII integer but the wrong one ("9644", "09654"): the right format, the wrong value;
+  0.0  anything else: empty, words or signs around the number ("9654.", "-9654", "It is 9654"), garbage.
+The small format credit separates "almost an answer" from garbage so that a policy drifting away from the format still
+gets a gradient back to it; it is worth far less than a correct answer, so it cannot be farmed instead.
 
 Run alone (writes train.jsonl and eval.jsonl, disjoint, and prints a few rows):
   python -m ppoflow.tasks.arith data/arith --n-train 2048 --n-eval 256 --seed 0
@@ -27,10 +34,10 @@ import random
 import re
 from pathlib import Path
 
-MAX_OPERAND = 99
-"""Operands are drawn uniformly from 0..MAX_OPERAND (both ends included)."""
+MAX_NUMBER = 9999
+"""The number to double is drawn uniformly from 0..MAX_NUMBER (both ends included)."""
 
-N_QUESTIONS = (MAX_OPERAND + 1) ** 2
+N_QUESTIONS = MAX_NUMBER + 1
 """How many distinct questions exist; `make_prompts` samples without replacement from them."""
 
 CORRECT_REWARD = 1.0
@@ -40,19 +47,15 @@ _INTEGER = re.compile(r"[0-9]+")  # ASCII only: str.isdigit() would also accept 
 
 
 def make_prompts(n: int, seed: int) -> list[dict]:
-    """`n` distinct addition questions, `{"prompt": "What is a+b?", "answer": "a+b as decimal"}`, fixed by `seed`."""
+    """`n` distinct questions `{"prompt": "What is 2*x?", "answer": str(2 * x)}`, the same for the same `seed`."""
     if not 0 <= n <= N_QUESTIONS:
         raise ValueError(f"make_prompts: n={n} must be between 0 and {N_QUESTIONS} (the number of distinct questions)")
-    rng = random.Random(seed)
-    rows = []
-    for code in rng.sample(range(N_QUESTIONS), n):
-        a, b = divmod(code, MAX_OPERAND + 1)
-        rows.append({"prompt": f"What is {a}+{b}?", "answer": str(a + b)})
-    return rows
+    numbers = random.Random(seed).sample(range(N_QUESTIONS), n)
+    return [{"prompt": f"What is 2*{x}?", "answer": str(2 * x)} for x in numbers]
 
 
 def write_prompts(out_dir: str, *, n_train: int = 2048, n_eval: int = 256, seed: int = 0) -> dict[str, str]:
-    """Write `train.jsonl` and `eval.jsonl` (one row per line) into `out_dir`; no question is in both.
+    """Write `train.jsonl` and `eval.jsonl` (one JSON row per line) into `out_dir`; no question is in both.
 
     Both splits come from one draw without replacement, so they are disjoint by construction.
     Returns `{"train": path, "eval": path}`.
@@ -69,7 +72,7 @@ def write_prompts(out_dir: str, *, n_train: int = 2048, n_eval: int = 256, seed:
 
 
 def reward(prompts: list[str], responses: list[str], metadata: list[dict]) -> list[float]:
-    """Score each decoded response against `metadata[i]["answer"]`; see the module docstring for the rule."""
+    """Score each decoded response against `metadata[i]["answer"]`; the rule is in the module docstring."""
     if not len(prompts) == len(responses) == len(metadata):
         raise ValueError(
             f"arith.reward: got {len(prompts)} prompts, {len(responses)} responses and {len(metadata)} metadata rows; "
@@ -93,7 +96,7 @@ def reward(prompts: list[str], responses: list[str], metadata: list[dict]) -> li
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Write the addition task's train/eval prompt files.")
+    parser = argparse.ArgumentParser(description="Write the doubling task's train/eval prompt files.")
     parser.add_argument("out_dir")
     parser.add_argument("--n-train", type=int, default=2048)
     parser.add_argument("--n-eval", type=int, default=256)
