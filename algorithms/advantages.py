@@ -93,6 +93,30 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float)
     return advantages, returns
 
 
+def _check_scores(scores: Tensor, group_ids: Tensor) -> None:
+    if scores.dim() != 1 or group_ids.shape != scores.shape:
+        raise ValueError(
+            f"scores {tuple(scores.shape)} and group_ids {tuple(group_ids.shape)} must both be (B,): one score and "
+            "one prompt id per sequence"
+        )
+
+
+def _group_centered(scores: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """r_i − mean(r_g) for every sample, with each sample's group index and the group sizes (float).
+
+    Scores are centred on a member of their group (its minimum) before the mean is taken, so ties give exactly 0:
+    the rounding error of a float mean cannot survive as ~1e-17 noise that a later division (a ~0 std, a whitening)
+    would blow up to ±O(1)."""
+    _check_scores(scores, group_ids)
+    _, inverse, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
+    G = counts.numel()
+    counts = counts.to(scores.dtype)
+    pivot = scores.new_zeros(G).scatter_reduce(0, inverse, scores, reduce="amin", include_self=False)
+    shifted = scores - pivot[inverse]
+    mean = shifted.new_zeros(G).index_add(0, inverse, shifted) / counts
+    return shifted - mean[inverse], inverse, counts
+
+
 def group_norm(scores: Tensor, group_ids: Tensor, eps: float = 1e-6, scale_by_std: bool = True) -> Tensor:
     """GRPO's group-relative advantage (Shao et al. 2024, DeepSeekMath, §4.1.2), one value per sequence:
 
@@ -100,28 +124,19 @@ def group_norm(scores: Tensor, group_ids: Tensor, eps: float = 1e-6, scale_by_st
 
     ``scores`` (B,) and ``group_ids`` (B,) integers; groups need not be contiguous. std is the unbiased sample std
     (divides by n − 1), torch's ``.std()`` default, as in OpenRLHF's ``group_norm`` and TRL's GRPOTrainer. A group
-    of one has nothing to compare against: its advantage is 0, not NaN. ``scale_by_std=False`` is Dr. GRPO
-    (Liu et al. 2025, "Understanding R1-Zero-Like Training"): mean-only centering, which drops the bias toward
-    groups whose scores barely vary.
+    of one has nothing to compare against: its advantage is 0, not NaN.
 
-    Ties give exactly 0: scores are centred on a member of their group (its minimum) before the mean is taken, so
-    the rounding error of a float mean cannot survive as ~1e-8 noise that a ~0 std would blow up to ±O(1).
+    ``scale_by_std=False`` is **Dr. GRPO** (Liu et al. 2025, "Understanding R1-Zero-Like Training: A Critical
+    Perspective", §3.1): A_i = r_i − mean(r_g), mean-only centering, which drops the std's bias toward groups whose
+    scores barely vary (too easy or too hard prompts). It equals ``group_mean_baseline``. Dr. GRPO's other half, a
+    constant length normaliser, is ``losses.aggregate(..., "seq-mean-token-sum-norm")``.
+
+    Ties give exactly 0 (see ``_group_centered``).
     """
-    if scores.dim() != 1 or group_ids.shape != scores.shape:
-        raise ValueError(
-            f"scores {tuple(scores.shape)} and group_ids {tuple(group_ids.shape)} must both be (B,): one score and "
-            "one prompt id per sequence"
-        )
-    _, inverse, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
-    G = counts.numel()
-    counts = counts.to(scores.dtype)
-    pivot = scores.new_zeros(G).scatter_reduce(0, inverse, scores, reduce="amin", include_self=False)
-    shifted = scores - pivot[inverse]
-    mean = shifted.new_zeros(G).index_add(0, inverse, shifted) / counts
-    centered = shifted - mean[inverse]
+    centered, inverse, counts = _group_centered(scores, group_ids)
     if not scale_by_std:
         return centered
-    var = centered.new_zeros(G).index_add(0, inverse, centered**2) / (counts - 1).clamp(min=1)
+    var = centered.new_zeros(counts.numel()).index_add(0, inverse, centered**2) / (counts - 1).clamp(min=1)
     return centered / (var.sqrt()[inverse] + eps)
 
 
@@ -144,3 +159,111 @@ def kl_shaped_rewards(scores: Tensor, kl: Tensor, mask: Tensor, kl_coef: float) 
     last = torch.where(mask, positions, -1).amax(dim=-1)  # (B,) last real token; −1 when the row has none
     score = torch.where(last >= 0, scores, 0).to(rewards.dtype)
     return rewards.scatter_add(1, last.clamp(min=0).unsqueeze(1), score.unsqueeze(1))
+
+
+@torch.no_grad()
+def discounted_returns(token_rewards: Tensor, mask: Tensor, gamma: float) -> Tensor:
+    """Discounted return-to-go over real tokens, the advantage of REINFORCE++ (Hu 2025, "REINFORCE++: A Simple and
+    Efficient Approach for Aligning Large Language Models"), which the caller then whitens over the batch:
+
+        G_t = Σ_{k≥t, k real} γ^{n(t,k)}·r_k       n(t,k) = number of real tokens after t up to and including k
+                                                  (so γ^{k−t} when the row has no holes)
+
+    ``token_rewards`` (B, T) is typically ``kl_shaped_rewards(...)``. Holes are skipped exactly as in ``gae``: the
+    recursion G_t = r_t + γ·G_next passes through them, γ counts real tokens, rewards at masked positions are
+    ignored. It is ``gae`` with V ≡ 0 and λ = 1. Output (B, T), 0 at masked positions, computed without grad.
+    """
+    _check_same_shape(mask, token_rewards=token_rewards)
+    mask = mask.bool()
+    returns = torch.zeros_like(token_rewards)
+    running = token_rewards.new_zeros(token_rewards.shape[0])  # G of the next real token; 0 after the last
+    for t in reversed(range(token_rewards.shape[1])):
+        real = mask[:, t]
+        running = torch.where(real, token_rewards[:, t] + gamma * running, running)
+        returns[:, t] = torch.where(real, running, 0)
+    return returns
+
+
+def group_mean_baseline(scores: Tensor, group_ids: Tensor) -> Tensor:
+    """REINFORCE with the prompt group's mean score as baseline (OpenRLHF's ``reinforce_baseline``), (B,):
+
+        A_i = r_i − mean_{j∈g} r_j
+
+    The same number as Dr. GRPO (``group_norm(..., scale_by_std=False)``); OpenRLHF then whitens it over the batch's
+    tokens, which is the caller's business. A group of one gives 0; ties give exactly 0.
+    """
+    return _group_centered(scores, group_ids)[0]
+
+
+def rloo(scores: Tensor, group_ids: Tensor) -> Tensor:
+    """REINFORCE Leave-One-Out (Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE Style Optimization for
+    Learning from Human Feedback in LLMs"; Kool et al. 2019), (B,):
+
+        A_i = r_i − 1/(n−1)·Σ_{j∈g, j≠i} r_j  =  n/(n−1)·(r_i − mean_{j∈g} r_j)
+
+    n the size of i's group. The baseline leaves the sample itself out, so it is independent of r_i and the
+    estimator unbiased. Computed through the right-hand form so ties give exactly 0. A group of one has no other
+    sample to compare with: its advantage is 0.
+    """
+    centered, inverse, counts = _group_centered(scores, group_ids)
+    n = counts[inverse]
+    return torch.where(n > 1, centered * n / (n - 1).clamp(min=1), 0)
+
+
+def clip_rewards(scores: Tensor, clip: float | None) -> Tensor:
+    """Clip sequence scores to [−clip, clip]; ``None`` returns them unchanged. One outlier reward (a reward model
+    extrapolating far off its training distribution) then cannot dominate a batch's advantages."""
+    if clip is None:
+        return scores
+    if clip <= 0:
+        raise ValueError(f"clip={clip}: pass a positive bound on |score|, or None to keep scores as they are")
+    return scores.clamp(-clip, clip)
+
+
+class RunningMeanStd:
+    """Running mean and population variance of every value seen, merged batch by batch with the parallel update of
+    Chan, Golub & LeVeque 1979 (Welford's online algorithm generalised to batches):
+
+        n' = n + n_b;   δ = μ_b − μ;   μ' = μ + δ·n_b/n';   M2' = M2 + M2_b + δ²·n·n_b/n';   σ² = M2/n
+
+    so after any sequence of ``update`` calls, mean and var equal those of the concatenation. ``normalize`` divides
+    by sqrt(σ² + eps) and keeps the level, x/σ (the reward's sign and offset carry meaning: OpenRLHF's
+    ``normalize_reward``, TRL's reward scaling). Before any update σ² is 1, so normalize is the identity.
+
+    The state is plain floats (``state_dict``/``load_state_dict``) so a stage can store it in its commit marker and
+    the next iteration continue from it. Accumulates in float64 whatever the input dtype.
+    """
+
+    def __init__(self, eps: float = 1e-8):
+        self.count, self.mean, self.m2, self.eps = 0.0, 0.0, 0.0, eps
+
+    def update(self, x: Tensor) -> None:
+        """Merge every element of ``x`` (any shape; mask it first if it holds padding)."""
+        x = x.detach().double().flatten()
+        n_b = float(x.numel())
+        if n_b == 0:
+            return
+        mean_b = float(x.mean())
+        m2_b = float(((x - mean_b) ** 2).sum())
+        total = self.count + n_b
+        delta = mean_b - self.mean
+        self.mean += delta * n_b / total
+        self.m2 += m2_b + delta**2 * self.count * n_b / total
+        self.count = total
+
+    @property
+    def var(self) -> float:
+        return self.m2 / self.count if self.count else 1.0
+
+    @property
+    def std(self) -> float:
+        return self.var**0.5
+
+    def normalize(self, x: Tensor) -> Tensor:
+        return x / (self.var + self.eps) ** 0.5
+
+    def state_dict(self) -> dict[str, float]:
+        return {"count": self.count, "mean": self.mean, "m2": self.m2}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.count, self.mean, self.m2 = float(state["count"]), float(state["mean"]), float(state["m2"])

@@ -1,44 +1,110 @@
-"""Hyper-parameters of the RL algorithm: advantage estimator, KL penalty and PPO clipping."""
+"""Hyper-parameters of the RL algorithm: advantage estimator, KL penalty, policy-loss variants and IS correction."""
 
+import warnings
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-GROUP_ESTIMATORS = ("group_norm",)
+Estimator = Literal["gae", "reinforce", "reinforce_baseline", "rloo", "group_norm", "dr_grpo"]
+
+GROUP_ESTIMATORS = ("reinforce_baseline", "rloo", "group_norm", "dr_grpo")
 """Estimators that compare samples of the same prompt, so they need several samples per prompt."""
 
 
 class AlgoConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    estimator: Literal["gae", "group_norm"] = "gae"
-    """Advantage estimator. `gae`: generalised advantage estimation with a critic (Schulman et al. 2016) and the KL
-    penalty in the reward. `group_norm`: GRPO (Shao et al. 2024), the reward normalised within each prompt's group of
-    samples; no critic."""
+    estimator: Estimator = "gae"
+    """Advantage estimator.
+    `gae`: generalised advantage estimation with a critic (Schulman et al. 2016).
+    `reinforce`: REINFORCE++ (Hu 2025): discounted return-to-go of the shaped rewards, whitened over the batch.
+    `reinforce_baseline`: the score minus its prompt group's mean, whitened over the batch (OpenRLHF).
+    `rloo`: REINFORCE leave-one-out (Ahmadian et al. 2024): the score minus the mean of the group's other samples.
+    `group_norm`: GRPO (Shao et al. 2024): the score normalised by its group's mean and std.
+    `dr_grpo`: Dr. GRPO (Liu et al. 2025): the score minus its group's mean, no std scaling.
+    Only `gae` trains a critic."""
 
     gamma: float = Field(1.0, ge=0.0, le=1.0)
-    """Discount γ per token."""
+    """Discount γ per token (gae, reinforce)."""
 
     lam: float = Field(0.95, ge=0.0, le=1.0)
     """GAE λ."""
 
-    clip_eps: float = Field(0.2, gt=0.0)
-    """PPO ratio clip ε: the ratio is clipped to [1-ε, 1+ε]."""
+    whiten_advantages: bool = True
+    """Normalise advantages to mean 0, std 1 over the iteration's tokens (gae, reinforce, reinforce_baseline)."""
 
-    value_clip_eps: float = Field(0.2, gt=0.0)
-    """Clip of the value update around the old value (clipped value loss)."""
+    reward_clip: float | None = Field(None, gt=0.0)
+    """Clip each sample's score to [-reward_clip, reward_clip] before anything else; None keeps it."""
+
+    normalize_rewards: bool = False
+    """Divide scores by a running std (mean kept) carried across iterations in the advantages stage's marker."""
 
     kl_coef: float = Field(0.01, ge=0.0)
-    """β: weight of the KL(π‖π_ref) penalty."""
+    """β: weight of the KL(π‖π_ref) penalty (the initial value with the adaptive controller)."""
 
     kl_estimator: Literal["k1", "k2", "k3"] = "k1"
-    """Per-token KL estimator (Schulman 2020). k1 is unbiased in the reward; k3 is the usual choice as a loss term."""
+    """Per-token KL estimator (Schulman 2020). k1 is unbiased in the reward; k2 or k3 suit a loss term."""
 
     kl_in_reward: bool = True
     """True: subtract β·KL from the per-token reward (PPO-RLHF). False: add β·KL as a loss term (GRPO)."""
 
-    whiten_advantages: bool = True
-    """Normalise advantages to mean 0, std 1 over the iteration's tokens (GAE only; GRPO is normalised already)."""
+    kl_controller: Literal["fixed", "adaptive"] = "fixed"
+    """`fixed` keeps β; `adaptive` steers it toward `kl_target` (Ziegler et al. 2019), state carried across
+    iterations in the advantages stage's marker."""
+
+    kl_target: float = Field(6.0, gt=0.0)
+    """Target KL per sample of the adaptive controller."""
+
+    kl_horizon: int = Field(10000, ge=1)
+    """Horizon (samples) of the adaptive controller."""
+
+    clip_eps: float = Field(0.2, gt=0.0)
+    """PPO ratio clip ε: the ratio is clipped to [1-ε, 1+ε] (1+clip_eps_high above when set)."""
+
+    clip_eps_high: float | None = Field(None, gt=0.0)
+    """Upper clip ε_high of DAPO's "clip-higher" (asymmetric clipping); None uses clip_eps."""
+
+    dual_clip: float | None = Field(None, gt=1.0)
+    """Dual-clip constant c > 1 (Ye et al. 2020): caps the loss of negative-advantage tokens at -c·A."""
+
+    ratio_level: Literal["token", "sequence"] = "token"
+    """`sequence`: GSPO (Zheng et al. 2025), one length-normalised importance ratio per sequence."""
+
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
+    """How per-token losses become one number: over all tokens of the optimizer step; per sequence then over
+    sequences; or per-sequence sums over a constant length (Dr. GRPO, norm = generation.max_new_tokens)."""
+
+    entropy_coef: float = Field(0.0, ge=0.0)
+    """Entropy bonus weight."""
+
+    is_correction: Literal["none", "tis", "icepop"] = "none"
+    """Importance-sampling correction for the engine/trainer mismatch: `tis` truncates w = π_old/π_engine at
+    `is_cap`; `icepop` masks tokens whose w leaves [is_low, is_cap]."""
+
+    is_cap: float = Field(2.0, gt=1.0)
+    """Upper bound of the IS weight."""
+
+    is_low: float = Field(0.5, gt=0.0, lt=1.0)
+    """Lower bound of the IS weight (icepop)."""
+
+    overlong_buffer: int | None = Field(None, ge=1)
+    """DAPO soft overlong punishment: responses longer than generation.max_new_tokens − overlong_buffer lose up to
+    `overlong_penalty` from their score, linearly; None turns it off."""
+
+    overlong_penalty: float = Field(1.0, ge=0.0)
+    """Largest overlong punishment (at the length limit)."""
+
+    value_clip_eps: float = Field(0.2, gt=0.0)
+    """Clip of the value update around the old value (clipped value loss)."""
 
     ppo_epochs: int = Field(1, ge=1)
     """Passes over the iteration's experience in the update stage."""
+
+    @model_validator(mode="after")
+    def _kl_advice(self) -> "AlgoConfig":
+        # Schulman's note: k1 is the unbiased estimator of the KL value (what a reward penalty needs); as a loss its
+        # gradient is zero in expectation, so a KL loss term should use k2 or k3 (GRPO uses k3).
+        if self.kl_coef > 0 and not self.kl_in_reward and self.kl_estimator == "k1":
+            warnings.warn("algo.kl_estimator: k1 as a loss term has zero expected gradient; use k3 (or k2) with "
+                          "algo.kl_in_reward=false", stacklevel=2)
+        return self

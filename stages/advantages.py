@@ -1,8 +1,13 @@
 """Advantages stage: per-token KL, shaped rewards, advantages and returns from the scored table. Pure math, no actors.
 
-`gae`: r_t = −β·KL_t (+ the score on the last token), GAE(γ, λ) with the critic's values, optional whitening.
-`group_norm` (GRPO): each sample's score (minus β·ΣKL when the KL is in the reward) normalised within its prompt's
-group, broadcast to every token; returns are zeros (no critic).
+Scores are clipped / normalised first (algo.reward_clip, algo.normalize_rewards), then shaped: r_t = −β·KL_t plus the
+score on the last token (β = 0 when the KL is a loss term instead). Then, by algo.estimator:
+`gae` — GAE(γ, λ) with the critic's values; `reinforce` — discounted return-to-go (REINFORCE++); the group estimators
+(`reinforce_baseline`, `rloo`, `group_norm` = GRPO, `dr_grpo`) — each sample's total shaped reward against its
+prompt's group, broadcast to every token. Returns are the critic's targets (zeros without a critic).
+
+State that spans iterations (the adaptive KL coefficient, the running reward statistics) is stored in this stage's
+commit marker and read back from the previous iteration's, so a resumed run continues with the same values.
 
 Tests: tests/stages/test_advantages.py
 """
@@ -25,46 +30,79 @@ def _padded(rows: list, width: int):
     return out
 
 
-def compute_advantages(scored, algo) -> dict:
-    """Columns kl, token_rewards, advantages, returns (lists per sample) and summary metrics."""
+def compute_advantages(scored, algo, state: dict | None = None) -> dict:
+    """Columns kl, token_rewards, advantages, returns (lists per sample), summary metrics, and the carried state."""
     import torch
 
-    from algorithms.advantages import gae, group_norm, kl_shaped_rewards, masked_mean, whiten
-    from algorithms.kl import kl_estimate
+    from algorithms import advantages as adv
+    from algorithms.kl import AdaptiveKLController, FixedKLController, kl_estimate
 
+    state = state or {}
     lengths = [len(r) for r in scored["response_ids"].to_pylist()]
     width = max(lengths + [1])
     mask = torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]
     old = _padded(scored["old_logprobs"].to_pylist(), width)
     ref = _padded(scored["ref_logprobs"].to_pylist(), width)
+    group_ids = torch.tensor(scored["group_id"].to_pylist())
     scores = torch.tensor(scored["reward"].to_pylist(), dtype=torch.float64)
 
+    scores = adv.clip_rewards(scores, algo.reward_clip)
+    rms = adv.RunningMeanStd()
+    if algo.normalize_rewards:
+        if "reward_rms" in state:
+            rms.load_state_dict(state["reward_rms"])
+        rms.update(scores)
+        scores = rms.normalize(scores)
+    if algo.kl_controller == "adaptive":
+        controller = AdaptiveKLController(algo.kl_coef, algo.kl_target, algo.kl_horizon)
+    else:
+        controller = FixedKLController(algo.kl_coef)
+    if "kl_controller" in state:
+        controller.load_state_dict(state["kl_controller"])
+    kl_coef = controller.value
+
     kl = torch.where(mask, kl_estimate(old, ref, algo.kl_estimator), 0)
-    beta = algo.kl_coef if algo.kl_in_reward else 0.0
-    token_rewards = kl_shaped_rewards(scores, kl, mask, beta)
+    token_rewards = adv.kl_shaped_rewards(scores, kl, mask, kl_coef if algo.kl_in_reward else 0.0)
+    seq_reward = torch.where(mask, token_rewards, 0).sum(-1)
+    returns = None
     if algo.estimator == "gae":
         values = _padded([v or [] for v in scored["values"].to_pylist()], width)
-        advantages, returns = gae(token_rewards, values, mask, algo.gamma, algo.lam)
-        if algo.whiten_advantages:
-            advantages = whiten(advantages, mask)
+        advantages, returns = adv.gae(token_rewards, values, mask, algo.gamma, algo.lam)
+    elif algo.estimator == "reinforce":
+        advantages = adv.discounted_returns(token_rewards, mask, algo.gamma)
     else:
-        group_ids = torch.tensor(scored["group_id"].to_pylist())
-        seq_adv = group_norm(torch.where(mask, token_rewards, 0).sum(-1), group_ids)
-        advantages = torch.where(mask, seq_adv[:, None].expand_as(mask), 0)
+        per_seq = {
+            "reinforce_baseline": lambda: adv.group_mean_baseline(seq_reward, group_ids),
+            "rloo": lambda: adv.rloo(seq_reward, group_ids),
+            "group_norm": lambda: adv.group_norm(seq_reward, group_ids),
+            "dr_grpo": lambda: adv.group_norm(seq_reward, group_ids, scale_by_std=False),
+        }[algo.estimator]()
+        advantages = torch.where(mask, per_seq[:, None].expand_as(mask), 0)
+    if algo.whiten_advantages and algo.estimator in ("gae", "reinforce", "reinforce_baseline"):
+        advantages = adv.whiten(advantages, mask)
+    if returns is None:
         returns = torch.zeros_like(advantages)
+
+    kl_per_sample = float(torch.where(mask, kl, 0).sum(-1).mean())
+    controller.update(kl_per_sample, len(lengths))
 
     def trim(x) -> list[list[float]]:
         return [row[:n].tolist() for row, n in zip(x, lengths)]
 
     metrics = {
-        "rollout/kl": float(torch.where(mask, kl, 0).sum(-1).mean()),
-        "rollout/advantage_mean": float(masked_mean(advantages, mask)),
-        "rollout/advantage_std": float(masked_mean((advantages - masked_mean(advantages, mask)) ** 2, mask).sqrt()),
-        "rollout/return_mean": float(masked_mean(returns, mask)),
+        "rollout/kl": kl_per_sample,
+        "rollout/kl_coef": kl_coef,
+        "rollout/advantage_mean": float(adv.masked_mean(advantages, mask)),
+        "rollout/advantage_std": float(adv.masked_mean((advantages - adv.masked_mean(advantages, mask)) ** 2,
+                                                       mask).sqrt()),
+        "rollout/return_mean": float(adv.masked_mean(returns, mask)),
     }
     columns = {"kl": trim(kl), "token_rewards": trim(token_rewards), "advantages": trim(advantages),
                "returns": trim(returns)}
-    return {"columns": columns, "metrics": metrics}
+    new_state = {"kl_coef": kl_coef, "kl_controller": controller.state_dict()}
+    if algo.normalize_rewards:
+        new_state["reward_rms"] = rms.state_dict()
+    return {"columns": columns, "metrics": metrics, "state": new_state}
 
 
 def advantages(config, run_uri: str, iteration: int) -> dict:
@@ -78,12 +116,14 @@ def advantages(config, run_uri: str, iteration: int) -> dict:
     started = time.perf_counter()
     fault_point("advantages.start", iteration)
     scored = store.read_stage(iteration, "score")
-    result = compute_advantages(scored, config.algo)
+    previous = store.stage_marker(iteration - 1, "advantages") if iteration > 1 else None
+    result = compute_advantages(scored, config.algo, (previous or {}).get("state"))
     table = scored
     for name, values in result["columns"].items():
         table = table.append_column(name, pa.array(values, EXPERIENCE.field(name).type))
     fault_point("advantages.before_commit", iteration)
-    return commit(store, config, iteration, "advantages", table, "experience", started, result["metrics"])
+    return commit(store, config, iteration, "advantages", table, "experience", started, result["metrics"],
+                  state=result["state"])
 
 
 @task(name="advantages", cache_policy=NO_CACHE)

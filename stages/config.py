@@ -111,6 +111,9 @@ class RunConfig(BaseModel):
                 "generation.max_model_len: must hold data.max_prompt_tokens + generation.max_new_tokens "
                 f"({self.data.max_prompt_tokens} + {self.generation.max_new_tokens} > {self.generation.max_model_len})"
             )
+        if self.algo.overlong_buffer is not None and self.algo.overlong_buffer > self.generation.max_new_tokens:
+            errors.append(f"algo.overlong_buffer: must not exceed generation.max_new_tokens "
+                          f"({self.algo.overlong_buffer} > {self.generation.max_new_tokens})")
         batch = self.data.prompts_per_iteration * n
         for name in (["policy", "critic"] if self.uses_critic else ["policy"]):
             t: TrainerConfig = getattr(self, name)

@@ -69,6 +69,15 @@ def score(config, run_uri: str, iteration: int) -> dict:
         ray.get(critic.ensure_version.remote(version, ckpt, opts))
         pending["values"] = critic.values.remote(tokens)
     rewards = compute_rewards(config.reward.fn, rollout)  # runs here while the actors work
+    if config.algo.overlong_buffer is not None:
+        import torch
+
+        from algorithms.dapo import overlong_penalty
+
+        lengths = torch.tensor([len(r) for r in rollout["response_ids"].to_pylist()])
+        penalty = overlong_penalty(lengths, config.generation.max_new_tokens, config.algo.overlong_buffer,
+                                   config.algo.overlong_penalty)
+        rewards = [r + p for r, p in zip(rewards, penalty.tolist())]
     columns = dict(zip(pending, ray.get(list(pending.values()))))
     columns.setdefault("values", [None] * rollout.num_rows)
 

@@ -36,7 +36,8 @@ def update(config, run_uri: str, iteration: int) -> dict:
     ckpt = store.clear_uncommitted_checkpoint(iteration)
 
     seed = config.seed * 7919 + iteration  # same shuffles on a retry: the update is reproducible
-    results = ray.get([w.train.remote(experience, iteration, seed) for w in workers.values()])
+    kl_coef = store.stage_marker(iteration, "advantages")["state"]["kl_coef"]
+    results = ray.get([w.train.remote(experience, iteration, seed, kl_coef) for w in workers.values()])
     fault_point("update.after_train", iteration)
     save_s = ray.get([w.save_checkpoint.remote(ckpt, opts) for w in workers.values()]
                      + [workers["policy"].export_hf.remote(ckpt, opts)])

@@ -33,7 +33,7 @@ ROLLOUT = pa.schema(
 SCORED = pa.schema(
     list(ROLLOUT)
     + [
-        pa.field("reward", pa.float32()),  # scalar reward of the whole response from the reward function(s)
+        pa.field("reward", pa.float32()),  # scalar reward of the response: reward function (+ overlong penalty)
         pa.field("old_logprobs", pa.list_(pa.float32())),  # (A,) log π_old(a_t|s_t), trainer, before the update
         pa.field("ref_logprobs", pa.list_(pa.float32())),  # (A,) log π_ref(a_t|s_t), frozen reference model
         pa.field("values", pa.list_(pa.float32())),  # (A,) critic V(s_t) before each token; null without a critic

@@ -28,6 +28,16 @@ def tiny_model_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def sft_model_dir(tmp_path_factory) -> str:
+    """The quickstart's starting policy: tiny Qwen2 after its short SFT (~30 s), so rewards vary between samples."""
+    from ppoflow.tiny_model import make_tiny_model
+
+    out = str(tmp_path_factory.mktemp("models") / "tiny-sft")
+    make_tiny_model(out, log=lambda *_: None)
+    return out
+
+
+@pytest.fixture(scope="session")
 def prompts_dir(tmp_path_factory) -> str:
     """train.jsonl / eval.jsonl of the quickstart task."""
     from ppoflow.tasks.arith import write_prompts

@@ -50,7 +50,8 @@ def start_workers(run_uri: str, config, timeout_s: float = 600.0) -> dict:
     from workers.vllm_engine import create_engine_actor
 
     ns, seed, model = config.ray.namespace, config.seed, config.model
-    algo = config.algo.model_dump()
+    # Dr. GRPO's seq-mean-token-sum-norm divides by a constant length: the response length limit.
+    algo = {**config.algo.model_dump(), "norm_len": config.generation.max_new_tokens}
 
     def options(role: str, num_cpus: float) -> dict:
         return {"name": actor_name(run_uri, role), "namespace": ns, "get_if_exists": True, "num_cpus": num_cpus}

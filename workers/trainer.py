@@ -61,15 +61,20 @@ def _response_slice(per_position, prompt_lens: list, resp_lens: list):
     return out, mask
 
 
-def response_logprobs(model, ids, attn, prompt_lens, resp_lens):
-    """log π(a_t|s_t) of every response token, (B, A_max) float32, and its mask."""
+def response_logprobs(model, ids, attn, prompt_lens, resp_lens, with_entropy: bool = False):
+    """log π(a_t|s_t) of every response token, (B, A_max) float32, and its mask (+ per-token entropy if asked)."""
     import torch
 
     logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
     # log_softmax then gather = logit - logsumexp; the second form avoids a (B, L, V) log-prob tensor.
     token_logits = logits.gather(-1, ids[:, 1:, None]).squeeze(-1)
-    logp = token_logits - torch.logsumexp(logits, dim=-1)
-    return _response_slice(logp, prompt_lens, resp_lens)
+    logp, mask = _response_slice(token_logits - torch.logsumexp(logits, dim=-1), prompt_lens, resp_lens)
+    if not with_entropy:
+        return logp, mask
+    from algorithms.losses import entropy_from_logits
+
+    entropy, _ = _response_slice(entropy_from_logits(logits), prompt_lens, resp_lens)
+    return logp, mask, entropy
 
 
 def _padded(column: list, a_max: int):
@@ -168,6 +173,23 @@ class _DeepSpeedWorker:
         # Clones: tied embeddings share storage, which safetensors refuses to serialise.
         return {k: v.detach().to("cpu").clone().contiguous() for k, v in sd.items()}
 
+    def _step(self) -> float | None:
+        """engine.step() for one micro-batch; at an optimizer-step boundary returns the gradient norm (pre-clip).
+
+        DeepSpeed computes the global norm only under ZeRO ≥ 1; under ZeRO-0 it is measured here, before step()
+        zeroes the gradients."""
+        import torch
+
+        norm = None
+        if self.engine.is_gradient_accumulation_boundary():
+            if self.cfg["zero_stage"] == 0:
+                grads = [p.grad.norm() for p in self.engine.module.parameters() if p.grad is not None]
+                norm = float(torch.linalg.vector_norm(torch.stack(grads))) if grads else 0.0
+            self.engine.step()
+            return norm if norm is not None else float(self.engine.get_global_grad_norm() or 0.0)
+        self.engine.step()
+        return None
+
     def _optimizer_steps(self, n: int, seed: int):
         """Per epoch, a seeded permutation cut into mini-batches (one optimizer step each) of micro-batches."""
         rng = np.random.default_rng(seed)
@@ -207,44 +229,60 @@ class PolicyWorker(_DeepSpeedWorker):
                 out += [lp[m].tolist() for lp, m in zip(logp, mask)]
         return out
 
-    def train(self, table, new_version: int, seed: int) -> list[dict]:
-        """PPO policy update on an experience table; returns one metrics dict per optimizer step."""
-        import torch
+    def train(self, table, new_version: int, seed: int, kl_coef: float) -> list[dict]:
+        """PPO policy update on an experience table; returns one metrics dict per optimizer step.
 
+        `kl_coef` is the β the advantages stage used (it changes under the adaptive controller)."""
         from algorithms.kl import kl_estimate
-        from algorithms.losses import policy_loss
+        from algorithms.losses import aggregate, importance_weights, policy_loss
 
         self.engine.train()
         self.dirty = True
         algo, metrics = self.algo, []
-        prompt_ids, response_ids = table["prompt_ids"].to_pylist(), table["response_ids"].to_pylist()
-        old_lp, adv = table["old_logprobs"].to_pylist(), table["advantages"].to_pylist()
-        ref_lp = table["ref_logprobs"].to_pylist()
+        cols = {c: table[c].to_pylist() for c in ("prompt_ids", "response_ids", "old_logprobs", "advantages",
+                                                  "ref_logprobs", "engine_logprobs")}
+        response_ids = cols["response_ids"]
         for micro_batches in self._optimizer_steps(table.num_rows, seed):
-            # Token-mean over the whole optimizer step: each micro-batch divides by the step's token count, so the
-            # gradient does not depend on how the step is split into micro-batches.
-            step_tokens = float(sum(len(response_ids[i]) for mb in micro_batches for i in mb))
-            acc = {"ppo/policy_loss": 0.0, "ppo/clipfrac": 0.0, "ppo/approx_kl": 0.0, "ppo/kl_loss": 0.0}
+            # Every micro-batch divides by the whole optimizer step's token (or sequence) count, so the gradient
+            # does not depend on how the step is split into micro-batches or ranks.
+            denominators = {"loss_denominator": float(sum(len(response_ids[i]) for mb in micro_batches for i in mb)),
+                            "num_seqs_denominator": float(sum(len(mb) for mb in micro_batches)),
+                            "norm_len": float(algo["norm_len"])}
+            acc = {"ppo/policy_loss": 0.0, "ppo/clipfrac": 0.0, "ppo/approx_kl": 0.0, "ppo/kl_loss": 0.0,
+                   "ppo/entropy": 0.0, "ppo/is_weight_mean": 0.0}
             for mb in micro_batches:
-                ids, attn, p_lens, a_lens = _collate([prompt_ids[i] for i in mb], [response_ids[i] for i in mb],
+                ids, attn, p_lens, a_lens = _collate([cols["prompt_ids"][i] for i in mb], [response_ids[i] for i in mb],
                                                      self.tokenizer.pad_token_id)
-                logp, mask = response_logprobs(self.engine, ids, attn, p_lens, a_lens)
+                logp, mask, entropy = response_logprobs(self.engine, ids, attn, p_lens, a_lens, with_entropy=True)
                 a_max = logp.shape[1]
-                loss, stats = policy_loss(logp, _padded([old_lp[i] for i in mb], a_max),
-                                          _padded([adv[i] for i in mb], a_max), mask, algo["clip_eps"],
-                                          loss_denominator=step_tokens)
-                if not algo["kl_in_reward"] and algo["kl_coef"] > 0:
-                    kl = kl_estimate(logp, _padded([ref_lp[i] for i in mb], a_max), algo["kl_estimator"])
-                    kl_loss = (kl * mask).sum() / step_tokens
-                    loss = loss + algo["kl_coef"] * kl_loss
-                    acc["ppo/kl_loss"] += kl_loss.item()
-                self.engine.backward(loss, scale_wrt_gas=False)
-                self.engine.step()
-                weight = mask.sum().item() / step_tokens
+                column = lambda name: _padded([cols[name][i] for i in mb], a_max)  # noqa: E731
+                old_lp = column("old_logprobs")
+                is_weights = None
+                if algo["is_correction"] != "none":
+                    is_weights = importance_weights(old_lp, column("engine_logprobs"), mask, algo["is_correction"],
+                                                    algo["is_cap"], algo["is_low"])
+                loss, stats = policy_loss(logp, old_lp, column("advantages"), mask, algo["clip_eps"],
+                                          clip_eps_high=algo["clip_eps_high"], dual_clip=algo["dual_clip"],
+                                          ratio_level=algo["ratio_level"], is_weights=is_weights,
+                                          agg=algo["loss_agg"], **denominators)
                 acc["ppo/policy_loss"] += loss.item()
+                if not algo["kl_in_reward"] and kl_coef > 0:
+                    kl = kl_estimate(logp, column("ref_logprobs"), algo["kl_estimator"])
+                    kl_loss = aggregate(kl, mask, algo["loss_agg"], **denominators)
+                    loss = loss + kl_coef * kl_loss
+                    acc["ppo/kl_loss"] += kl_loss.item()
+                entropy_term = aggregate(entropy, mask, algo["loss_agg"], **denominators)
+                if algo["entropy_coef"] > 0:
+                    loss = loss - algo["entropy_coef"] * entropy_term
+                self.engine.backward(loss, scale_wrt_gas=False)
+                grad_norm = self._step()
+                weight = mask.sum().item() / denominators["loss_denominator"]
+                acc["ppo/entropy"] += entropy_term.item()
                 acc["ppo/clipfrac"] += stats["clipfrac"] * weight
                 acc["ppo/approx_kl"] += stats["approx_kl"] * weight
-            acc["ppo/grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
+                if is_weights is not None:
+                    acc["ppo/is_weight_mean"] += float(is_weights[mask].mean()) * weight
+            acc["ppo/grad_norm"] = grad_norm
             metrics.append(acc)
         self.state_version, self.dirty = new_version, False
         return metrics
@@ -315,7 +353,7 @@ class CriticWorker(_DeepSpeedWorker):
                 out += [row[m].tolist() for row, m in zip(v, mask)]
         return out
 
-    def train(self, table, new_version: int, seed: int) -> list[dict]:
+    def train(self, table, new_version: int, seed: int, kl_coef: float = 0.0) -> list[dict]:
         """Clipped value regression onto the experience's returns; one metrics dict per optimizer step."""
         from algorithms.losses import value_loss
 
@@ -336,10 +374,10 @@ class CriticWorker(_DeepSpeedWorker):
                                          _padded([returns[i] for i in mb], a_max), mask,
                                          self.algo["value_clip_eps"], loss_denominator=step_tokens)
                 self.engine.backward(loss, scale_wrt_gas=False)
-                self.engine.step()
+                grad_norm = self._step()
                 acc["critic/value_loss"] += loss.item()
                 acc["critic/clipfrac"] += stats["clipfrac"] * mask.sum().item() / step_tokens
-            acc["critic/grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
+            acc["critic/grad_norm"] = grad_norm
             metrics.append(acc)
         self.state_version, self.dirty = new_version, False
         return metrics

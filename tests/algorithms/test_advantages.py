@@ -6,7 +6,18 @@ import random
 import pytest
 import torch
 
-from algorithms.advantages import gae, group_norm, kl_shaped_rewards, masked_mean, whiten
+from algorithms.advantages import (
+    RunningMeanStd,
+    clip_rewards,
+    discounted_returns,
+    gae,
+    group_mean_baseline,
+    group_norm,
+    kl_shaped_rewards,
+    masked_mean,
+    rloo,
+    whiten,
+)
 
 SEEDS = range(50)
 B, T = 7, 9
@@ -231,3 +242,126 @@ def test_masked_mean_matches_loop(seed):
 
 def test_masked_mean_all_masked_is_zero():
     assert masked_mean(torch.ones(2, 3), torch.zeros(2, 3)).item() == 0.0
+
+
+# --- discounted_returns (REINFORCE++) ----------------------------------------------------------------------------
+
+
+def returns_loop(rewards, mask, gamma):
+    """G at the k-th real token = Σ_{j≥k} γ^{j−k}·r at the j-th real token; holes dropped, masked positions 0."""
+    out = [[0.0] * len(row) for row in rewards]
+    for b in range(len(rewards)):
+        real = [t for t, m in enumerate(mask[b]) if m]
+        for k, t in enumerate(real):
+            out[b][t] = sum(gamma ** (j - k) * rewards[b][real[j]] for j in range(k, len(real)))
+    return out
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_discounted_returns_matches_loop(seed):
+    rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
+    mask = random_mask(rng, B, T)
+    rewards = randn(gen, B, T)
+    gamma = rng.choice([1.0, 0.0, rng.uniform(0.5, 1.0)])
+    assert_close(discounted_returns(rewards, mask, gamma), returns_loop(rewards.tolist(), mask.tolist(), gamma))
+
+
+def test_discounted_returns_is_gae_without_critic_and_ignores_junk():
+    rng, gen = random.Random(3), torch.Generator().manual_seed(3)
+    mask = random_mask(rng, B, T)
+    rewards = randn(gen, B, T)
+    returns = discounted_returns(rewards, mask, 0.9)
+    assert_close(returns, gae(rewards, torch.zeros_like(rewards), mask, 0.9, 1.0)[0])
+    junk = discounted_returns(rewards.masked_fill(~mask, float("nan")), mask, 0.9)
+    torch.testing.assert_close(junk, returns, atol=0, rtol=0)
+
+
+# --- group_mean_baseline, rloo, Dr. GRPO ------------------------------------------------------------------------
+
+
+def baselines_loop(scores, group_ids):
+    mean_baseline, loo = [], []
+    for i, (r, g) in enumerate(zip(scores, group_ids)):
+        members = [s for s, h in zip(scores, group_ids) if h == g]
+        others = [s for j, (s, h) in enumerate(zip(scores, group_ids)) if h == g and j != i]
+        mean_baseline.append(r - sum(members) / len(members))
+        loo.append(r - sum(others) / len(others) if others else 0.0)
+    return mean_baseline, loo
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_group_baselines_match_loop(seed):
+    rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
+    n = rng.choice([1, 2, 16])  # n=1: a single sample, necessarily a group of one
+    group_ids = torch.tensor([rng.choice([-3, 7, 100, 5, 42]) for _ in range(n)])
+    scores = randn(gen, n) if seed % 2 else torch.randint(0, 2, (n,), generator=gen).double()  # binary: ties
+    mean_ref, loo_ref = baselines_loop(scores.tolist(), group_ids.tolist())
+    assert_close(group_mean_baseline(scores, group_ids), mean_ref)
+    assert_close(rloo(scores, group_ids), loo_ref)
+    # Dr. GRPO (Liu et al. 2025) is group_norm without the std: the same number as the mean baseline.
+    assert_close(group_norm(scores, group_ids, scale_by_std=False), mean_ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_group_baselines_ties_and_singletons_are_exactly_zero(dtype):
+    scores = torch.tensor([0.7, 0.7, 0.7, 0.1, 0.1, 0.1, 0.1, 3.0], dtype=dtype)
+    group_ids = torch.tensor([0, 0, 0, 1, 1, 1, 1, 2])  # ties in groups 0 and 1; group 2 is a singleton
+    for estimator in (group_mean_baseline, rloo):
+        assert torch.equal(estimator(scores, group_ids), torch.zeros_like(scores)), estimator.__name__
+    assert torch.equal(rloo(scores[:1], group_ids[:1]), torch.zeros(1, dtype=dtype))
+
+
+def test_group_baselines_reject_misshapen_input():
+    for estimator in (group_mean_baseline, rloo):
+        with pytest.raises(ValueError, match="group_ids"):
+            estimator(torch.zeros(4), torch.zeros(3, dtype=torch.long))
+
+
+# --- clip_rewards, RunningMeanStd --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_clip_rewards_matches_loop(seed):
+    rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
+    scores = 3 * randn(gen, 11)
+    clip = rng.uniform(0.1, 4.0)
+    assert_close(clip_rewards(scores, clip), [min(max(s, -clip), clip) for s in scores.tolist()])
+    assert clip_rewards(scores, None) is scores
+    with pytest.raises(ValueError, match="clip"):
+        clip_rewards(scores, 0.0)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_running_mean_std_batched_equals_concatenation(seed):
+    rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
+    chunks = [rng.uniform(-5, 5) + rng.uniform(0.1, 10) * randn(gen, rng.choice([0, 1, 2, 7, 30]))
+              for _ in range(rng.randint(1, 6))]
+    values = [v for c in chunks for v in c.tolist()]
+    rms = RunningMeanStd()
+    for chunk in chunks:
+        rms.update(chunk)
+    assert rms.count == len(values)
+    if values:
+        mean = sum(values) / len(values)
+        var = sum((v - mean) ** 2 for v in values) / len(values)
+        assert math.isclose(rms.mean, mean, rel_tol=1e-9, abs_tol=1e-9)
+        assert math.isclose(rms.var, var, rel_tol=1e-9, abs_tol=1e-9)
+    # Carried across iterations as plain floats (a commit marker is JSON): resuming continues the same statistics.
+    state = rms.state_dict()
+    assert all(type(v) is float for v in state.values())
+    resumed = RunningMeanStd()
+    resumed.load_state_dict(state)
+    extra = randn(gen, 5)
+    rms.update(extra)
+    resumed.update(extra)
+    assert resumed.state_dict() == rms.state_dict()
+    x = randn(gen, 4)
+    assert_close(resumed.normalize(x), [v / math.sqrt(rms.var + 1e-8) for v in x.tolist()])
+
+
+def test_running_mean_std_before_any_update_is_identity():
+    x = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    rms = RunningMeanStd()
+    rms.update(torch.zeros(0))
+    assert rms.count == 0
+    assert_close(rms.normalize(x), x)

@@ -56,3 +56,31 @@ def test_group_norm_matches_a_plain_loop(seed):
         expected = (r["reward"] - mean) / (std + 1e-6)
         assert out["advantages"][i] == pytest.approx([expected] * len(r["response_ids"]), abs=1e-6)
         assert out["returns"][i] == [0.0] * len(r["response_ids"])
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_rloo_and_dr_grpo_match_plain_loops(seed):
+    table, rows = _scored(seed)
+    rloo = compute_advantages(table, AlgoConfig(estimator="rloo", kl_in_reward=False))["columns"]["advantages"]
+    dr = compute_advantages(table, AlgoConfig(estimator="dr_grpo", kl_in_reward=False))["columns"]["advantages"]
+    for i, r in enumerate(rows):
+        others = [x["reward"] for j, x in enumerate(rows) if x["group_id"] == r["group_id"] and j != i]
+        group = others + [r["reward"]]
+        assert rloo[i] == pytest.approx([r["reward"] - sum(others) / len(others)] * len(r["response_ids"]), abs=1e-6)
+        assert dr[i] == pytest.approx([r["reward"] - sum(group) / len(group)] * len(r["response_ids"]), abs=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_reinforce_is_whitened_return_to_go(seed):
+    table, rows = _scored(seed)
+    algo = AlgoConfig(estimator="reinforce", gamma=0.9, kl_coef=0.05)
+    out = compute_advantages(table, algo)["columns"]
+    raw = []
+    for i, r in enumerate(rows):
+        rew = out["token_rewards"][i]
+        raw.append([sum(0.9 ** (k - t) * rew[k] for k in range(t, len(rew))) for t in range(len(rew))])
+    flat = [x for row in raw for x in row]
+    mean = sum(flat) / len(flat)
+    std = math.sqrt(sum((x - mean) ** 2 for x in flat) / len(flat))
+    for i, row in enumerate(raw):
+        assert out["advantages"][i] == pytest.approx([(x - mean) / math.sqrt(std**2 + 1e-8) for x in row], abs=1e-6)

@@ -28,6 +28,8 @@ def test_quickstart_loads_and_overrides_apply():
         (["generation.max_new_tokens=500"], "generation.max_model_len"),
         (["policy.mini_batch_size=24"], "policy.mini_batch_size"),
         (["reward.fn=no_colon"], "reward.fn"),
+        (["algo.overlong_buffer=99"], "algo.overlong_buffer"),
+        (["algo.dual_clip=0.5"], "algo.dual_clip"),
         (["nonsense=1"], "nonsense: unknown key"),
     ],
 )
@@ -64,3 +66,22 @@ def test_flow_parameter_schema_is_pinned():
     """The flow parameter is public surface (Prefect draws its form from it): change it on purpose."""
     assert list(RunConfig.model_fields) == ["run_id", "seed", "iterations", "model", "data", "generation", "policy",
                                             "critic", "algo", "reward", "storage", "ray", "flow"]
+
+
+@pytest.mark.parametrize("estimator", ["reinforce_baseline", "rloo", "group_norm", "dr_grpo"])
+def test_every_group_estimator_needs_several_samples(estimator):
+    with pytest.raises(ConfigError, match="generation.n_samples_per_prompt"):
+        load_config(QUICKSTART, [f"algo.estimator={estimator}", "generation.n_samples_per_prompt=1",
+                                 "data.prompts_per_iteration=32"])
+    load_config(QUICKSTART, ["algo.estimator=reinforce", "generation.n_samples_per_prompt=1",
+                             "data.prompts_per_iteration=32"])  # n = 1 is fine without groups
+
+
+def test_k1_as_a_loss_term_warns():
+    with pytest.warns(UserWarning, match="algo.kl_estimator: k1 as a loss term"):
+        load_config(QUICKSTART, ["algo.kl_in_reward=false", "algo.kl_estimator=k1"])
+
+
+def test_critic_only_for_gae():
+    assert load_config(QUICKSTART).uses_critic
+    assert not load_config(QUICKSTART, ["algo.estimator=rloo"]).uses_critic
