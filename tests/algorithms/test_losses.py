@@ -262,7 +262,8 @@ def test_gspo_gradient_is_the_sequence_objective_gradient(seed, agg):
     mask = random_mask(rng, B, T)
     old_logp = -torch.rand(B, T, generator=gen, dtype=torch.float64) * 4
     logp = (old_logp + 0.3 * torch.randn(B, T, generator=gen, dtype=torch.float64)).requires_grad_()
-    seq_adv, seq_w = torch.randn(B, generator=gen, dtype=torch.float64), torch.rand(B, generator=gen, dtype=torch.float64)
+    seq_adv = torch.randn(B, generator=gen, dtype=torch.float64)
+    seq_w = torch.rand(B, generator=gen, dtype=torch.float64)
     advantages, is_weights = seq_adv[:, None].expand(B, T).clone(), seq_w[:, None].expand(B, T).clone()
     eps, eps_high, dual, L = 0.05, 0.08, rng.choice([None, 1.05]), 11.0
 
