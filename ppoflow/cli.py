@@ -15,6 +15,9 @@ import sys
 def _env_defaults() -> None:
     # Before Prefect is imported: its analytics ping fails offline and clutters logs with "database is locked".
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # The temporary API server Prefect starts when no server is configured gets 20 s by default; on a busy 2-core
+    # machine that is not always enough, and a run should not fail before it starts.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 

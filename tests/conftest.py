@@ -10,6 +10,7 @@ import pytest
 
 _HOME = tempfile.mkdtemp(prefix="ppoflow-test-home-")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")  # busy 2-core CI machines
 os.environ.setdefault("PREFECT_HOME", os.path.join(_HOME, "prefect"))
 os.environ.setdefault("PREFECT_MEMO_STORE_PATH", os.path.join(_HOME, "prefect", "memo_store.toml"))
 os.environ.setdefault("VLLM_CACHE_ROOT", os.path.join(_HOME, "vllm"))
