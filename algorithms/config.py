@@ -87,6 +87,16 @@ class AlgoConfig(BaseModel):
     is_low: float = Field(0.5, gt=0.0, lt=1.0)
     """Lower bound of the IS weight (icepop)."""
 
+    dynamic_sampling: bool = False
+    """DAPO dynamic sampling: drop prompt groups whose samples all got the same reward (no group-relative signal)
+    and generate for more prompts until the batch holds data.prompts_per_iteration informative groups. Rewards are
+    computed once in the generate stage to filter (the reward function must be deterministic) and again in score."""
+
+    max_sampling_rounds: int = Field(3, ge=1)
+    """Generation rounds of dynamic sampling per iteration, each over prompts_per_iteration new prompts. When the
+    batch is still short after the last round, the first dropped groups fill it (counted in
+    `rollout/groups_filled`) so every iteration trains on the same number of samples."""
+
     overlong_buffer: int | None = Field(None, ge=1)
     """DAPO soft overlong punishment: responses longer than generation.max_new_tokens − overlong_buffer lose up to
     `overlong_penalty` from their score, linearly; None turns it off."""

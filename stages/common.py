@@ -7,6 +7,19 @@ import time
 from storage.run import RunStore
 
 
+def logger():
+    """The Prefect run logger inside a flow or task (its lines reach the UI), else the `ppoflow` logger."""
+    import logging
+
+    from prefect import get_run_logger
+    from prefect.exceptions import MissingContextError
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger("ppoflow")
+
+
 def store_of(config, run_uri: str) -> RunStore:
     return RunStore(run_uri, config.storage.storage_options)
 

@@ -106,6 +106,9 @@ class RunConfig(BaseModel):
                 f"generation.n_samples_per_prompt: algo.estimator={self.algo.estimator!r} normalises rewards "
                 f"within each prompt's samples and needs at least 2 samples per prompt (got {n})"
             )
+        if self.algo.dynamic_sampling and n < 2:
+            errors.append(f"generation.n_samples_per_prompt: algo.dynamic_sampling keeps prompt groups whose samples "
+                          f"disagree, so it needs at least 2 samples per prompt (got {n})")
         if self.data.max_prompt_tokens + self.generation.max_new_tokens > self.generation.max_model_len:
             errors.append(
                 "generation.max_model_len: must hold data.max_prompt_tokens + generation.max_new_tokens "

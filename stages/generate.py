@@ -1,7 +1,13 @@
 """Generate stage: draw this iteration's prompts, sample n responses each from the engine, commit the rollout table.
 
-The prompt batch is a pure function of (seed, iteration), so a resumed run draws the same prompts without storing a
-data position. Each prompt's sampling seed is fixed too, so generation does not depend on batching.
+Prompts are read in a seeded per-pass shuffled order. Iteration n continues at the data position where iteration
+n-1's committed generate stage stopped (recorded in its marker with a fingerprint of the prompt set; a changed prompt
+set starts again at position 0), so a resumed run draws the same prompts. Each prompt's sampling seed is fixed too, so
+generation does not depend on batching.
+
+With algo.dynamic_sampling (DAPO) the stage scores each round of prompt groups with the reward function, keeps the
+groups whose samples disagree and samples further prompts until prompts_per_iteration groups are kept (at most
+algo.max_sampling_rounds rounds); the whole loop commits once, so a crash inside it repeats the same rounds.
 
 Tests: tests/stages/test_generate.py; end to end: tests/flows/test_ppo_flow.py
 """
@@ -14,19 +20,31 @@ import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from stages.common import actor, commit, fault_point, skip_if_committed, store_of
+from stages.common import actor, commit, fault_point, logger, skip_if_committed, store_of
 
 
-def batch_indices(n_prompts: int, per_iteration: int, iteration: int, seed: int, shuffle: bool) -> list[int]:
-    """Prompt rows of `iteration` (1-based): consecutive slices of a per-pass shuffled order, wrapping over passes."""
-    start = (iteration - 1) * per_iteration
+def prompt_order(n_prompts: int, start: int, count: int, seed: int, shuffle: bool) -> list[int]:
+    """Prompt rows at data positions [start, start + count): consecutive slices of a per-pass shuffled order,
+    wrapping over passes (pass p is shuffled with the seed [seed, p])."""
     out, orders = [], {}
-    for pos in range(start, start + per_iteration):
+    for pos in range(start, start + count):
         epoch, k = divmod(pos, n_prompts)
         if epoch not in orders:
             orders[epoch] = np.random.default_rng([seed, epoch]).permutation(n_prompts) if shuffle else None
         out.append(int(orders[epoch][k]) if shuffle else k)
     return out
+
+
+def data_start(previous: dict | None, fingerprint: str, iteration: int, per_iteration: int) -> int:
+    """Data position where `iteration` starts: where the previous iteration's committed generate stage stopped (dynamic
+    sampling may have read more than one batch), or 0 when that iteration read another prompt set — new rows would
+    otherwise shift every position and silently skip or repeat prompts."""
+    if iteration == 1:
+        return 0
+    data = (previous or {}).get("data")
+    if data is None:  # a marker from before data positions were recorded: one batch per iteration
+        return (iteration - 1) * per_iteration
+    return data["end"] if data["fingerprint"] == fingerprint else 0
 
 
 @functools.lru_cache(maxsize=4)
@@ -46,9 +64,14 @@ def encode_prompt(tokenizer, text: str, chat: bool, max_tokens: int) -> tuple[li
 
 
 def generate(config, run_uri: str, iteration: int) -> dict:
+    import hashlib
+
     import pyarrow as pa
     import ray
+    import torch
 
+    from algorithms.dapo import informative_groups
+    from stages.score import compute_rewards
     from stages.sync import bring_engine_to
     from storage.prompts import read_prompts
     from storage.schema import ROLLOUT
@@ -61,53 +84,81 @@ def generate(config, run_uri: str, iteration: int) -> dict:
     engine = actor(config, run_uri, "engine")
     # The rollout must come from the policy committed by the previous iteration, whatever the engine held.
     bring_engine_to(config, store, run_uri, iteration - 1)
-
-    data, gen = config.data, config.generation
-    rows = read_prompts(data.prompts, data.prompt_key, config.storage.storage_options)
-    picked = batch_indices(len(rows), data.prompts_per_iteration, iteration, config.seed, data.shuffle)
-    tok = _tokenizer(config.model.path)
-    requests, prompts = [], []
-    for group_id, index in enumerate(picked):
-        ids, truncated = encode_prompt(tok, rows[index][data.prompt_key], data.apply_chat_template,
-                                       data.max_prompt_tokens)
-        prompts.append((index, ids, truncated))
-        requests.append({
-            "prompt_ids": ids, "n": gen.n_samples_per_prompt, "temperature": gen.temperature, "top_p": gen.top_p,
-            "top_k": gen.top_k, "max_new_tokens": gen.max_new_tokens, "stop": gen.stop or None,
-            # The engine draws sample i of a request with seed + i: space requests n apart so no two samples of
-            # the iteration share a random stream.
-            "seed": (config.seed * 1_000_003 + iteration * 100_003 + group_id * gen.n_samples_per_prompt)
-            % (2**31 - 1),
-        })
-
-    before = ray.get(engine.stats.remote())
-    t_gen = time.perf_counter()
-    results = ray.get(engine.generate.remote(requests))
-    gen_seconds = time.perf_counter() - t_gen
-    after = ray.get(engine.stats.remote())
     version = ray.get(engine.version.remote())
 
-    out = []
-    for group_id, ((index, ids, truncated), samples) in enumerate(zip(prompts, results)):
-        meta = {k: v for k, v in rows[index].items() if k != data.prompt_key}
-        for k, s in enumerate(samples):
-            out.append({
-                "sample_id": f"it{iteration}-p{index}-s{k}", "iteration": iteration, "prompt_index": index,
-                "group_id": group_id, "sample_index": k, "prompt": rows[index][data.prompt_key], "prompt_ids": ids,
-                "prompt_truncated": truncated, "response": s["text"], "response_ids": s["response_ids"],
-                "engine_logprobs": s["logprobs"], "finish_reason": s["finish_reason"], "policy_version": version,
+    data, gen, algo = config.data, config.generation, config.algo
+    batch, n = data.prompts_per_iteration, gen.n_samples_per_prompt
+    rows = read_prompts(data.prompts, data.prompt_key, config.storage.storage_options)
+    fingerprint = hashlib.sha256("\x1f".join(r[data.prompt_key] for r in rows).encode()).hexdigest()[:16]
+    previous = store.stage_marker(iteration - 1, "generate") if iteration > 1 else None
+    position = start = data_start(previous, fingerprint, iteration, batch)
+    tok = _tokenizer(config.model.path)
+
+    kept, dropped, rounds, gen_seconds, requests_sent = [], [], 0, 0.0, 0
+    while rounds < (algo.max_sampling_rounds if algo.dynamic_sampling else 1) and len(kept) < batch:
+        groups = []
+        for index in prompt_order(len(rows), position, batch, config.seed, data.shuffle):
+            ids, truncated = encode_prompt(tok, rows[index][data.prompt_key], data.apply_chat_template,
+                                           data.max_prompt_tokens)
+            groups.append({"index": index, "ids": ids, "truncated": truncated})
+        requests = [{
+            "prompt_ids": g["ids"], "n": n, "temperature": gen.temperature, "top_p": gen.top_p, "top_k": gen.top_k,
+            "max_new_tokens": gen.max_new_tokens, "stop": gen.stop or None,
+            # The engine draws sample i of a request with seed + i: space requests n apart so no two samples of
+            # the iteration share a random stream.
+            "seed": (config.seed * 1_000_003 + iteration * 100_003 + (rounds * batch + j) * n) % (2**31 - 1),
+        } for j, g in enumerate(groups)]
+        t_gen = time.perf_counter()
+        results = ray.get(engine.generate.remote(requests))
+        gen_seconds += time.perf_counter() - t_gen
+        requests_sent += len(requests)
+        position, rounds = position + batch, rounds + 1
+        for g, samples in zip(groups, results):
+            meta = {k: v for k, v in rows[g["index"]].items() if k != data.prompt_key}
+            g["rows"] = [{
+                "sample_id": f"it{iteration}-r{rounds}-p{g['index']}-s{k}", "iteration": iteration,
+                "prompt_index": g["index"], "group_id": -1, "sample_index": k,
+                "prompt": rows[g["index"]][data.prompt_key],
+                "prompt_ids": g["ids"], "prompt_truncated": g["truncated"], "response": s["text"],
+                "response_ids": s["response_ids"], "engine_logprobs": s["logprobs"],
+                "finish_reason": s["finish_reason"], "policy_version": version,
                 "metadata": json.dumps(meta, default=str),
-            })
+            } for k, s in enumerate(samples)]
+        if not algo.dynamic_sampling:
+            kept = groups
+            break
+        flat = [r for g in groups for r in g["rows"]]
+        scores = torch.tensor(compute_rewards(config.reward.fn, pa.Table.from_pylist(flat, schema=ROLLOUT)))
+        keep = informative_groups(scores, torch.tensor([j for j, g in enumerate(groups) for _ in g["rows"]]))
+        keep = keep.view(len(groups), n)[:, 0].tolist()
+        kept += [g for g, ok in zip(groups, keep) if ok]
+        dropped += [g for g, ok in zip(groups, keep) if not ok]
+
+    filled = max(0, batch - len(kept))
+    if filled:
+        logger().warning(
+            "iteration %d: dynamic sampling found %d of %d informative prompt groups in %d rounds; filling the batch "
+            "with %d groups without signal (raise algo.max_sampling_rounds to look further)",
+            iteration, len(kept), batch, rounds, filled)
+    out = []
+    for group_id, g in enumerate(kept[:batch] + dropped[:filled]):
+        for r in g["rows"]:
+            out.append({**r, "group_id": group_id,
+                        "sample_id": f"it{iteration}-g{group_id}-p{g['index']}-s{r['sample_index']}"})
     fault_point("generate.before_commit", iteration)
     lengths = [len(r["response_ids"]) for r in out]
     metrics = {
         "rollout/response_len": float(np.mean(lengths)),
         "rollout/finish_length_frac": float(np.mean([r["finish_reason"] == "length" for r in out])),
-        "rollout/prompt_truncated_frac": float(np.mean([p[2] for p in prompts])),
+        "rollout/prompt_truncated_frac": float(np.mean([r["prompt_truncated"] for r in out])),
         "perf/gen_tokens_per_s": sum(lengths) / max(gen_seconds, 1e-9),
     }
+    if algo.dynamic_sampling:
+        metrics.update({"rollout/sampling_rounds": rounds, "rollout/groups_dropped": len(dropped),
+                        "rollout/groups_filled": filled})
     return commit(store, config, iteration, "generate", pa.Table.from_pylist(out, schema=ROLLOUT), "rollout",
-                  started, metrics, policy_version=version, engine_requests=after["requests"] - before["requests"])
+                  started, metrics, policy_version=version, engine_requests=requests_sent,
+                  data={"fingerprint": fingerprint, "prompts": len(rows), "start": start, "end": position})
 
 
 @task(name="generate", cache_policy=NO_CACHE)

@@ -13,7 +13,7 @@ import pyarrow as pa
 
 ROLLOUT = pa.schema(
     [
-        pa.field("sample_id", pa.string()),  # "it{iteration}-p{prompt_index}-s{sample_index}", unique within a run
+        pa.field("sample_id", pa.string()),  # "it{iteration}-g{group_id}-p{prompt_index}-s{k}", unique in a run
         pa.field("iteration", pa.int64()),  # PPO iteration that generated the sample (1-based)
         pa.field("prompt_index", pa.int64()),  # row of the prompt in the prompt file
         pa.field("group_id", pa.int64()),  # prompt position within this iteration's batch; samples of a prompt share it

@@ -51,3 +51,24 @@ def test_adaptive_kl_and_reward_normalisation_carry_across_iterations(make_confi
     assert first["state"]["kl_coef"] == config.algo.kl_coef
     assert second["state"]["kl_coef"] == first["state"]["kl_controller"]["value"]  # β handed over by storage
     assert second["state"]["reward_rms"]["count"] > first["state"]["reward_rms"]["count"]
+
+
+def test_dynamic_sampling_keeps_informative_groups_and_advances_the_data_position(make_config, sft_model_dir):
+    config = make_config(f"model.path={sft_model_dir}", "run_id=dapo", "iterations=2", "algo.estimator=group_norm",
+                         "algo.dynamic_sampling=true", "algo.max_sampling_rounds=4", "algo.clip_eps_high=0.28")
+    run = Path(ppo_train(config=config)["run_uri"])
+    end = 0
+    for n in (1, 2):
+        marker = json.loads((run / f"iter-00000{n}" / "generate" / "_SUCCESS.json").read_text())
+        m, data = marker["metrics"], marker["data"]
+        assert data["start"] == end  # iteration 2 continues where iteration 1's rounds stopped
+        assert data["end"] - data["start"] == 8 * m["rollout/sampling_rounds"] == marker["engine_requests"]
+        end = data["end"]
+        rows = pq.read_table(run / f"iter-00000{n}" / "score").to_pylist()
+        assert len(rows) == 8 * 4 and len({r["sample_id"] for r in rows}) == len(rows)
+        by_group = {}
+        for r in rows:
+            by_group.setdefault(r["group_id"], []).append(r["reward"])
+        informative = sum(max(v) > min(v) for v in by_group.values())
+        assert len(by_group) == 8 and informative == 8 - m["rollout/groups_filled"]
+        assert m["rollout/groups_dropped"] >= m["rollout/groups_filled"]

@@ -1,16 +1,26 @@
-"""Prompt batches are a pure function of (seed, iteration); prompts are encoded with the chat template."""
+"""Prompt order is a pure function of (seed, data position); the position continues from the previous iteration's
+marker unless the prompt set changed; prompts are encoded with the chat template."""
 
-from stages.generate import batch_indices, encode_prompt
+from stages.generate import data_start, encode_prompt, prompt_order
 
 
-def test_each_pass_is_a_permutation_and_batches_are_reproducible():
+def test_each_pass_is_a_permutation_and_slices_are_reproducible():
     n, per = 10, 4
-    order = [i for it in range(1, 6) for i in batch_indices(n, per, it, seed=3, shuffle=True)]
+    order = [i for it in range(5) for i in prompt_order(n, it * per, per, seed=3, shuffle=True)]
     assert sorted(order[:10]) == list(range(10)) and sorted(order[10:20]) == list(range(10))
     assert order[:10] != order[10:20]  # a new shuffle per pass
-    assert batch_indices(n, per, 2, seed=3, shuffle=True) == order[4:8]
-    assert batch_indices(n, per, 2, seed=4, shuffle=True) != order[4:8]
-    assert batch_indices(n, per, 3, seed=0, shuffle=False) == [8, 9, 0, 1]
+    assert prompt_order(n, 4, per, seed=3, shuffle=True) == order[4:8]
+    assert prompt_order(n, 6, 12, seed=3, shuffle=True) == order[6:18]  # any slice, across passes
+    assert prompt_order(n, 4, per, seed=4, shuffle=True) != order[4:8]
+    assert prompt_order(n, 8, per, seed=0, shuffle=False) == [8, 9, 0, 1]
+
+
+def test_data_position_continues_from_the_previous_marker_and_resets_on_a_new_prompt_set():
+    previous = {"data": {"fingerprint": "aaa", "start": 16, "end": 48}}  # dynamic sampling read 3 batches
+    assert data_start(None, "aaa", 1, 16) == 0
+    assert data_start(previous, "aaa", 3, 16) == 48
+    assert data_start(previous, "bbb", 3, 16) == 0  # rows added or changed: start the new set from its beginning
+    assert data_start({"seconds": 1.0}, "aaa", 3, 16) == 32  # marker written before positions were recorded
 
 
 def test_encode_prompt_applies_template_and_truncates_from_the_left(tiny_model_dir):
