@@ -6,6 +6,8 @@ import time
 
 from storage.run import RunStore
 
+LOCKS: dict = {}  # run URI → the RunLock this process holds while its flow writes the run (see stages/setup.py)
+
 
 def logger():
     """The Prefect run logger inside a flow or task (its lines reach the UI), else the `ppoflow` logger."""
@@ -38,6 +40,8 @@ def commit(store: RunStore, config, iteration: int, stage: str, table, schema_na
     from storage.schema import SCHEMAS
 
     seconds = time.perf_counter() - started
+    if (lock := LOCKS.get(store.uri)) is not None:
+        lock.heartbeat()  # raises if another process took the run over: two writers must never mix
     marker = store.write_stage(iteration, stage, table, schema_name, SCHEMAS[schema_name],
                                rows_per_part=config.storage.rows_per_part, config_hash=config.config_hash(),
                                metrics=metrics, seconds=round(seconds, 4), **fields)

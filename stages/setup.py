@@ -16,9 +16,7 @@ from importlib import metadata
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from stages.common import actor, checkpoint_uri, store_of
-
-_LOCKS: dict = {}  # run URI → RunLock held by this process while its flow runs
+from stages.common import LOCKS, actor, checkpoint_uri, store_of
 
 
 class RunSetupError(ValueError):
@@ -102,7 +100,7 @@ def open_run(config) -> dict:
     except BaseException:
         lock.release()
         raise
-    _LOCKS[uri] = lock
+    LOCKS[uri] = lock.keep_alive()
     first = next((n for n in range(1, config.iterations + 1) if store.stage_marker(n, "sync") is None),
                  config.iterations + 1)
     return {"run_id": run_id, "run_uri": uri, "first_iteration": first, "resumed": manifest is not None,
@@ -145,7 +143,7 @@ def close_run(config, run_uri: str, stop_workers: bool = True) -> None:
             except ValueError:
                 pass  # the engine never started
             stop(run_uri, config.ray.namespace)
-    lock = _LOCKS.pop(run_uri, None)
+    lock = LOCKS.pop(run_uri, None)
     if lock is not None:
         lock.release()
 

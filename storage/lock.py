@@ -13,6 +13,7 @@ import json
 import os
 import socket
 import sys
+import threading
 import time
 import uuid
 
@@ -38,6 +39,8 @@ class RunLock:
         self.uri = f"{run_uri.rstrip('/')}/_LOCK.json"
         self.stale_after_s = stale_after_s
         self.token = uuid.uuid4().hex
+        self.lost: Exception | None = None  # set by the keep-alive thread when the lock was taken over
+        self._stop = threading.Event()
         pid = os.getpid()
         self.owner = {
             "token": self.token,
@@ -73,20 +76,51 @@ class RunLock:
                 f"if it is dead on another host, delete {self.uri} by hand."
             )
         self.fs.makedirs(self.path.rsplit("/", 1)[0], exist_ok=True)
-        self.fs.pipe_file(self.path, json.dumps(self.owner).encode())
+        self._write()
         if (self.read() or {}).get("token") != self.token:
             raise RunLocked(f"another process took the lock {self.uri} at the same moment; retry later")
         return self
 
     def heartbeat(self) -> None:
         """Refresh the heartbeat; raises if the lock was taken over meanwhile (we must stop writing)."""
+        if self.lost is not None:
+            raise self.lost
         holder = self.read()
         if (holder or {}).get("token") != self.token:
             raise RunLocked(f"lost the run lock {self.uri} to {holder}; stopping so two writers never mix")
         self.owner["heartbeat"] = time.time()
-        self.fs.pipe_file(self.path, json.dumps(self.owner).encode())
+        self._write()
+
+    def _write(self) -> None:
+        # A reader must never see a half-written lock (it would count as stale and be taken over): rename into
+        # place on a local disk; object stores replace an object atomically on PUT.
+        data = json.dumps(self.owner).encode()
+        if "file" in self.fs.protocol:
+            tmp = f"{self.path}.{self.token}.tmp"
+            self.fs.pipe_file(tmp, data)
+            self.fs.mv(tmp, self.path)
+        else:
+            self.fs.pipe_file(self.path, data)
+
+    def keep_alive(self, interval_s: float | None = None) -> "RunLock":
+        """Heartbeat from a daemon thread (every stale_after_s / 6 by default), so a stage that runs for hours never
+        looks stale to another host. A lost lock is kept in `lost`; `heartbeat()` before each commit raises it."""
+
+        def beat() -> None:
+            while not self._stop.wait(interval_s or self.stale_after_s / 6):
+                try:
+                    self.heartbeat()
+                except RunLocked as err:
+                    self.lost = err
+                    return
+                except Exception:  # a storage hiccup: the next beat retries, the lock is far from stale
+                    pass
+
+        threading.Thread(target=beat, name=f"lock-heartbeat {self.uri}", daemon=True).start()
+        return self
 
     def release(self) -> None:
+        self._stop.set()
         if (self.read() or {}).get("token") == self.token:
             self.fs.rm(self.path)
 

@@ -33,3 +33,23 @@ def test_heartbeat_detects_a_takeover(tmp_path):
     (tmp_path / "runs" / "r" / "_LOCK.json").write_text(json.dumps({"token": "someone-else", "host": "h"}))
     with pytest.raises(RunLocked, match="lost the run lock"):
         lock.heartbeat()
+
+
+def test_keep_alive_refreshes_the_heartbeat_and_records_a_takeover(tmp_path):
+    import time
+
+    uri = str(tmp_path / "runs" / "r")
+    lock = RunLock(uri).acquire().keep_alive(interval_s=0.05)
+    first = lock.read()["heartbeat"]
+    deadline = time.time() + 10
+    while lock.read()["heartbeat"] == first and time.time() < deadline:
+        time.sleep(0.05)
+    assert lock.read()["heartbeat"] > first  # beats without anyone calling heartbeat()
+    (tmp_path / "runs" / "r" / "_LOCK.json").write_text(json.dumps({"token": "someone-else", "host": "h"}))
+    while lock.lost is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert isinstance(lock.lost, RunLocked)
+    with pytest.raises(RunLocked, match="lost the run lock"):
+        lock.heartbeat()  # what commit() calls before writing a marker
+    lock.release()
+    assert json.loads((tmp_path / "runs" / "r" / "_LOCK.json").read_text())["token"] == "someone-else"
