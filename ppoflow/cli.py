@@ -3,8 +3,12 @@
     ppoflow train --config configs/quickstart.yaml [--set algo.gamma=0.99 ...] [--run-id RUN]
     ppoflow make-tiny-model models/tiny [--sft-steps N]
     ppoflow make-prompts data/arith [--n-train N --n-eval N]
+    ppoflow runs list [--root ROOT]
+    ppoflow runs show RUN [--root ROOT]
+    ppoflow rollouts RUN --iter N [--k 5] [--order best|worst|random|all] [--root ROOT]
 
-`train` with the id of an existing run resumes it from storage (committed stages are not redone).
+`train` with the id of an existing run resumes it from storage (committed stages are not redone). `runs` and
+`rollouts` read what runs committed to storage (ppoflow/runs.py).
 """
 
 import argparse
@@ -91,6 +95,20 @@ def cmd_make_prompts(args) -> int:
     return 0
 
 
+def cmd_inspect(args) -> int:
+    from ppoflow import runs
+
+    try:
+        if args.command == "rollouts":
+            return runs.show_rollouts(args.run, args.iter, k=args.k, order=args.order, seed=args.seed, root=args.root)
+        if args.runs_command == "show":
+            return runs.show_run(args.run, root=args.root)
+        return runs.list_runs(root=args.root)
+    except runs.RunNotFound as err:
+        print(f"ppoflow: {err}", file=sys.stderr)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     _env_defaults()
     parser = argparse.ArgumentParser(prog="ppoflow", description=__doc__.split("\n\n")[0])
@@ -114,6 +132,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-eval", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_make_prompts)
+
+    root_help = "storage root of the runs (storage.root of their config; default: runs)"
+    p = sub.add_parser("runs", help="list runs, or show one run's iterations and reward/KL curves")
+    runs_sub = p.add_subparsers(dest="runs_command", required=True)
+    q = runs_sub.add_parser("list", help="one row per run: created, estimator, iterations, last reward, state")
+    q.add_argument("--root", help=root_help)
+    q.set_defaults(fn=cmd_inspect)
+    q = runs_sub.add_parser("show", help="iteration table; writes {run}/plots/curves.png")
+    q.add_argument("run", help="run id")
+    q.add_argument("--root", help=root_help)
+    q.set_defaults(fn=cmd_inspect)
+
+    p = sub.add_parser("rollouts", help="sample prompts, responses, rewards and advantages of one iteration")
+    p.add_argument("run", help="run id")
+    p.add_argument("--iter", type=int, required=True, metavar="N", help="iteration (1-based)")
+    p.add_argument("--k", type=int, default=5, help="samples to show (ignored with --order all)")
+    p.add_argument("--order", choices=["best", "worst", "random", "all"], default="random",
+                   help="highest or lowest reward first, a seeded random pick, or every sample in stored order")
+    p.add_argument("--seed", type=int, default=0, help="seed of --order random")
+    p.add_argument("--root", help=root_help)
+    p.set_defaults(fn=cmd_inspect)
 
     args = parser.parse_args(argv)
     return args.fn(args)

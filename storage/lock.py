@@ -20,6 +20,8 @@ import uuid
 import fsspec
 import psutil
 
+from storage.run import write_json
+
 
 class RunLocked(RuntimeError):
     pass
@@ -59,7 +61,9 @@ class RunLock:
         except json.JSONDecodeError:
             return {}  # torn write of a dead owner: treat as stale
 
-    def _is_stale(self, holder: dict) -> bool:
+    def is_stale(self, holder: dict) -> bool:
+        """Whether `holder` (a lock record) may be taken over: same host and its process is gone, or no heartbeat
+        for stale_after_s from another host."""
         if not holder:
             return True
         if holder.get("host") == self.owner["host"]:
@@ -69,7 +73,7 @@ class RunLock:
 
     def acquire(self) -> "RunLock":
         holder = self.read()
-        if holder is not None and holder.get("token") != self.token and not self._is_stale(holder):
+        if holder is not None and holder.get("token") != self.token and not self.is_stale(holder):
             raise RunLocked(
                 f"run is locked by pid {holder.get('pid')} on {holder.get('host')} since "
                 f"{time.ctime(holder.get('acquired_at', 0))} ({self.uri}). Wait for that run to finish or stop it; "
@@ -92,15 +96,8 @@ class RunLock:
         self._write()
 
     def _write(self) -> None:
-        # A reader must never see a half-written lock (it would count as stale and be taken over): rename into
-        # place on a local disk; object stores replace an object atomically on PUT.
-        data = json.dumps(self.owner).encode()
-        if "file" in self.fs.protocol:
-            tmp = f"{self.path}.{self.token}.tmp"
-            self.fs.pipe_file(tmp, data)
-            self.fs.mv(tmp, self.path)
-        else:
-            self.fs.pipe_file(self.path, data)
+        # A reader must never see a half-written lock: it would count as stale and be taken over.
+        write_json(self.fs, self.path, self.owner)
 
     def keep_alive(self, interval_s: float | None = None) -> "RunLock":
         """Heartbeat from a daemon thread (every stale_after_s / 6 by default), so a stage that runs for hours never

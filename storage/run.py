@@ -52,6 +52,19 @@ def run_uri(root: str, run_id: str) -> str:
     return f"{root.rstrip('/')}/runs/{run_id}"
 
 
+def write_json(fs, path: str, obj: dict) -> None:
+    """Write a small JSON file so that a reader sees the old content or the new, never half of it."""
+    data = json.dumps(obj, indent=1, sort_keys=True).encode()
+    if "file" in fs.protocol:
+        # A local write is not atomic: write beside, then rename.
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        fs.pipe_file(tmp, data)
+        fs.mv(tmp, path)
+    else:
+        # An object store PUT is atomic already; renames there are copies.
+        fs.pipe_file(path, data)
+
+
 class RunStore:
     """Reads and writes one run's folder. Cheap to construct; holds no open files."""
 
@@ -89,15 +102,7 @@ class RunStore:
         return self.marker(self.stage_uri(iteration, stage))
 
     def _write_json(self, path: str, obj: dict) -> None:
-        data = json.dumps(obj, indent=1, sort_keys=True).encode()
-        if self.local:
-            # A local write is not atomic: write beside, then rename, so a reader never sees half a marker.
-            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-            self.fs.pipe_file(tmp, data)
-            self.fs.mv(tmp, path)
-        else:
-            # An object store PUT is atomic already; renames there are copies.
-            self.fs.pipe_file(path, data)
+        write_json(self.fs, path, obj)
 
     def write_stage(
         self,
@@ -214,6 +219,37 @@ class RunStore:
         except FileNotFoundError:
             return []
         return [json.loads(self.fs.cat_file(p)) for p in paths]
+
+    # ---- listing runs, files beside the run (plots) -------------------------------------------------------
+    @classmethod
+    def list_runs(cls, root: str, storage_options: dict | None = None) -> list["RunStore"]:
+        """Every run folder under `{root}/runs/`, by name (with or without a manifest); [] when there is none."""
+        fs, path = fsspec.core.url_to_fs(root, **(storage_options or {}))
+        try:
+            entries = fs.ls(f"{path.rstrip('/')}/runs", detail=True)
+        except FileNotFoundError:
+            return []
+        names = sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e["type"] == "directory")
+        return [cls(run_uri(root, name), storage_options) for name in names]
+
+    def write_file(self, relative_path: str, data: bytes) -> str:
+        """Write a derived file (a plot, a report) at `{run}/{relative_path}`, replacing it; returns its URI.
+
+        Derived files are rewritten whenever asked for, so they carry no commit marker; the run's own layout (stages,
+        checkpoints, manifest, lock, events) is refused so that nothing committed can be overwritten this way."""
+        parts = relative_path.split("/")
+        if relative_path.startswith("/") or ".." in parts or parts[0].startswith("iter-") or parts[0] in (
+                "checkpoints", "events", "run.json", "_LOCK.json"):
+            raise ValueError(f"{self.uri}: {relative_path!r} is not a free path inside the run (stage folders, "
+                             "checkpoints, events, run.json and _LOCK.json belong to the run itself)")
+        path = f"{self.path}/{relative_path}"
+        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        self.fs.pipe_file(path, data)
+        return f"{self.uri}/{relative_path}"
+
+    def read_file(self, relative_path: str) -> bytes:
+        """The bytes of `{run}/{relative_path}`; FileNotFoundError when absent."""
+        return self.fs.cat_file(f"{self.path}/{relative_path}")
 
 
 if __name__ == "__main__":

@@ -95,3 +95,30 @@ def test_checkpoint_cleared_only_while_uncommitted(store):
     with pytest.raises(StageAlreadyCommitted):
         store.clear_uncommitted_checkpoint(1)
     assert store.fs.exists(f"{ckpt}/policy/state.pt")
+
+
+def test_files_beside_the_run_are_written_and_read_back(store):
+    uri = store.write_file("plots/curves.png", b"\x89PNG first")
+    assert uri == f"{store.uri}/plots/curves.png"
+    store.write_file("plots/curves.png", b"\x89PNG second")  # derived files are replaced, not committed
+    assert store.read_file("plots/curves.png") == b"\x89PNG second"
+    with pytest.raises(FileNotFoundError):
+        store.read_file("plots/missing.png")
+
+
+@pytest.mark.parametrize("path", ["iter-000001/score/part-00000.parquet", "checkpoints/iter-000001/x", "run.json",
+                                  "_LOCK.json", "events/x.json", "../other-run/plots/a.png", "/abs.png"])
+def test_write_file_refuses_the_runs_own_layout(store, path):
+    with pytest.raises(ValueError, match="not a free path"):
+        store.write_file(path, b"x")
+
+
+def test_list_runs_finds_every_run_folder(tmp_path):
+    for root in (str(tmp_path), f"memory://ppoflow-list-{tmp_path.name}"):
+        assert RunStore.list_runs(root) == []
+        RunStore(run_uri(root, "b")).write_manifest({"run_id": "b"})
+        RunStore(run_uri(root, "a")).write_stage(1, "update", pa.Table.from_pylist(ROWS, schema=METRICS), "metrics",
+                                                 METRICS)
+        runs = RunStore.list_runs(root)
+        assert [s.uri for s in runs] == [run_uri(root, "a"), run_uri(root, "b")]
+        assert runs[0].read_stage(1, "update").num_rows == 10 and runs[1].read_manifest() == {"run_id": "b"}

@@ -1,0 +1,213 @@
+"""Watch and inspect runs from what they committed to storage: list the runs, show one run's iterations (and plot its
+reward and KL curves), print sample rollouts of an iteration.
+
+    ppoflow runs list [--root ROOT]
+    ppoflow runs show RUN [--root ROOT]                   iteration table; writes {run}/plots/curves.png
+    ppoflow rollouts RUN --iter N [--k 5] [--order best|worst|random|all] [--seed 0] [--root ROOT]
+
+ROOT is the `storage.root` the runs were trained with (default `runs`; any fsspec URI, credentials from the
+environment). Everything is read through storage.run.RunStore — commit markers, the run manifest, committed Parquet —
+so a half-written stage is never shown, and the commands are safe to run while the run trains. The only write is the
+plot, beside the run. Tests: tests/test_runs_cli.py
+"""
+
+import io
+import os
+import random
+
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+from stages.common import iteration_summary
+from storage.run import RunStore, run_uri
+
+ITERATION_COLUMNS = [  # (header, metric of iteration_summary, format)
+    ("iter", "iteration", "{}"),
+    ("reward", "rollout/reward_mean", "{:.3f}"),
+    ("kl", "rollout/kl", "{:.4f}"),
+    ("pg_loss", "ppo/policy_loss", "{:.4f}"),
+    ("approx_kl", "ppo/approx_kl", "{:.5f}"),
+    ("clipfrac", "ppo/clipfrac", "{:.3f}"),
+    ("v_loss", "critic/value_loss", "{:.4f}"),
+    ("resp_len", "rollout/response_len", "{:.1f}"),
+    ("gen_s", "time/generate_s", "{:.1f}"),
+    ("score_s", "time/score_s", "{:.1f}"),
+    ("adv_s", "time/advantages_s", "{:.2f}"),
+    ("upd_s", "time/update_s", "{:.1f}"),
+    ("sync_s", "time/sync_s", "{:.2f}"),
+]
+
+
+class RunNotFound(LookupError):
+    """The run, or the iteration asked for, is not in storage (the message says what is)."""
+
+
+def _console() -> Console:
+    # Prompts and responses are model text: "[b]" in them must print as is, not as rich markup.
+    console = Console(markup=False, highlight=False)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console.width = 200  # piped into a file or grep: don't fold every table into rich's default 80 columns
+    return console
+
+
+def _root(root: str | None) -> str:
+    from storage.config import StorageConfig
+
+    return root or StorageConfig().root
+
+
+def _open(run_id: str, root: str | None) -> RunStore:
+    root = _root(root)
+    store = RunStore(run_uri(root, run_id))
+    if store.read_manifest() is None and not store.iterations():
+        known = ", ".join(s.run_id for s in RunStore.list_runs(root)) or "none"
+        raise RunNotFound(f"no run {run_id!r} under {root}/runs (runs there: {known}); pass --root to look elsewhere")
+    return store
+
+
+def _status(store: RunStore) -> dict:
+    """What `runs list` and `runs show` say about a run: manifest facts, committed iterations and its state."""
+    from storage.lock import RunLock
+
+    manifest = store.read_manifest() or {}
+    config = manifest.get("config", {})
+    synced = [n for n in store.iterations() if store.stage_marker(n, "sync") is not None]
+    target = config.get("iterations")
+    lock = RunLock(store.uri)
+    holder = lock.read()
+    if holder is not None and not lock.is_stale(holder):
+        state = "in progress"
+    elif target is not None and len(synced) >= target:
+        state = "complete"
+    else:
+        state = "stopped"
+    return {"created": manifest.get("created_at"), "estimator": config.get("algo", {}).get("estimator"),
+            "synced": synced, "target": target, "state": state}
+
+
+def list_runs(root: str | None = None) -> int:
+    """One row per run under `{root}/runs/`, oldest first."""
+    root = _root(root)
+    console = _console()
+    runs = [(store, _status(store)) for store in RunStore.list_runs(root)]
+    if not runs:
+        console.print(f"no runs under {root}/runs")
+        return 0
+    runs.sort(key=lambda r: (r[1]["created"] or "", r[0].run_id))  # ISO UTC timestamps sort as text
+    # Titles and captions are printed as lines of their own: rich would wrap them to the table's width.
+    console.print(f"runs under {root}/runs")
+    table = Table(box=box.SIMPLE_HEAD)
+    table.add_column("run", no_wrap=True)
+    table.add_column("created (UTC)", no_wrap=True)
+    table.add_column("estimator")
+    table.add_column("iterations", justify="right")
+    table.add_column("last reward", justify="right")
+    table.add_column("state", no_wrap=True)
+    for store, st in runs:
+        last = iteration_summary(store, st["synced"][-1]).get("rollout/reward_mean") if st["synced"] else None
+        table.add_row(store.run_id, (st["created"] or "-")[:19].replace("T", " "), st["estimator"] or "-",
+                      f"{len(st['synced'])}/{st['target'] if st['target'] is not None else '?'}",
+                      f"{last:.3f}" if last is not None else "-", st["state"])
+    console.print(table)
+    return 0
+
+
+def show_run(run_id: str, root: str | None = None) -> int:
+    """The run's iteration table from the commit markers, and its reward / KL curves as `{run}/plots/curves.png`."""
+    store = _open(run_id, root)
+    console = _console()
+    st = _status(store)
+    rows = [iteration_summary(store, n) for n in store.iterations()]
+    console.print(f"run {store.run_id}  ({store.uri})")
+    table = Table(box=box.SIMPLE_HEAD)
+    for header, _, _ in ITERATION_COLUMNS:
+        table.add_column(header, justify="right", no_wrap=True)
+    for row in rows:
+        table.add_row(*(fmt.format(row[key]) if row.get(key) is not None else "-" for _, key, fmt in ITERATION_COLUMNS))
+    partial = [f"iteration {r['iteration']}: {', '.join(store.committed_stages(r['iteration'])) or 'nothing'}"
+               for r in rows if r["iteration"] not in st["synced"]]
+    console.print(table)
+    console.print(f"{st['estimator'] or '?'} · {len(st['synced'])}/{st['target'] or '?'} iterations committed · "
+                  f"{st['state']}" + (f" · partly committed: {'; '.join(partial)}" if partial else ""))
+
+    reward = [(r["iteration"], r["rollout/reward_mean"], r.get("rollout/reward_std", 0.0))
+              for r in rows if r.get("rollout/reward_mean") is not None]
+    kl = [(r["iteration"], r["rollout/kl"]) for r in rows if r.get("rollout/kl") is not None]
+    if not reward and not kl:
+        console.print("no scored iteration yet: nothing to plot")
+        return 0
+    # Figure + savefig render with Agg without pyplot, so no global backend or figure registry is touched.
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(8, 6), dpi=100, layout="constrained")
+    ax_reward, ax_kl = fig.subplots(2, 1, sharex=True)
+    if reward:
+        x, mean, std = zip(*reward)
+        ax_reward.fill_between(x, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                               color="tab:blue", alpha=0.2, label="± std over samples")
+        ax_reward.plot(x, mean, "o-", color="tab:blue", label="rollout/reward_mean")
+        ax_reward.legend(loc="best")
+    ax_reward.set_ylabel("reward")
+    ax_reward.set_title(f"run {store.run_id}")
+    if kl:
+        ax_kl.plot(*zip(*kl), "o-", color="tab:red", label="rollout/kl")
+        ax_kl.legend(loc="best")
+    ax_kl.set_ylabel("KL to reference")
+    ax_kl.set_xlabel("iteration")
+    ax_kl.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for ax in (ax_reward, ax_kl):
+        ax.grid(alpha=0.3)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    console.print(f"curves: {store.write_file('plots/curves.png', buf.getvalue())}")
+    return 0
+
+
+def show_rollouts(run_id: str, iteration: int, k: int = 5, order: str = "random", seed: int = 0,
+                  root: str | None = None) -> int:
+    """k samples of one iteration from its experience table (the scored table when advantages isn't committed)."""
+    store = _open(run_id, root)
+    committed = store.committed_stages(iteration)
+    stage = next((s for s in ("advantages", "score") if s in committed), None)
+    if stage is None:
+        scored = [n for n in store.iterations() if store.stage_marker(n, "score") is not None]
+        raise RunNotFound(
+            f"run {store.run_id} has no scored samples for iteration {iteration} (committed there: "
+            f"{', '.join(committed) or 'nothing'}); iterations with samples: {', '.join(map(str, scored)) or 'none'}")
+    import pyarrow.compute as pc
+
+    table = store.read_stage(iteration, stage)
+    n = table.num_rows
+    if order == "all":
+        idx = list(range(n))
+    elif order == "random":
+        idx = random.Random(seed).sample(range(n), min(k, n))
+    else:  # sort_indices is stable: equal rewards keep their stored order
+        idx = pc.sort_indices(table, [("reward", "descending" if order == "best" else "ascending")])[:k].to_pylist()
+    columns = ["sample_id", "prompt", "response", "reward", "response_ids", "finish_reason"]
+    picked = table.take(idx).select(columns + (["advantages"] if stage == "advantages" else [])).to_pylist()
+
+    console = _console()
+    console.print(f"run {store.run_id} · iteration {iteration} · {order} {len(picked)} of {n} samples "
+                  f"({stage} stage)")
+    out = Table(box=box.SIMPLE_HEAD, show_lines=True)
+    out.add_column("sample", no_wrap=True)
+    out.add_column("prompt")
+    out.add_column("response")
+    out.add_column("reward", justify="right", no_wrap=True)
+    out.add_column("adv", justify="right", no_wrap=True)
+    out.add_column("len", justify="right", no_wrap=True)
+    out.add_column("finish", no_wrap=True)
+    for r in picked:
+        adv = r.get("advantages")
+        out.add_row(r["sample_id"], r["prompt"], r["response"], f"{r['reward']:.3f}",
+                    f"{sum(adv) / len(adv):+.3f}" if adv else "-", str(len(r["response_ids"])), r["finish_reason"])
+    console.print(out)
+    rewards = table.column("reward")
+    console.print((f"iteration reward: mean {pc.mean(rewards).as_py():.3f}, min {pc.min(rewards).as_py():.3f}, "
+                    f"max {pc.max(rewards).as_py():.3f}" if n else "the iteration committed no samples")
+                   + (" · adv = mean advantage over the response tokens" if stage == "advantages"
+                      else " · advantages not committed"))
+    return 0
