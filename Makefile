@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PPOFLOW := $(VENV)/bin/ppoflow
 
-.PHONY: setup quickstart test clean-runs
+.PHONY: setup quickstart test serve clean-runs
 
 setup: $(VENV)/.installed
 
@@ -31,6 +31,11 @@ quickstart: setup models/tiny/config.json data/arith/train.jsonl
 
 test: setup
 	$(VENV)/bin/pytest -q
+
+# Prefect server on 127.0.0.1:4200 (SQLite under .prefect/), the work pool, prefect.yaml's deployments and a worker,
+# in the foreground until Ctrl-C. Then: PREFECT_API_URL=http://127.0.0.1:4200/api prefect deployment run ...
+serve: setup models/tiny/config.json data/arith/train.jsonl
+	$(PY) -m ppoflow.serve
 
 clean-runs:
 	rm -rf runs

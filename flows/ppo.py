@@ -14,6 +14,7 @@ from stages.advantages import advantages_task
 from stages.common import iteration_summary, store_of
 from stages.config import RunConfig, load_config
 from stages.generate import generate_task
+from stages.report import report_task
 from stages.score import score_task
 from stages.setup import close_run_task, open_run_task, start_workers_task
 from stages.sync import sync_task
@@ -28,6 +29,7 @@ def ppo_iteration(config: RunConfig, run_uri: str, iteration: int) -> dict:
     advantages_task.with_options(**retry)(config, run_uri, iteration)
     update_task.with_options(**retry)(config, run_uri, iteration)
     sync_task.with_options(**retry)(config, run_uri, iteration)
+    report_task(config, run_uri, iteration)
     row = iteration_summary(store_of(config, run_uri), iteration)
     get_run_logger().info("iteration %d: reward %.3f  kl %.4f", iteration, row.get("rollout/reward_mean", float("nan")),
                           row.get("rollout/kl", float("nan")))

@@ -63,11 +63,20 @@ def checkpoint_uri(store: RunStore, version: int) -> str | None:
 def fault_point(name: str, iteration: int) -> None:
     """Deterministic fault injection for tests: PPOFLOW_FAULTS="update.after_train@2=kill,score.start@1=raise".
 
-    `kill` SIGKILLs this process (a crash: no cleanup, no finally); `raise` raises RuntimeError."""
+    `kill` SIGKILLs this process (a crash: no cleanup, no finally); `raise` raises RuntimeError. With
+    PPOFLOW_FAULTS_ONCE_DIR set, each point fires once (a flag file there remembers it), so a retried or resumed run
+    that inherits the same environment gets past it."""
     spec = os.environ.get("PPOFLOW_FAULTS", "")
+    once = os.environ.get("PPOFLOW_FAULTS_ONCE_DIR")
     for item in filter(None, (s.strip() for s in spec.split(","))):
         point, _, action = item.partition("=")
         if point == f"{name}@{iteration}":
+            if once:
+                flag = os.path.join(once, point)
+                if os.path.exists(flag):
+                    continue
+                os.makedirs(once, exist_ok=True)
+                open(flag, "w").close()
             if action == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
             raise RuntimeError(f"injected fault at {point}")

@@ -28,8 +28,9 @@ class ConfigError(ValueError):
 class DataConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    prompts: str
-    """URI of the training prompts: a JSONL or Parquet file with one prompt per row."""
+    prompts: str | list[str]
+    """URI of the training prompts: a JSONL or Parquet file with one prompt per row, or a list of such files read in
+    order as one prompt set (what retraining passes: the files that arrived since the previous run)."""
 
     prompt_key: str = "prompt"
     """Column holding the prompt text; the row's other columns reach the reward function as metadata."""

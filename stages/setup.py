@@ -71,13 +71,23 @@ def _versions() -> dict:
     return out
 
 
+def _new_run_id() -> str:
+    """Named after the Prefect flow run when there is one: `prefect flow-run retry` runs the same flow run again, so
+    it finds and continues the same storage."""
+    from prefect.runtime import flow_run
+
+    if flow_run.id is not None:
+        return f"{flow_run.name}-{str(flow_run.id)[:8]}"
+    return f"run-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+
+
 def open_run(config) -> dict:
     """Pre-flight, lock the run, write or check its manifest; returns the run URI and where to start."""
     from storage.lock import RunLock
     from storage.run import run_uri as make_run_uri
 
     preflight(config)
-    run_id = config.run_id or f"run-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+    run_id = config.run_id or _new_run_id()
     uri = make_run_uri(config.storage.root, run_id)
     store = store_of(config, uri)
     lock = RunLock(uri, config.storage.storage_options).acquire()

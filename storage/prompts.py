@@ -1,6 +1,6 @@
-"""Read a prompt file (JSONL or Parquet, any fsspec URI) into rows, with errors that name the file, line and field.
+"""Read prompt files (JSONL or Parquet, any fsspec URI) into rows, with errors that name the file, line and field.
 
-Run alone to validate a prompt file:  python -m storage.prompts PROMPTS_URI [PROMPT_KEY]
+Run alone to validate prompt files:  python -m storage.prompts PROMPTS_URI [PROMPTS_URI ...]
 """
 
 import json
@@ -14,8 +14,25 @@ class PromptFileError(ValueError):
     pass
 
 
-def read_prompts(uri: str, prompt_key: str = "prompt", storage_options: dict | None = None) -> list[dict]:
-    """Rows of the prompt file as dicts; every row has a non-empty string under `prompt_key`."""
+def read_prompts(uris: str | list[str], prompt_key: str = "prompt", storage_options: dict | None = None) -> list[dict]:
+    """Rows of the prompt file(s) as dicts, files in the given order; every row has a non-empty `prompt_key` string."""
+    if isinstance(uris, str):
+        return _read_file(uris, prompt_key, storage_options)
+    if not uris:
+        raise PromptFileError("data.prompts: an empty list of prompt files")
+    return [row for uri in uris for row in _read_file(uri, prompt_key, storage_options)]
+
+
+def list_prompt_files(folder: str, storage_options: dict | None = None) -> list[str]:
+    """URIs of the *.jsonl / *.parquet files directly in `folder`, sorted by name."""
+    fs, path = fsspec.core.url_to_fs(folder, **(storage_options or {}))
+    if not fs.isdir(path):
+        raise PromptFileError(f"prompt folder not found: {folder}")
+    names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
+    return [f"{folder.rstrip('/')}/{n}" for n in names if n.endswith((".jsonl", ".parquet"))]
+
+
+def _read_file(uri: str, prompt_key: str, storage_options: dict | None) -> list[dict]:
     fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
     if not fs.exists(path):
         raise PromptFileError(f"data.prompts: file not found: {uri}")
@@ -51,5 +68,5 @@ def read_prompts(uri: str, prompt_key: str = "prompt", storage_options: dict | N
 
 
 if __name__ == "__main__":
-    rows = read_prompts(sys.argv[1], *(sys.argv[2:3]))
+    rows = read_prompts(sys.argv[1:])
     print(f"{len(rows)} prompts; first: {rows[0]}")

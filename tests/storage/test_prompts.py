@@ -38,3 +38,21 @@ def test_bad_files_name_the_problem(tmp_path, content, message):
 def test_missing_file(tmp_path):
     with pytest.raises(PromptFileError, match="data.prompts: file not found"):
         read_prompts(str(tmp_path / "nope.jsonl"))
+
+
+def test_several_files_read_in_order_and_errors_name_the_file(tmp_path):
+    from storage.prompts import list_prompt_files
+
+    (tmp_path / "b.jsonl").write_text('{"prompt": "b1"}\n{"prompt": "b2"}\n')
+    pq.write_table(pa.Table.from_pylist([{"prompt": "a1"}]), tmp_path / "a.parquet")
+    (tmp_path / "notes.txt").write_text("not prompts")
+    files = list_prompt_files(str(tmp_path))
+    assert files == [f"{tmp_path}/a.parquet", f"{tmp_path}/b.jsonl"]
+    assert [r["prompt"] for r in read_prompts(files)] == ["a1", "b1", "b2"]
+    (tmp_path / "c.jsonl").write_text('{"prompt": "c1"}\n{"prompt": 3}\n')
+    with pytest.raises(PromptFileError, match=r"c\.jsonl line 2: missing or empty column"):
+        read_prompts(list_prompt_files(str(tmp_path)))
+    with pytest.raises(PromptFileError, match="empty list"):
+        read_prompts([])
+    with pytest.raises(PromptFileError, match="prompt folder not found"):
+        list_prompt_files(str(tmp_path / "nope"))
