@@ -11,13 +11,13 @@ import sys
 from prefect import flow, get_run_logger
 
 from stages.advantages import advantages_task
-from stages.common import iteration_summary, store_of
 from stages.config import RunConfig, load_config
 from stages.generate import generate_task
 from stages.report import report_task
 from stages.score import score_task
 from stages.setup import close_run_task, open_run_task, start_workers_task
 from stages.sync import sync_task
+from stages.tracking import track_task
 from stages.update import update_task
 
 
@@ -30,7 +30,7 @@ def ppo_iteration(config: RunConfig, run_uri: str, iteration: int) -> dict:
     update_task.with_options(**retry)(config, run_uri, iteration)
     sync_task.with_options(**retry)(config, run_uri, iteration)
     report_task(config, run_uri, iteration)
-    row = iteration_summary(store_of(config, run_uri), iteration)
+    row = track_task(config, run_uri, iteration)
     get_run_logger().info("iteration %d: reward %.3f  kl %.4f", iteration, row.get("rollout/reward_mean", float("nan")),
                           row.get("rollout/kl", float("nan")))
     return row
@@ -48,6 +48,8 @@ def ppo_train(config: RunConfig | None = None, config_path: str | None = None, o
     run = open_run_task(config)
     try:
         start_workers_task(config, run["run_uri"])
+        if run["first_iteration"] > 1:  # a crash between the last sync and its tracking: re-logging is harmless
+            track_task(config, run["run_uri"], run["first_iteration"] - 1)
         for iteration in range(run["first_iteration"], config.iterations + 1):
             ppo_iteration(config, run["run_uri"], iteration)
     finally:

@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from algorithms.config import GROUP_ESTIMATORS, AlgoConfig
+from stages.tracking import TrackingConfig
 from storage.config import StorageConfig
 from workers.config import GenerationConfig, ModelConfig, RayConfig, TrainerConfig
 
@@ -73,6 +74,10 @@ class FlowConfig(BaseModel):
     """Seconds between retries."""
 
 
+OPERATIONAL_FIELDS = ("run_id", "iterations", "ray", "flow", "tracking")
+"""Fields a resumed run may change: they don't change what the run computes."""
+
+
 class RunConfig(BaseModel):
     """Everything a run needs. Sections mirror the components that own them."""
 
@@ -97,6 +102,7 @@ class RunConfig(BaseModel):
     storage: StorageConfig = StorageConfig()
     ray: RayConfig = RayConfig()
     flow: FlowConfig = FlowConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> "RunConfig":
@@ -140,7 +146,7 @@ class RunConfig(BaseModel):
         """The settings a resumed run must share with its start: all but operational ones (iteration count,
         Ray address, retries), so a run can be extended or moved to another cluster without changing its results."""
         data = self.model_dump(mode="json")
-        for key in ("run_id", "iterations", "ray", "flow"):
+        for key in OPERATIONAL_FIELDS:
             data.pop(key)
         return data
 

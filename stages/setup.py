@@ -17,6 +17,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from stages.common import LOCKS, actor, checkpoint_uri, store_of
+from stages.config import OPERATIONAL_FIELDS
 
 
 class RunSetupError(ValueError):
@@ -100,13 +101,13 @@ def open_run(config) -> dict:
                 "seed": config.seed, "versions": _versions(),
             })
         elif manifest["config_hash"] != config.config_hash():
-            stored = _flatten({k: v for k, v in manifest["config"].items() if k not in ("run_id", "iterations",
-                                                                                       "ray", "flow")})
+            stored = _flatten({k: v for k, v in manifest["config"].items() if k not in OPERATIONAL_FIELDS})
             current = _flatten(config.resume_fingerprint())
             diff = sorted(k for k in stored.keys() | current.keys() if stored.get(k) != current.get(k))
             raise RunSetupError(
                 f"run {run_id} was started with another config; these fields differ: {', '.join(diff)}. "
-                "Resume with the original config (only iterations, ray.* and flow.* may change) or use a new run id.")
+                "Resume with the original config (only iterations, ray.*, flow.* and tracking.* may change) or use "
+                "a new run id.")
     except BaseException:
         lock.release()
         raise
@@ -126,6 +127,7 @@ def start_workers(config, run_uri: str) -> dict:
 
     t0 = time.perf_counter()
     connect(config.ray.address, config.ray.num_cpus, config.ray.namespace)
+    _forward_logs_to_flow_run()
     names = create(run_uri, config)
     store = store_of(config, run_uri)
     version = store.latest_committed("update")
@@ -136,6 +138,28 @@ def start_workers(config, run_uri: str) -> dict:
     seconds = round(time.perf_counter() - t0, 2)
     store.record_event(stage="workers", action="started", policy_version=version, seconds=seconds)
     return {"actors": names, "policy_version": version, "seconds": seconds}
+
+
+def _forward_logs_to_flow_run() -> None:
+    """What vLLM, DeepSpeed and our actors print reaches this flow run's log in the Prefect UI (the lines arrive on
+    a Ray thread with no run context, so the flow run id travels on each record)."""
+    import logging
+
+    from prefect.logging.handlers import APILogHandler
+    from prefect.runtime import flow_run
+
+    from workers.cluster import forward_worker_logs
+
+    if flow_run.id is None:
+        return
+    log = logging.getLogger("ppoflow.workers")
+    if not any(isinstance(h, APILogHandler) for h in log.handlers):
+        log.addHandler(APILogHandler())
+        log.setLevel(logging.INFO)
+        log.propagate = False  # Ray prints the lines to stdout already
+    run_id = str(flow_run.id)
+    forward_worker_logs(lambda line, is_err, source: log.log(
+        logging.WARNING if is_err else logging.INFO, "(%s) %s", source, line, extra={"flow_run_id": run_id}))
 
 
 def close_run(config, run_uri: str, stop_workers: bool = True) -> None:

@@ -30,6 +30,25 @@ def connect(address: str | None, num_cpus: int | None, namespace: str) -> None:
     ray.init(address=address, **kwargs)
 
 
+def forward_worker_logs(handler) -> None:
+    """Also pass every line the actors print to `handler(line, is_err, source)`, in the driver (log_to_driver=True).
+
+    Ray offers no public hook for this; its driver-side dispatcher is a private API, so if it moves the lines are
+    still printed to the driver's stdout and only the forwarding is lost. Calling again replaces the handler."""
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:
+        return
+
+    def on_batch(data: dict) -> None:
+        source = " ".join(filter(None, [data.get("actor_name") or data.get("task_name"), f"pid={data.get('pid')}"]))
+        for line in data.get("lines", []):
+            handler(line, bool(data.get("is_err")), source)
+
+    dispatcher.remove_handler("ppoflow")
+    dispatcher.add_handler("ppoflow", on_batch)
+
+
 def actor_name(run_uri: str, role: str) -> str:
     run_id = run_uri.rstrip("/").rsplit("/", 1)[-1]
     # Two runs may share an id under different storage roots; the URI hash keeps their actors apart.
@@ -47,30 +66,40 @@ def start_workers(run_uri: str, config, timeout_s: float = 600.0) -> dict:
     import ray
 
     from workers.trainer import CriticWorker, PolicyWorker, ReferenceWorker
-    from workers.vllm_engine import create_engine_actor
 
     ns, seed, model = config.ray.namespace, config.seed, config.model
     # Dr. GRPO's seq-mean-token-sum-norm divides by a constant length: the response length limit.
     algo = {**config.algo.model_dump(), "norm_len": config.generation.max_new_tokens}
 
-    def options(role: str, num_cpus: float) -> dict:
-        return {"name": actor_name(run_uri, role), "namespace": ns, "get_if_exists": True, "num_cpus": num_cpus}
+    def options(role: str, trainer) -> dict:
+        return {"name": actor_name(run_uri, role), "namespace": ns, "get_if_exists": True,
+                "num_cpus": trainer.num_cpus, "num_gpus": trainer.num_gpus}
 
     gen = config.generation
+    if gen.backend == "hf":
+        from workers.hf_engine import create_hf_engine_actor
+
+        engine = create_hf_engine_actor(
+            actor_name(run_uri, "engine"), ns, gen.num_cpus, gen.num_gpus, model_path=model.path, seed=seed, dtype=model.dtype,
+            max_model_len=gen.max_model_len)
+    else:
+        from workers.vllm_engine import create_engine_actor
+
+        engine = create_engine_actor(
+            actor_name(run_uri, "engine"), ns, gen.num_cpus, gen.num_gpus, model_path=model.path, seed=seed, dtype=model.dtype,
+            max_model_len=gen.max_model_len, kv_cache_gib=gen.kv_cache_gib, enforce_eager=gen.enforce_eager)
     actors = {
-        "engine": create_engine_actor(
-            actor_name(run_uri, "engine"), ns, gen.num_cpus, model_path=model.path, seed=seed, dtype=model.dtype,
-            max_model_len=gen.max_model_len, kv_cache_gib=gen.kv_cache_gib, enforce_eager=gen.enforce_eager),
-        "policy": ray.remote(PolicyWorker).options(**options("policy", config.policy.num_cpus)).remote(
+        "engine": engine,
+        "policy": ray.remote(PolicyWorker).options(**options("policy", config.policy)).remote(
             model.path, config.policy.model_dump(), model.dtype, seed, algo=algo),
-        "reference": ray.remote(ReferenceWorker).options(**options("reference", config.policy.num_cpus)).remote(
+        "reference": ray.remote(ReferenceWorker).options(**options("reference", config.policy)).remote(
             model.ref_path or model.path, model.dtype, config.policy.micro_batch_size, config.policy.num_threads),
     }
     if config.uses_critic:
         from transformers import AutoTokenizer
 
         pad_id = AutoTokenizer.from_pretrained(model.path).pad_token_id
-        actors["critic"] = ray.remote(CriticWorker).options(**options("critic", config.critic.num_cpus)).remote(
+        actors["critic"] = ray.remote(CriticWorker).options(**options("critic", config.critic)).remote(
             model.critic_path or model.path, config.critic.model_dump(), model.dtype, seed, algo=algo,
             pad_token_id=pad_id)
     for role, handle in actors.items():

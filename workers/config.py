@@ -24,8 +24,9 @@ class ModelConfig(BaseModel):
 class GenerationConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    backend: Literal["vllm"] = "vllm"
-    """Generation engine."""
+    backend: Literal["vllm", "hf"] = "vllm"
+    """Generation engine: `vllm` (workers/vllm_engine.py) or `hf` (workers/hf_engine.py: a transformers forward pass
+    with a KV cache, for hosts without vLLM; slower). Both take the same requests, seeds and weight updates."""
 
     n_samples_per_prompt: int = Field(4, ge=1)
     """Responses sampled per prompt (the group size for group estimators)."""
@@ -49,13 +50,17 @@ class GenerationConfig(BaseModel):
     """Engine context length (prompt + response)."""
 
     kv_cache_gib: float = Field(1.0, gt=0.0)
-    """KV-cache size of each engine in GiB (vLLM on CPU needs it set explicitly)."""
+    """KV-cache size of each engine in GiB (vLLM on CPU needs it set explicitly). vLLM only: `hf` ignores it."""
 
     enforce_eager: bool = True
-    """Skip torch.compile / graph capture: faster start, slightly slower generation."""
+    """Skip torch.compile / graph capture: faster start, slightly slower generation. vLLM only: `hf` ignores it."""
 
     num_cpus: float = Field(1.0, gt=0.0)
     """Ray CPUs reserved for each engine actor."""
+
+    num_gpus: float = Field(0.0, ge=0.0)
+    """Ray GPUs reserved for each engine actor; 0 on CPU hosts. A fraction (e.g. 0.25) shares one GPU with the
+    trainers' actors (hybrid placement)."""
 
 
 class TrainerConfig(BaseModel):
@@ -81,6 +86,10 @@ class TrainerConfig(BaseModel):
 
     num_cpus: float = Field(0.5, gt=0.0)
     """Ray CPUs reserved for the actor."""
+
+    num_gpus: float = Field(0.0, ge=0.0)
+    """Ray GPUs reserved for the actor (the reference model uses the policy's); 0 on CPU hosts; fractions share a
+    GPU."""
 
     num_threads: int = Field(2, ge=1)
     """torch intra-op threads in the actor. Stages run one at a time, so each may use every core."""

@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 EXTENSION_CLS = "workers.vllm_ext.WeightSyncExtension"
-_REQUEST_KEYS = frozenset({"prompt_ids", "n", "temperature", "top_p", "top_k", "max_new_tokens", "seed"})
+REQUEST_KEYS = frozenset({"prompt_ids", "n", "temperature", "top_p", "top_k", "max_new_tokens", "seed"})
 
 
 class VLLMEngine:
@@ -85,10 +85,10 @@ class VLLMEngine:
         requests seeds at least n apart or their samples are correlated.
         """
         for i, r in enumerate(requests):
-            missing = _REQUEST_KEYS - r.keys()
+            missing = REQUEST_KEYS - r.keys()
             if missing:
                 raise ValueError(
-                    f"generate: request {i} lacks {sorted(missing)}; every request needs {sorted(_REQUEST_KEYS)}"
+                    f"generate: request {i} lacks {sorted(missing)}; every request needs {sorted(REQUEST_KEYS)}"
                     " and optionally 'stop'"
                 )
         if not requests:
@@ -173,7 +173,7 @@ class VLLMEngine:
         return dict(self._stats)
 
 
-def create_engine_actor(name: str, namespace: str, num_cpus: float, **engine_kwargs: Any):
+def create_engine_actor(name: str, namespace: str, num_cpus: float, num_gpus: float = 0, **engine_kwargs: Any):
     """Start (or find, when a retried task asks again) the named, non-detached `VLLMEngine` actor; return its handle.
 
     Await startup with `ray.get(handle.ready.remote())`. `engine_kwargs` are `VLLMEngine`'s constructor arguments;
@@ -182,5 +182,5 @@ def create_engine_actor(name: str, namespace: str, num_cpus: float, **engine_kwa
     """
     import ray
 
-    actor_cls = ray.remote(num_cpus=num_cpus)(VLLMEngine)
+    actor_cls = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(VLLMEngine)
     return actor_cls.options(name=name, namespace=namespace, get_if_exists=True).remote(**engine_kwargs)

@@ -96,6 +96,10 @@ def test_deployment_run_trains_and_reports(prefect_api, tmp_path, tiny_model_dir
         assert f"'key': '{key}'" in art.stdout, art.stdout + art.stderr
     art = _prefect(prefect_api, "artifact", "inspect", "deployed-iterations", timeout=60).stdout
     assert '"iteration": 1' in art and '"reward":' in art
+    flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", out.stdout).group(1)
+    logs = _prefect(prefect_api, "flow-run", "logs", flow_run_id, timeout=60).stdout
+    assert re.search(r"\(VLLMEngine pid=\d+\) ", logs), logs[-3000:]  # what the vLLM actor printed
+    assert re.search(r"\(PolicyWorker pid=\d+\) ", logs)  # ... and the DeepSpeed policy actor
 
 
 def test_killed_flow_run_is_retried_without_recomputing_committed_stages(prefect_api, tmp_path, tiny_model_dir,
