@@ -85,3 +85,9 @@ def test_k1_as_a_loss_term_warns():
 def test_critic_only_for_gae():
     assert load_config(QUICKSTART).uses_critic
     assert not load_config(QUICKSTART, ["algo.estimator=rloo"]).uses_critic
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_validates(path):
+    config = load_config(str(path))
+    assert config.model.path and config.iterations >= 1
