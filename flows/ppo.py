@@ -12,6 +12,7 @@ from prefect import flow, get_run_logger
 
 from stages.advantages import advantages_task
 from stages.config import RunConfig, load_config
+from stages.evaluate import due, evaluate_task
 from stages.generate import generate_task
 from stages.report import report_task
 from stages.score import score_task
@@ -29,6 +30,8 @@ def ppo_iteration(config: RunConfig, run_uri: str, iteration: int) -> dict:
     advantages_task.with_options(**retry)(config, run_uri, iteration)
     update_task.with_options(**retry)(config, run_uri, iteration)
     sync_task.with_options(**retry)(config, run_uri, iteration)
+    if due(config, iteration):
+        evaluate_task.with_options(**retry)(config, run_uri, iteration)
     report_task(config, run_uri, iteration)
     row = track_task(config, run_uri, iteration)
     get_run_logger().info("iteration %d: reward %.3f  kl %.4f", iteration, row.get("rollout/reward_mean", float("nan")),
@@ -48,8 +51,12 @@ def ppo_train(config: RunConfig | None = None, config_path: str | None = None, o
     run = open_run_task(config)
     try:
         start_workers_task(config, run["run_uri"])
-        if run["first_iteration"] > 1:  # a crash between the last sync and its tracking: re-logging is harmless
-            track_task(config, run["run_uri"], run["first_iteration"] - 1)
+        if due(config, 0):  # the starting policy's score: the baseline every later evaluation compares with
+            evaluate_task(config, run["run_uri"], 0)
+        if (last := run["first_iteration"] - 1) > 0:  # a crash may have come between the last sync and these
+            if due(config, last):
+                evaluate_task(config, run["run_uri"], last)
+            track_task(config, run["run_uri"], last)  # re-logging is harmless
         for iteration in range(run["first_iteration"], config.iterations + 1):
             ppo_iteration(config, run["run_uri"], iteration)
     finally:

@@ -26,6 +26,7 @@ ITERATION_COLUMNS = [  # (header, metric of iteration_summary, format)
     ("iter", "iteration", "{}"),
     ("reward", "rollout/reward_mean", "{:.3f}"),
     ("kl", "rollout/kl", "{:.4f}"),
+    ("eval_pass", "eval/pass_rate", "{:.3f}"),  # iteration 0: the starting policy
     ("pg_loss", "ppo/policy_loss", "{:.4f}"),
     ("approx_kl", "ppo/approx_kl", "{:.5f}"),
     ("clipfrac", "ppo/clipfrac", "{:.3f}"),
@@ -126,7 +127,7 @@ def show_run(run_id: str, root: str | None = None) -> int:
     for row in rows:
         table.add_row(*(fmt.format(row[key]) if row.get(key) is not None else "-" for _, key, fmt in ITERATION_COLUMNS))
     partial = [f"iteration {r['iteration']}: {', '.join(store.committed_stages(r['iteration'])) or 'nothing'}"
-               for r in rows if r["iteration"] not in st["synced"]]
+               for r in rows if r["iteration"] not in st["synced"] and r["iteration"] > 0]
     console.print(table)
     console.print(f"{st['estimator'] or '?'} · {len(st['synced'])}/{st['target'] or '?'} iterations committed · "
                   f"{st['state']}" + (f" · partly committed: {'; '.join(partial)}" if partial else ""))

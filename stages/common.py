@@ -87,7 +87,7 @@ def iteration_summary(store: RunStore, iteration: int) -> dict:
     from storage.run import STAGES
 
     row = {"iteration": iteration}
-    for stage in STAGES:
+    for stage in (*STAGES, "eval"):
         marker = store.stage_marker(iteration, stage)
         if marker is not None:
             row.update(marker.get("metrics", {}))

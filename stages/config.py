@@ -64,6 +64,28 @@ class RewardConfig(BaseModel):
         return v
 
 
+class EvalConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompts: str | list[str] | None = None
+    """Held-out prompts (JSONL/Parquet, same columns as data.prompts); None turns evaluation off."""
+
+    every: int = Field(1, ge=1)
+    """Evaluate after every k-th iteration (and always after the last one and before the first)."""
+
+    max_prompts: int | None = Field(None, ge=1)
+    """Evaluate on the first max_prompts rows only; None uses them all."""
+
+    n_samples: int = Field(1, ge=1)
+    """Responses per prompt."""
+
+    temperature: float = Field(0.0, ge=0.0)
+    """0 is greedy decoding (deterministic, the usual pass@1); above 0 samples with seeded streams."""
+
+    pass_threshold: float = 1.0
+    """A response passes when its reward is at least this; `eval/pass_rate` is the passing fraction."""
+
+
 class FlowConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -74,7 +96,7 @@ class FlowConfig(BaseModel):
     """Seconds between retries."""
 
 
-OPERATIONAL_FIELDS = ("run_id", "iterations", "ray", "flow", "tracking")
+OPERATIONAL_FIELDS = ("run_id", "iterations", "ray", "flow", "eval", "tracking")
 """Fields a resumed run may change: they don't change what the run computes."""
 
 
@@ -102,6 +124,7 @@ class RunConfig(BaseModel):
     storage: StorageConfig = StorageConfig()
     ray: RayConfig = RayConfig()
     flow: FlowConfig = FlowConfig()
+    eval: EvalConfig = EvalConfig()
     tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")

@@ -16,6 +16,7 @@ from stages.common import iteration_summary, store_of
 COLUMNS = {  # artifact column → metric of iteration_summary
     "reward": "rollout/reward_mean", "kl": "rollout/kl", "response_len": "rollout/response_len",
     "policy_loss": "ppo/policy_loss", "value_loss": "critic/value_loss", "grad_norm": "ppo/grad_norm",
+    "eval_reward": "eval/reward_mean", "eval_pass_rate": "eval/pass_rate",
     "generate_s": "time/generate_s", "score_s": "time/score_s", "advantages_s": "time/advantages_s",
     "update_s": "time/update_s", "sync_s": "time/sync_s",
 }

@@ -46,6 +46,8 @@ def preflight(config) -> None:
                             "from theirs; use a local folder or a shared object store (s3://...)")
     load_reward_fn(config.reward.fn)
     read_prompts(config.data.prompts, config.data.prompt_key, config.storage.storage_options)
+    if config.eval.prompts is not None:
+        read_prompts(config.eval.prompts, config.data.prompt_key, config.storage.storage_options)
     for field, path in (("model.path", config.model.path), ("model.ref_path", config.model.ref_path),
                         ("model.critic_path", config.model.critic_path)):
         if path is None:

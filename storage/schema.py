@@ -69,7 +69,24 @@ SYNC = pa.schema(
     ]
 )
 
-SCHEMAS = {"rollout": ROLLOUT, "scored": SCORED, "experience": EXPERIENCE, "metrics": METRICS, "sync": SYNC}
+EVAL = pa.schema(
+    [
+        pa.field("sample_id", pa.string()),  # "eval{iteration}-p{prompt_index}-s{k}"
+        pa.field("prompt_index", pa.int64()),  # row of the prompt in the evaluation prompt set
+        pa.field("sample_index", pa.int64()),  # 0..eval.n_samples-1
+        pa.field("prompt", pa.string()),  # raw prompt text
+        pa.field("response", pa.string()),  # decoded response (special tokens skipped)
+        pa.field("response_len", pa.int64()),  # response tokens
+        pa.field("finish_reason", pa.string()),  # "stop" | "length"
+        pa.field("reward", pa.float32()),  # reward.fn score
+        pa.field("passed", pa.bool_()),  # reward >= eval.pass_threshold
+        pa.field("policy_version", pa.int64()),  # policy that answered (= the iteration; 0 = the starting policy)
+        pa.field("metadata", pa.string()),  # JSON of the prompt row's other columns (what the reward function saw)
+    ]
+)
+
+SCHEMAS = {"rollout": ROLLOUT, "scored": SCORED, "experience": EXPERIENCE, "metrics": METRICS, "sync": SYNC,
+           "eval": EVAL}
 
 
 def fingerprint(schema: pa.Schema) -> str:

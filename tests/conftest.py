@@ -78,6 +78,7 @@ def make_config(tmp_path, tiny_model_dir, prompts_dir):
 
     def make(*overrides: str):
         return load_config(str(quickstart), [f"model.path={tiny_model_dir}", f"data.prompts={prompts_dir}/train.jsonl",
+                                             f"eval.prompts={prompts_dir}/eval.jsonl", "eval.max_prompts=16",
                                              f"storage.root={tmp_path}", "data.prompts_per_iteration=8",
                                              *overrides])
 

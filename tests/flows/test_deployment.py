@@ -74,6 +74,7 @@ def _prefect(api: dict, *args: str, timeout: float = 900) -> subprocess.Complete
 
 def _overrides(tmp_path, tiny_model_dir, prompts_dir, iterations: int) -> str:
     return json.dumps([f"model.path={tiny_model_dir}", f"data.prompts={prompts_dir}/train.jsonl",
+                       f"eval.prompts={prompts_dir}/eval.jsonl", "eval.max_prompts=16",
                        f"storage.root={tmp_path}", f"iterations={iterations}", "data.prompts_per_iteration=8"])
 
 

