@@ -116,7 +116,7 @@ def test_runs_show_prints_iterations_and_writes_curves_png(root, capsys):
     assert main(["runs", "show", "b-grpo", "--root", root]) == 0
     out = capsys.readouterr().out
     header = row_of(out, "iter")
-    assert header[:4] == ["iter", "reward", "kl", "pg_loss"]
+    assert header[:5] == ["iter", "reward", "kl", "eval_pass", "pg_loss"]
     for n in (1, 2):
         cells = dict(zip(header, row_of(out, str(n))))
         mean = sum(r["reward"] for r in experience_rows(n)) / (GROUPS * SAMPLES)
