@@ -18,6 +18,33 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
+def _reap_session(sid: int) -> None:
+    import signal
+
+    import psutil
+
+    victims = []
+    for p in psutil.process_iter():
+        try:
+            if os.getsid(p.pid) == sid:
+                victims.append(p)
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            pass
+    for p in victims:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.Error:
+            pass
+    psutil.wait_procs(victims, timeout=30)
+
+
+@pytest.fixture(scope="session")
+def reap_session():
+    """SIGKILL every process of a session (a subprocess started with start_new_session=True and all it spawned:
+    Ray, vLLM, Prefect workers) — what a crashed run leaves behind."""
+    return _reap_session
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> str:
     """A random-init tiny Qwen2 + tokenizer in HF format (fast; for plumbing tests)."""

@@ -22,14 +22,14 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from workers.vllm_engine import REQUEST_KEYS
+from workers.engine import Engine
 from workers.vllm_ext import state_dict_checksum
 
 if TYPE_CHECKING:
     import torch
 
 
-class HFEngine:
+class HFEngine(Engine):
     """One transformers causal LM on "cuda" when available, else "cpu", plus the policy version it serves and
     cumulative counters. Ray runs one method call at a time on the actor, so nothing here is shared between threads.
     """
@@ -63,12 +63,7 @@ class HFEngine:
         self._pad_id = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else 0
         self._max_model_len = max_model_len
         self.startup_seconds = time.perf_counter() - started
-        self._version = 0  # 0 = the weights found at model_path
-        self._stats = {"requests": 0, "samples": 0, "generated_tokens": 0, "generate_seconds": 0.0}
-
-    def ready(self) -> bool:
-        """Returns once the engine is up; `ray.get(actor.ready.remote())` is the way to await startup."""
-        return True
+        super().__init__()
 
     def generate(self, requests: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
         """Sample `n` responses for each request, all requests in one batch. Requests and results are exactly
@@ -77,13 +72,8 @@ class HFEngine:
         Raises ValueError naming the request when one lacks a key, has an empty prompt, n or max_new_tokens below 1,
         or a prompt longer than max_model_len - max_new_tokens.
         """
+        self._check_keys(requests)
         for i, r in enumerate(requests):
-            missing = REQUEST_KEYS - r.keys()
-            if missing:
-                raise ValueError(
-                    f"generate: request {i} lacks {sorted(missing)}; every request needs {sorted(REQUEST_KEYS)}"
-                    " and optionally 'stop'"
-                )
             if not r["prompt_ids"] or r["n"] < 1 or r["max_new_tokens"] < 1:
                 raise ValueError(f"generate: request {i} needs a non-empty prompt_ids, n >= 1 and max_new_tokens >= 1"
                                  f" (got {len(r['prompt_ids'])} prompt ids, n={r['n']},"
@@ -186,10 +176,7 @@ class HFEngine:
                                                                                      skip_special_tokens=True)
             results[i].append({"response_ids": out_ids[row], "logprobs": out_lps[row], "text": text,
                                "finish_reason": reasons[row]})
-        self._stats["requests"] += len(requests)
-        self._stats["samples"] += len(rows)
-        self._stats["generated_tokens"] += sum(len(x) for x in out_ids)
-        self._stats["generate_seconds"] += elapsed
+        self._count(results, elapsed)
         return results
 
     def update_weights(self, weights: bytes, version: int) -> dict[str, Any]:
@@ -258,13 +245,6 @@ class HFEngine:
         return {"version": version, "seconds": time.perf_counter() - started, "checksum": checksum,
                 "engine_checksum": state_dict_checksum(p.detach() for p in self._model.parameters())}
 
-    def version(self) -> int:
-        """Policy version being served: 0 for the weights the engine was created from, then the last update's."""
-        return self._version
-
-    def stats(self) -> dict[str, Any]:
-        """Cumulative counts since the actor started: requests, samples, generated_tokens, generate_seconds."""
-        return dict(self._stats)
 
 
 def create_hf_engine_actor(name: str, namespace: str, num_cpus: float, num_gpus: float = 0, **engine_kwargs: Any):

@@ -16,11 +16,12 @@ import tempfile
 import time
 from typing import Any
 
+from workers.engine import Engine
+
 EXTENSION_CLS = "workers.vllm_ext.WeightSyncExtension"
-REQUEST_KEYS = frozenset({"prompt_ids", "n", "temperature", "top_p", "top_k", "max_new_tokens", "seed"})
 
 
-class VLLMEngine:
+class VLLMEngine(Engine):
     """One `vllm.LLM` plus the policy version it serves and cumulative counters.
 
     Ray runs one method call at a time on an actor (max_concurrency=1), which is what `vllm.LLM` needs: it is not
@@ -62,12 +63,7 @@ class VLLMEngine:
             worker_extension_cls=EXTENSION_CLS,
         )
         self.startup_seconds = time.perf_counter() - started
-        self._version = 0  # 0 = the weights found at model_path
-        self._stats = {"requests": 0, "samples": 0, "generated_tokens": 0, "generate_seconds": 0.0}
-
-    def ready(self) -> bool:
-        """Returns once the engine is up; `ray.get(actor.ready.remote())` is the way to await startup."""
-        return True
+        super().__init__()
 
     def generate(self, requests: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
         """Sample `n` responses for each request; all requests go to vLLM in one call so it batches them.
@@ -84,13 +80,7 @@ class VLLMEngine:
         Sample i of a request is drawn with seed `seed + i` (vLLM's rule for n > 1), independently of batching: give
         requests seeds at least n apart or their samples are correlated.
         """
-        for i, r in enumerate(requests):
-            missing = REQUEST_KEYS - r.keys()
-            if missing:
-                raise ValueError(
-                    f"generate: request {i} lacks {sorted(missing)}; every request needs {sorted(REQUEST_KEYS)}"
-                    " and optionally 'stop'"
-                )
+        self._check_keys(requests)
         if not requests:
             return []
 
@@ -131,10 +121,7 @@ class VLLMEngine:
                 )
             results.append(samples)
 
-        self._stats["requests"] += len(requests)
-        self._stats["samples"] += sum(len(samples) for samples in results)
-        self._stats["generated_tokens"] += sum(len(s["response_ids"]) for samples in results for s in samples)
-        self._stats["generate_seconds"] += elapsed
+        self._count(results, elapsed)
         return results
 
     def update_weights(self, weights: bytes, version: int) -> dict[str, Any]:
@@ -164,13 +151,6 @@ class VLLMEngine:
         self._version = version
         return {"version": version, "seconds": time.perf_counter() - started, **sums}
 
-    def version(self) -> int:
-        """Policy version being served: 0 for the weights the engine was created from, then the last update's."""
-        return self._version
-
-    def stats(self) -> dict[str, Any]:
-        """Cumulative counts since the actor started: requests, samples, generated_tokens, generate_seconds."""
-        return dict(self._stats)
 
 
 def create_engine_actor(name: str, namespace: str, num_cpus: float, num_gpus: float = 0, **engine_kwargs: Any):

@@ -13,7 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 pytestmark = pytest.mark.slow
@@ -28,24 +27,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _reap_session(sid: int) -> None:
-    victims = []
-    for p in psutil.process_iter():
-        try:
-            if os.getsid(p.pid) == sid:
-                victims.append(p)
-        except (ProcessLookupError, PermissionError, psutil.Error):
-            pass
-    for p in victims:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(victims, timeout=30)
-
-
 @pytest.fixture(scope="module")
-def prefect_api(tmp_path_factory):
+def prefect_api(tmp_path_factory, reap_session):
     """The documented bring-up, in its own session so that everything it starts is torn down with it."""
     home = tmp_path_factory.mktemp("prefect-server")
     port = _free_port()
@@ -64,7 +47,7 @@ def prefect_api(tmp_path_factory):
         try:
             serve.wait(timeout=60)
         finally:
-            _reap_session(serve.pid)
+            reap_session(serve.pid)
 
 
 def _prefect(api: dict, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:

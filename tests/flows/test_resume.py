@@ -13,7 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pyarrow.parquet as pq
 import pytest
 
@@ -22,7 +21,7 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _train(args: list[str], env_extra: dict, log: Path) -> subprocess.CompletedProcess:
+def _train(args: list[str], env_extra: dict, log: Path, reap) -> subprocess.CompletedProcess:
     env = {**os.environ, **env_extra}
     with log.open("w") as out:
         # Own session: after a crash, every process the run left behind (Ray, vLLM) can be found and reaped.
@@ -31,31 +30,15 @@ def _train(args: list[str], env_extra: dict, log: Path) -> subprocess.CompletedP
         try:
             proc.wait(timeout=900)
         finally:
-            _reap_session(proc.pid)
+            reap(proc.pid)
     return proc
-
-
-def _reap_session(sid: int) -> None:
-    victims = []
-    for p in psutil.process_iter():
-        try:
-            if os.getsid(p.pid) == sid:
-                victims.append(p)
-        except (ProcessLookupError, PermissionError, psutil.Error):
-            pass
-    for p in victims:
-        try:
-            p.send_signal(signal.SIGKILL)
-        except psutil.Error:
-            pass
-    psutil.wait_procs(victims, timeout=30)
 
 
 def _events(run: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((run / "events").iterdir())]
 
 
-def test_sigkill_in_update_then_resume(tmp_path, tiny_model_dir, prompts_dir):
+def test_sigkill_in_update_then_resume(tmp_path, tiny_model_dir, prompts_dir, reap_session):
     args = ["--config", "configs/quickstart.yaml", "--run-id", "crash",
             "--set", f"model.path={tiny_model_dir}", "--set", f"data.prompts={prompts_dir}/train.jsonl",
             "--set", f"eval.prompts={prompts_dir}/eval.jsonl",
@@ -63,7 +46,8 @@ def test_sigkill_in_update_then_resume(tmp_path, tiny_model_dir, prompts_dir):
     env = {"PREFECT_HOME": str(tmp_path / "prefect")}
     run = tmp_path / "runs" / "crash"
 
-    first = _train(args, {**env, "PPOFLOW_FAULTS": "update.after_train@2=kill"}, tmp_path / "first.log")
+    first = _train(args, {**env, "PPOFLOW_FAULTS": "update.after_train@2=kill"}, tmp_path / "first.log",
+                   reap_session)
     assert first.returncode == -signal.SIGKILL, (tmp_path / "first.log").read_text()[-3000:]
     for stage in ("generate", "score", "advantages", "update", "sync"):
         assert (run / "iter-000001" / stage / "_SUCCESS.json").exists()
@@ -77,7 +61,7 @@ def test_sigkill_in_update_then_resume(tmp_path, tiny_model_dir, prompts_dir):
     (run / "checkpoints" / "iter-000002" / "policy").mkdir(parents=True)
     (run / "checkpoints" / "iter-000002" / "policy" / "junk").write_bytes(b"half a checkpoint")
 
-    second = _train(args, env, tmp_path / "second.log")
+    second = _train(args, env, tmp_path / "second.log", reap_session)
     log = (tmp_path / "second.log").read_text()
     assert second.returncode == 0, log[-3000:]
     assert "run crash" in log
