@@ -71,10 +71,22 @@ _SFT_SEED_OFFSET = 1_000  # keeps SFT's questions on a different seed from write
 
 
 def make_tiny_model(
-    out_dir: str, *, seed: int = 0, sft_steps: int = SFT_STEPS, log: Callable[[str], None] = print
+    out_dir: str,
+    *,
+    seed: int = 0,
+    sft_steps: int = SFT_STEPS,
+    log: Callable[[str], None] = print,
+    shape: dict | None = None,
+    dtype: str = "float32",
 ) -> str:
-    """Train a tokenizer, build a tiny Qwen2, run up to `sft_steps` of SFT and save it all to `out_dir`."""
+    """Train a tokenizer, build a tiny Qwen2, run up to `sft_steps` of SFT and save it all to `out_dir`.
+
+    `shape` overrides entries of MODEL_SHAPE (bench/gpu_ppo.py builds a ~0.5B model this way with the same tokenizer);
+    `dtype` ("float32" or "bfloat16") is the dtype the weights are saved in. The model is built and trained in
+    float32 either way and cast just before saving."""
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    shape = {**MODEL_SHAPE, **(shape or {})}
 
     # Threads and the RNG are process-wide: set them for the build and restore them after. One core is left to the
     # rest of the stack: an OpenMP thread that loses its core stalls the others at every barrier, and on a loaded
@@ -85,11 +97,11 @@ def make_tiny_model(
     try:
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            tokenizer = train_tokenizer(seed)
+            tokenizer = train_tokenizer(seed, model_max_length=shape["max_position_embeddings"])
             pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
             config = Qwen2Config(
                 vocab_size=len(tokenizer),
-                **MODEL_SHAPE,
+                **shape,
                 tie_word_embeddings=True,
                 bos_token_id=pad_id,  # as in Qwen2: <|endoftext|> is both; the template adds no bos
                 eos_token_id=eos_id,
@@ -105,14 +117,19 @@ def make_tiny_model(
     finally:
         torch.set_num_threads(threads)
 
+    if dtype != "float32":
+        model = model.to({"bfloat16": torch.bfloat16}[dtype])
+        model.config.dtype = dtype  # what from_pretrained reports; the safetensors carry the dtype themselves
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     log(f"tiny_model: saved to {out_dir}")
     return out_dir
 
 
-def train_tokenizer(seed: int):
-    """Byte-level BPE trained on the task's text; returns a `PreTrainedTokenizerFast` with the chat template."""
+def train_tokenizer(seed: int, model_max_length: int = MODEL_SHAPE["max_position_embeddings"]):
+    """Byte-level BPE trained on the task's text; returns a `PreTrainedTokenizerFast` with the chat template.
+
+    `model_max_length` is recorded in the tokenizer config: the model's context length."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -144,7 +161,7 @@ def train_tokenizer(seed: int):
         pad_token=PAD,
         additional_special_tokens=[IM_START],
         chat_template=CHAT_TEMPLATE,
-        model_max_length=MODEL_SHAPE["max_position_embeddings"],
+        model_max_length=model_max_length,
     )
 
 

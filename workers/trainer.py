@@ -4,6 +4,11 @@ Each class is a plain class; `workers.cluster` wraps it with `ray.remote` and na
 whole run and every PPO iteration reuses them. Data arrives as Arrow tables with the columns of storage.schema
 (per-token lists over response tokens); results go back as plain lists.
 
+Devices: an actor that Ray gives a GPU (`num_gpus` > 0, a fraction under hybrid placement) sees it as cuda:0 and
+keeps its model there (DeepSpeed places the trainers' models, the reference moves itself); every batch tensor is
+built on the CPU and moved to the model's device in one copy, and results come back as Python lists. Checkpoints and
+weight exports are CPU tensors / files whatever the device. Without a GPU everything stays on the CPU.
+
 Every trainer knows which policy version its in-memory state is (`state_version`) and whether an update started
 since (`dirty`). A stage that needs version v calls `ensure_version(v, checkpoint_uri)`, which reloads the committed
 checkpoint when the memory state is anything else — so a retried or resumed update never trains on top of a half
@@ -12,6 +17,7 @@ update.
 Run alone (smoke test on a local HF model folder):  python -m workers.trainer MODEL_DIR
 """
 
+import gc
 import os
 import socket
 import sys
@@ -32,8 +38,19 @@ def _torch_dtype(name: str):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 
-def _collate(prompt_ids: list, response_ids: list, pad_id: int):
-    """Right-padded prompt+response ids (B, L), attention mask (B, L), and prompt/response lengths."""
+def _local_rank(rank: int) -> int:
+    """Device index of `rank` in this process. Ray shows a GPU actor only the GPU(s) it was given
+    (CUDA_VISIBLE_DEVICES), so a rank with one GPU always finds it at cuda:0, whatever its global rank; on CPU
+    DeepSpeed ignores the index and the rank is kept as before."""
+    import torch
+
+    return rank % torch.cuda.device_count() if torch.cuda.is_available() else rank
+
+
+def _collate(prompt_ids: list, response_ids: list, pad_id: int, device=None):
+    """Right-padded prompt+response ids (B, L), attention mask (B, L), and prompt/response lengths.
+
+    Built row by row on the CPU, then moved to `device` (the model's) in one copy per tensor."""
     import torch
 
     seqs = [list(p) + list(r) for p, r in zip(prompt_ids, response_ids)]
@@ -43,7 +60,7 @@ def _collate(prompt_ids: list, response_ids: list, pad_id: int):
     for i, s in enumerate(seqs):
         ids[i, : len(s)] = torch.tensor(s)
         attn[i, : len(s)] = 1
-    return ids, attn, [len(p) for p in prompt_ids], [len(r) for r in response_ids]
+    return ids.to(device), attn.to(device), [len(p) for p in prompt_ids], [len(r) for r in response_ids]
 
 
 def _response_slice(per_position, prompt_lens: list, resp_lens: list):
@@ -54,7 +71,8 @@ def _response_slice(per_position, prompt_lens: list, resp_lens: list):
 
     a_max = max(max(resp_lens), 1)
     out = per_position.new_zeros((len(resp_lens), a_max))
-    mask = torch.zeros((len(resp_lens), a_max), dtype=torch.bool)
+    # On the model's device: the losses combine it with model outputs (torch.where, products).
+    mask = torch.zeros((len(resp_lens), a_max), dtype=torch.bool, device=per_position.device)
     for i, (p, a) in enumerate(zip(prompt_lens, resp_lens)):
         out[i, :a] = per_position[i, p - 1 : p - 1 + a]
         mask[i, :a] = True
@@ -77,13 +95,20 @@ def response_logprobs(model, ids, attn, prompt_lens, resp_lens, with_entropy: bo
     return logp, mask, entropy
 
 
-def _padded(column: list, a_max: int):
+def _padded(column: list, a_max: int, device=None):
+    """Per-token float lists → (B, a_max) float32 zero-padded on the right, on `device` (built on the CPU)."""
     import torch
 
     out = torch.zeros((len(column), a_max), dtype=torch.float32)
     for i, row in enumerate(column):
         out[i, : len(row)] = torch.tensor(row, dtype=torch.float32)
-    return out
+    return out.to(device)
+
+
+def _rows(values, mask) -> list[list[float]]:
+    """(B, A) values and mask → one list of the real positions per row, copied to the CPU once (not row by row)."""
+    values, mask = values.cpu(), mask.cpu()
+    return [row[m].tolist() for row, m in zip(values, mask)]
 
 
 def _micro_batches(indices: np.ndarray, size: int):
@@ -102,12 +127,16 @@ class _DeepSpeedWorker:
         torch.set_num_threads(trainer["num_threads"])
         self.model_path, self.cfg, self.dtype, self.seed = model_path, trainer, dtype, seed
         self.rank, self.world_size = rank, world_size
-        os.environ.update(
-            MASTER_ADDR=master_addr, MASTER_PORT=str(master_port or _free_port()), RANK=str(rank),
-            LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
-        )
         import deepspeed
 
+        # One process group per actor (world_size 1 today): actors on one host, even on one shared GPU, only need
+        # distinct MASTER_PORTs for their rendezvous stores (NCCL's bootstrap finds its own ports). Picked after the
+        # slow import, so nothing else on the host takes it before the store binds it. LOCAL_RANK: the device index
+        # deepspeed.initialize moves the model to.
+        os.environ.update(
+            MASTER_ADDR=master_addr, MASTER_PORT=str(master_port or _free_port()), RANK=str(rank),
+            LOCAL_RANK=str(_local_rank(rank)), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
+        )
         deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl")
         self.engine = None
         self._build()
@@ -120,6 +149,10 @@ class _DeepSpeedWorker:
         if self.engine is not None:
             self.engine.destroy()
             self.engine = None
+            # The old model and optimizer states must leave the (shared) GPU before the new ones arrive.
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
         torch.manual_seed(self.seed)
         model = self._make_model()
         optimizer = torch.optim.AdamW(model.parameters(), lr=self.cfg["lr"], weight_decay=self.cfg["weight_decay"])
@@ -130,6 +163,10 @@ class _DeepSpeedWorker:
             "gradient_accumulation_steps": mini // (micro * self.world_size),
             "gradient_clipping": self.cfg["grad_clip"],
             "zero_optimization": {"stage": self.cfg["zero_stage"]},
+            # bf16 under ZeRO-0 wraps the torch optimizer in DeepSpeed's FP16_UnfusedOptimizer (fp32 master weights);
+            # under ZeRO >= 1 in the ZeRO optimizer's bf16 path. deepspeed.initialize moves the model to the device
+            # named by LOCAL_RANK before it wraps the optimizer: the optimizer built here holds the same Parameter
+            # objects (Module.to moves their data in place) and creates its states lazily, on that device.
             "bf16": {"enabled": self.dtype == "bfloat16"},
             # A torch optimizer (not DeepSpeed's fused/CPU Adam): no op build, same math on CPU and GPU.
             "zero_allow_untested_optimizer": True,
@@ -164,14 +201,20 @@ class _DeepSpeedWorker:
             self.engine.save_checkpoint(path, tag="state", save_latest=False)
         return time.perf_counter() - t0
 
+    @property
+    def device(self):
+        """Where the model lives (cuda:0 when the actor was given a GPU): batches are moved here."""
+        return self.engine.device
+
     def _full_state_dict(self) -> dict:
         """Full (gathered) weights with HF names, as independent CPU tensors."""
         if self.cfg["zero_stage"] == 3:
             sd = self.engine._zero3_consolidated_16bit_state_dict()
         else:
             sd = self.engine.module.state_dict()
-        # Clones: tied embeddings share storage, which safetensors refuses to serialise.
-        return {k: v.detach().to("cpu").clone().contiguous() for k, v in sd.items()}
+        # Copies: tied embeddings share storage, which safetensors refuses to serialise. One copy whatever the device
+        # (a GPU tensor's .to("cpu") already is one; .clone() after it would copy the weights twice).
+        return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in sd.items()}
 
     def _step(self) -> float | None:
         """engine.step() for one micro-batch; at an optimizer-step boundary returns the gradient norm (pre-clip).
@@ -183,7 +226,9 @@ class _DeepSpeedWorker:
         norm = None
         if self.engine.is_gradient_accumulation_boundary():
             if self.cfg["zero_stage"] == 0:
-                grads = [p.grad.norm() for p in self.engine.module.parameters() if p.grad is not None]
+                # Each norm in float32: bf16 gradients' own norms would be rounded to ~3 digits.
+                grads = [torch.linalg.vector_norm(p.grad, dtype=torch.float32)
+                         for p in self.engine.module.parameters() if p.grad is not None]
                 norm = float(torch.linalg.vector_norm(torch.stack(grads))) if grads else 0.0
             self.engine.step()
             return norm if norm is not None else float(self.engine.get_global_grad_norm() or 0.0)
@@ -224,9 +269,8 @@ class PolicyWorker(_DeepSpeedWorker):
             for idx in _micro_batches(np.arange(table.num_rows), self.cfg["micro_batch_size"]):
                 rows = table.take(idx)
                 batch = _collate(rows["prompt_ids"].to_pylist(), rows["response_ids"].to_pylist(),
-                                 self.tokenizer.pad_token_id)
-                logp, mask = response_logprobs(self.engine, *batch)
-                out += [lp[m].tolist() for lp, m in zip(logp, mask)]
+                                 self.tokenizer.pad_token_id, self.device)
+                out += _rows(*response_logprobs(self.engine, *batch))
         return out
 
     def train(self, table, new_version: int, seed: int, kl_coef: float) -> list[dict]:
@@ -252,10 +296,10 @@ class PolicyWorker(_DeepSpeedWorker):
                    "ppo/entropy": 0.0, "ppo/is_weight_mean": 0.0}
             for mb in micro_batches:
                 ids, attn, p_lens, a_lens = _collate([cols["prompt_ids"][i] for i in mb], [response_ids[i] for i in mb],
-                                                     self.tokenizer.pad_token_id)
+                                                     self.tokenizer.pad_token_id, self.device)
                 logp, mask, entropy = response_logprobs(self.engine, ids, attn, p_lens, a_lens, with_entropy=True)
                 a_max = logp.shape[1]
-                column = lambda name: _padded([cols[name][i] for i in mb], a_max)  # noqa: E731
+                column = lambda name: _padded([cols[name][i] for i in mb], a_max, logp.device)  # noqa: E731
                 old_lp = column("old_logprobs")
                 is_weights = None
                 if algo["is_correction"] != "none":
@@ -348,9 +392,8 @@ class CriticWorker(_DeepSpeedWorker):
             for idx in _micro_batches(np.arange(table.num_rows), self.cfg["micro_batch_size"]):
                 rows = table.take(idx)
                 ids, attn, p_lens, a_lens = _collate(rows["prompt_ids"].to_pylist(), rows["response_ids"].to_pylist(),
-                                                     self.pad_token_id)
-                v, mask = _response_slice(self.engine(ids, attn)[:, :-1], p_lens, a_lens)
-                out += [row[m].tolist() for row, m in zip(v, mask)]
+                                                     self.pad_token_id, self.device)
+                out += _rows(*_response_slice(self.engine(ids, attn)[:, :-1], p_lens, a_lens))
         return out
 
     def train(self, table, new_version: int, seed: int, kl_coef: float = 0.0) -> list[dict]:
@@ -367,11 +410,11 @@ class CriticWorker(_DeepSpeedWorker):
             acc = {"critic/value_loss": 0.0, "critic/clipfrac": 0.0}
             for mb in micro_batches:
                 ids, attn, p_lens, a_lens = _collate([prompt_ids[i] for i in mb], [response_ids[i] for i in mb],
-                                                     self.pad_token_id)
+                                                     self.pad_token_id, self.device)
                 v, mask = _response_slice(self.engine(ids, attn)[:, :-1], p_lens, a_lens)
                 a_max = v.shape[1]
-                loss, stats = value_loss(v, _padded([old_v[i] for i in mb], a_max),
-                                         _padded([returns[i] for i in mb], a_max), mask,
+                loss, stats = value_loss(v, _padded([old_v[i] for i in mb], a_max, v.device),
+                                         _padded([returns[i] for i in mb], a_max, v.device), mask,
                                          self.algo["value_clip_eps"], loss_denominator=step_tokens)
                 self.engine.backward(loss, scale_wrt_gas=False)
                 grad_norm = self._step()
@@ -384,15 +427,17 @@ class CriticWorker(_DeepSpeedWorker):
 
 
 class ReferenceWorker:
-    """The frozen reference policy π_ref: a plain HF model in eval mode, no optimizer, no DeepSpeed."""
+    """The frozen reference policy π_ref: a plain HF model in eval mode, no optimizer, no DeepSpeed; on cuda:0 when
+    the actor was given a GPU (it shares the policy's `num_gpus`), else on the CPU."""
 
     def __init__(self, model_path: str, dtype: str, micro_batch_size: int, num_threads: int):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         torch.set_num_threads(num_threads)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.pad_id = AutoTokenizer.from_pretrained(model_path).pad_token_id
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=_torch_dtype(dtype)).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=_torch_dtype(dtype)).to(self.device).eval()
         self.micro_batch_size = micro_batch_size
 
     def logprobs(self, table) -> list[list[float]]:
@@ -402,9 +447,9 @@ class ReferenceWorker:
         with torch.no_grad():
             for idx in _micro_batches(np.arange(table.num_rows), self.micro_batch_size):
                 rows = table.take(idx)
-                batch = _collate(rows["prompt_ids"].to_pylist(), rows["response_ids"].to_pylist(), self.pad_id)
-                logp, mask = response_logprobs(self.model, *batch)
-                out += [lp[m].tolist() for lp, m in zip(logp, mask)]
+                batch = _collate(rows["prompt_ids"].to_pylist(), rows["response_ids"].to_pylist(), self.pad_id,
+                                 self.device)
+                out += _rows(*response_logprobs(self.model, *batch))
         return out
 
 

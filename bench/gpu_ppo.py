@@ -1,0 +1,409 @@
+"""GPU benchmark: the whole PPO flow on one GPU with hybrid placement, on a local random-init ~0.5B Qwen2.
+
+What it runs: `flows.ppo.ppo_train` in-process, with configs/quickstart.yaml (PPO with GAE and a critic, on the
+doubling task of ppoflow/tasks/arith.py) plus overrides: the HF generation engine (`generation.backend: hf`), bf16,
+and the engine, the DeepSpeed policy and critic and the reference model as Ray actors that each hold a fraction of
+the same GPU (`--gpu-fraction` each; the reference takes the policy's share). The model is built here, nothing is
+downloaded: ppoflow's own tokenizer and a Qwen2 of hidden 1024 x 24 layers, 16 heads of 64, 4 KV heads and a 5.5x MLP
+(~0.48B parameters). Its vocabulary is tiny (~280 tokens), so nearly every parameter sits in the transformer blocks;
+per token that is about the compute of Qwen2.5-0.5B, whose 151k-token LM head costs what the wider MLP costs here.
+Random weights sample nearly uniform tokens, so most responses run to --max-new-tokens: the rewards mean nothing,
+the throughput numbers do.
+
+What it measures (read back from the run's commit markers, as `ppoflow runs show` does), per iteration: each stage's
+seconds, generation tokens/s (`perf/gen_tokens_per_s`), update tokens/s (prompt+response tokens of the experience
+times ppo_epochs, per second of the update stage; policy and critic train the same tokens concurrently and are
+counted once; the stage includes its checkpoint write), checkpoint seconds and bytes, sync seconds and bytes, mean
+reward, and the engine-vs-trainer logprob gap (`rollout/logprob_diff_mean` = mean exp|Δ logprob| on the rollout's
+tokens; from iteration 2 on it checks the weight sync; bf16 puts it near 1.0, not at it). Then: peak GPU memory
+(nvidia-smi every 0.5 s: every process on the GPU, i.e. all four actors together; overall and per stage), worker
+startup seconds, model parameters, the device. The table is also written as JSON to $OUT/gpu_ppo.json when OUT is
+set.
+
+Disk: under ZeRO-0 a DeepSpeed checkpoint of a 0.48B bf16 model with its fp32 master weights and AdamW moments is
+~6.7 GB, and every iteration commits one for the policy and one for the critic. Checkpoints the run can no longer need
+(older than the latest committed update) are deleted while it runs unless --keep-checkpoints; the work folder (a
+temporary one unless --workdir) is deleted at the end unless --keep-workdir.
+
+Run (GPU host, repo root, the carried wheels in .whl/):  bash bench/gpu_run.sh [--iterations 3 --prompts 64 ...]
+CPU smoke check (tiny shapes, every actor on the CPU):
+    .venv/bin/python bench/gpu_ppo.py --hidden 64 --layers 2 --iterations 1 --prompts 8 --max-new-tokens 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from datetime import datetime
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = REPO / "configs" / "quickstart.yaml"
+STAGES = ("generate", "score", "advantages", "update", "sync")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--iterations", type=int, default=3, help="PPO iterations")
+    p.add_argument("--prompts", type=int, default=64, help="data.prompts_per_iteration")
+    p.add_argument("--samples", type=int, default=4, help="generation.n_samples_per_prompt")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="generation.max_new_tokens")
+    p.add_argument("--hidden", type=int, default=1024, help="hidden size")
+    p.add_argument("--layers", type=int, default=24, help="transformer layers")
+    p.add_argument("--heads", type=int, default=None, help="attention heads (default: hidden / 64)")
+    p.add_argument("--kv-heads", type=int, default=4, help="KV heads (capped at --heads)")
+    p.add_argument("--intermediate", type=int, default=None, help="MLP size (default: 5.5 x hidden, rounded)")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="model.dtype")
+    p.add_argument("--gpu-fraction", type=float, default=0.25,
+                   help="num_gpus of the engine, the policy and the critic each; the reference shares the policy's")
+    p.add_argument("--mini-batch", type=int, default=64, help="policy/critic mini_batch_size (capped at the batch)")
+    p.add_argument("--micro-batch", type=int, default=16, help="policy/critic/reference micro_batch_size")
+    p.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=0, help="policy/critic zero_stage")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra config override, applied last (repeatable), e.g. --set algo.estimator=group_norm")
+    p.add_argument("--workdir", default=None, help="model, prompts and runs go here (default: a temporary folder)")
+    p.add_argument("--keep-workdir", action="store_true", help="don't delete the work folder at the end")
+    p.add_argument("--keep-checkpoints", action="store_true", help="don't delete checkpoints the run no longer needs")
+    return p.parse_args(argv)
+
+
+def model_shape(args: argparse.Namespace, max_model_len: int) -> dict:
+    """Qwen2 shape entries for ppoflow.tiny_model.make_tiny_model; head size 64 as in Qwen2.5-0.5B."""
+    heads = args.heads or max(1, args.hidden // 64)
+    kv_heads = min(args.kv_heads, heads)
+    if args.hidden % heads or heads % kv_heads:
+        raise SystemExit(f"--hidden {args.hidden} must be a multiple of --heads {heads}, itself a multiple of "
+                         f"--kv-heads {kv_heads}")
+    return dict(hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=heads,
+                num_key_value_heads=kv_heads,
+                intermediate_size=args.intermediate or max(128, round(args.hidden * 5.5 / 128) * 128),
+                max_position_embeddings=max(1024, max_model_len))
+
+
+def count_parameters(model_dir: Path) -> int:
+    """Parameters stored in the safetensors files (a tied LM head is stored, and counted, once); header reads only."""
+    from safetensors import safe_open
+
+    total = 0
+    for file in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            total += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    return total
+
+
+def _nvidia_smi(*query: str) -> list[str] | None:
+    """One line per GPU of `nvidia-smi --query-gpu=...`, or None without nvidia-smi."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", f"--query-gpu={','.join(query)}", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10, check=True).stdout
+    except (subprocess.SubprocessError, OSError):
+        return None
+    return [line.strip() for line in out.splitlines() if line.strip()]
+
+
+class MemorySampler(threading.Thread):
+    """Used memory of the benchmark's GPU every `period` s, from nvidia-smi: it counts every process on the GPU
+    (the four actors and any CUDA context of the driver), which is what hybrid placement has to fit."""
+
+    def __init__(self, gpu_index: int, period: float = 0.5):
+        super().__init__(name="gpu-memory-sampler", daemon=True)
+        self.gpu_index, self.period = gpu_index, period
+        self.samples: list[tuple[float, int]] = []  # (unix time, MiB used)
+        self._halt = threading.Event()  # not `_stop`: threading.Thread has one
+
+    def read(self) -> int | None:
+        lines = _nvidia_smi("index", "memory.used")
+        for line in lines or []:
+            index, used = (x.strip() for x in line.split(","))
+            if int(index) == self.gpu_index:
+                return int(used)
+        return None
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            used = self.read()
+            if used is not None:
+                self.samples.append((time.time(), used))
+            self._halt.wait(self.period)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(timeout=10)
+
+    def peak(self, start: float = -math.inf, end: float = math.inf) -> int | None:
+        inside = [mib for t, mib in self.samples if start <= t <= end]
+        return max(inside) if inside else None
+
+
+class CheckpointPruner(threading.Thread):
+    """Deletes checkpoints older than the latest committed update while the run goes on. The flow only ever reloads
+    the checkpoint of the previous iteration (a retried update, a resume): everything older only fills the disk,
+    ~14 GB per iteration at the default shape."""
+
+    def __init__(self, run_uri: str, period: float = 2.0):
+        super().__init__(name="checkpoint-pruner", daemon=True)
+        self.run_uri, self.period = run_uri, period
+        self.deleted: list[int] = []
+        self._halt = threading.Event()  # not `_stop`: threading.Thread has one
+
+    def prune(self) -> None:
+        import fsspec
+
+        from storage.run import RunStore
+
+        store = RunStore(self.run_uri)
+        latest = store.latest_committed("update")
+        for n in range(1, latest):
+            if n in self.deleted:
+                continue
+            fs, path = fsspec.core.url_to_fs(store.checkpoint_uri(n))
+            if fs.exists(path):
+                fs.rm(path, recursive=True)
+                print(f"gpu_ppo: deleted the checkpoint of iteration {n} (latest committed: {latest})", flush=True)
+            self.deleted.append(n)
+
+    def run(self) -> None:
+        while not self._halt.wait(self.period):
+            try:
+                self.prune()
+            except Exception as err:  # noqa: BLE001 - a failed prune must not end the benchmark
+                print(f"gpu_ppo: checkpoint pruning failed: {err!r}", file=sys.stderr)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(timeout=30)
+
+
+def _timestamp(iso: str) -> float:
+    return datetime.fromisoformat(iso).timestamp()
+
+
+def collect(run_uri: str, config, sampler: MemorySampler | None) -> tuple[list[dict], dict]:
+    """Per-iteration rows and run-level numbers, from what the run committed."""
+    from stages.common import iteration_summary
+    from storage.run import RunStore
+
+    store = RunStore(run_uri)
+    rows, stage_peaks = [], {s: None for s in STAGES}
+    for n in range(1, config.iterations + 1):
+        summary = iteration_summary(store, n)
+        row = {"iteration": n, **{f"{s}_s": summary.get(f"time/{s}_s") for s in STAGES}}
+        row.update(gen_tokens_per_s=summary.get("perf/gen_tokens_per_s"),
+                   response_len=summary.get("rollout/response_len"),
+                   reward=summary.get("rollout/reward_mean"),
+                   logprob_diff=summary.get("rollout/logprob_diff_mean"),
+                   logprob_abs_diff_max=summary.get("rollout/logprob_abs_diff_max"),
+                   checkpoint_s=summary.get("perf/checkpoint_s"),
+                   # the weight transfer alone (export, object store, load); sync_s is the whole stage
+                   weight_sync_s=summary.get("perf/sync_s"), sync_bytes=summary.get("perf/sync_bytes"))
+        update = store.stage_marker(n, "update")
+        if store.stage_marker(n, "advantages") is not None and update is not None:
+            experience = store.read_stage(n, "advantages").select(["prompt_ids", "response_ids"])
+            tokens = sum(len(p) + len(r) for p, r in zip(experience["prompt_ids"].to_pylist(),
+                                                         experience["response_ids"].to_pylist()))
+            row["update_tokens"] = tokens * config.algo.ppo_epochs
+            row["update_tokens_per_s"] = row["update_tokens"] / max(update["seconds"], 1e-9)
+            row["checkpoint_bytes"] = sum(f["bytes"] for f in update.get("checkpoint", {}).get("files", []))
+        if sampler is not None:
+            for stage in STAGES:
+                marker = store.stage_marker(n, stage)
+                if marker is not None:
+                    end = _timestamp(marker["committed_at"])
+                    peak = sampler.peak(end - marker["seconds"], end)
+                    row[f"{stage}_peak_mib"] = peak
+                    if peak is not None:
+                        stage_peaks[stage] = max(stage_peaks[stage] or 0, peak)
+            peaks = [row[f"{s}_peak_mib"] for s in STAGES if row.get(f"{s}_peak_mib") is not None]
+            row["peak_mib"] = max(peaks) if peaks else None
+        rows.append(row)
+    started = [e for e in store.events() if e.get("stage") == "workers" and e.get("action") == "started"]
+    return rows, {"worker_startup_s": started[0]["seconds"] if started else None,
+                  "peak_gpu_mem_by_stage_mib": stage_peaks}
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def print_table(rows: list[dict], run: dict) -> None:
+    columns = [  # header, key, format, scale
+        ("iter", "iteration", "d", 1), ("gen_s", "generate_s", ".1f", 1), ("score_s", "score_s", ".1f", 1),
+        ("adv_s", "advantages_s", ".2f", 1), ("update_s", "update_s", ".1f", 1), ("sync_s", "sync_s", ".2f", 1),
+        ("gen_tok/s", "gen_tokens_per_s", ".0f", 1), ("upd_tok/s", "update_tokens_per_s", ".0f", 1),
+        ("ckpt_s", "checkpoint_s", ".1f", 1), ("ckpt_GB", "checkpoint_bytes", ".2f", 1e-9),
+        ("sync_MB", "sync_bytes", ".1f", 1e-6), ("resp_len", "response_len", ".1f", 1), ("reward", "reward", ".3f", 1),
+        ("lp_diff", "logprob_diff", ".4f", 1), ("peak_MiB", "peak_mib", "d", 1),
+    ]
+    widths = [max(len(h), 8) for h, *_ in columns]
+    print("  ".join(h.rjust(w) for (h, *_), w in zip(columns, widths)))
+    for row in rows:
+        cells = []
+        for (_, key, spec, scale), w in zip(columns, widths):
+            value = row.get(key)
+            if value is not None and scale != 1:
+                value = value * scale
+            cells.append(_fmt(value, spec).rjust(w))
+        print("  ".join(cells))
+    peak, total, before = run.get("peak_gpu_mem_mib"), run.get("gpu_mem_total_mib"), run.get("gpu_mem_before_mib")
+    by_stage = ", ".join(f"{s} {_fmt(v, 'd')}" for s, v in run.get("peak_gpu_mem_by_stage_mib", {}).items())
+    print(f"peak GPU memory: {_fmt(peak, 'd')} MiB of {_fmt(total, 'd')} ({_fmt(before, 'd')} used before the run); "
+          f"per stage: {by_stage}")
+    print(f"worker startup: {_fmt(run.get('worker_startup_s'), '.1f')} s   ray.init: {run['ray_init_s']:.1f} s   "
+          f"model build: {run['model_build_s']:.1f} s   flow: {_fmt(run.get('flow_s'), '.1f')} s")
+    m = run["model"]
+    print(f"model: {run['params']:,} parameters (Qwen2 hidden {m['hidden_size']} x {m['num_hidden_layers']} layers, "
+          f"{m['num_attention_heads']} heads / {m['num_key_value_heads']} KV, MLP {m['intermediate_size']}, "
+          f"vocab {m['vocab_size']}, {run['dtype']})   device: {run['device']}   "
+          f"num_gpus engine/policy+reference/critic: {run['gpu_fractions']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="ppoflow-gpu-bench-")).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    # Before anything imports Prefect or starts Ray: Ray's workers inherit this environment, and Prefect reads its
+    # settings from it. A private PREFECT_HOME keeps the temporary API's database out of the home folder.
+    for key, value in {
+        "PREFECT_HOME": str(workdir / "prefect"), "PREFECT_MEMO_STORE_PATH": str(workdir / "prefect" / "memo.toml"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+        "PREFECT_UI_ENABLED": "false", "TOKENIZERS_PARALLELISM": "false",
+    }.items():
+        os.environ.setdefault(key, value)
+    sys.path.insert(0, str(REPO))  # `python bench/gpu_ppo.py` puts bench/, not the repo, on the path
+    os.chdir(REPO)  # Ray puts the driver's working directory on its workers' path: the actors import workers.*
+
+    import torch
+
+    from ppoflow.tasks.arith import N_QUESTIONS, write_prompts
+    from ppoflow.tiny_model import make_tiny_model
+    from stages.config import RunConfig, load_config
+
+    cuda = torch.cuda.is_available()  # no CUDA context in the driver: only the actors should hold GPU memory
+    fraction = args.gpu_fraction if cuda else 0.0
+    base = load_config(str(QUICKSTART), [])  # for the fields kept from the quickstart
+    max_model_len = base.data.max_prompt_tokens + args.max_new_tokens
+    shape = model_shape(args, max_model_len)
+    batch = args.prompts * args.samples
+    mini = min(args.mini_batch, batch)
+    micro = min(args.micro_batch, mini)
+
+    t0 = time.perf_counter()
+    model_dir = workdir / f"qwen2-h{shape['hidden_size']}-l{shape['num_hidden_layers']}-{args.dtype}"
+    if not (model_dir / "config.json").is_file():  # a --workdir reused across runs keeps its model
+        make_tiny_model(str(model_dir), sft_steps=0, shape=shape, dtype=args.dtype)
+    # Enough distinct prompts that no iteration repeats one (the task has 10,000 questions in all).
+    n_train = min(max(2048, args.prompts * args.iterations), N_QUESTIONS - 256)
+    prompts = write_prompts(str(workdir / "data"), n_train=n_train, n_eval=256)
+    model_build_s = time.perf_counter() - t0
+    params = count_parameters(model_dir)
+    print(f"gpu_ppo: model {model_dir} with {params:,} parameters; prompts {prompts['train']}", flush=True)
+
+    run_id = f"gpu-ppo-{datetime.now():%Y%m%d-%H%M%S}"
+    ncpu = os.cpu_count() or 2
+    overrides = [
+        f"run_id={run_id}", f"iterations={args.iterations}",
+        f"model.path={model_dir}", f"model.dtype={args.dtype}",
+        f"data.prompts={prompts['train']}", f"data.prompts_per_iteration={args.prompts}",
+        "generation.backend=hf", f"generation.n_samples_per_prompt={args.samples}",
+        f"generation.max_new_tokens={args.max_new_tokens}", f"generation.max_model_len={max_model_len}",
+        f"generation.num_gpus={fraction}",
+        *(f"{role}.{key}={value}" for role in ("policy", "critic") for key, value in (
+            ("num_gpus", fraction), ("mini_batch_size", mini), ("micro_batch_size", micro), ("num_threads", 2),
+            ("zero_stage", args.zero_stage))),
+        f"ray.num_cpus={ncpu}", "tracking.logger=none", f"storage.root={workdir / 'runs'}",
+    ]
+    if "eval" in RunConfig.model_fields:  # evaluation is not part of what this measures
+        overrides.append("eval.prompts=null")
+    config = load_config(str(QUICKSTART), overrides + args.set)
+    # The reference actor asks for the policy's share, so it counts twice here.
+    gpus = {"engine": config.generation.num_gpus, "policy": config.policy.num_gpus,
+            "reference": config.policy.num_gpus, "critic": config.critic.num_gpus if config.uses_critic else 0.0}
+    if sum(gpus.values()) > 1.0 + 1e-9:
+        raise SystemExit(f"the actors ask for {sum(gpus.values()):g} GPUs ({gpus}); hybrid placement on one GPU "
+                         "needs a total of at most 1: lower --gpu-fraction")
+
+    from storage.run import run_uri as make_run_uri
+
+    run_uri = make_run_uri(config.storage.root, run_id)
+    visible = (os.environ.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0].strip()
+    gpu_index = int(visible) if visible.isdigit() else 0  # Ray hands out the first visible GPU first
+    sampler = MemorySampler(gpu_index) if cuda and shutil.which("nvidia-smi") else None
+    gpu_before = sampler.read() if sampler else None
+    if sampler:
+        sampler.start()
+    pruner = None if args.keep_checkpoints else CheckpointPruner(run_uri)
+    if pruner:
+        pruner.start()
+
+    import ray
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.ppo import ppo_train
+
+    t0 = time.perf_counter()
+    # Started here rather than by the flow so that Ray is told about the GPU explicitly; the flow's connect() then
+    # finds it running and joins it.
+    ray.init(num_cpus=ncpu, num_gpus=1 if cuda else 0, namespace=config.ray.namespace, include_dashboard=False,
+             log_to_driver=True)
+    ray_init_s = time.perf_counter() - t0
+    failed, flow_s = False, None
+    try:
+        with prefect_test_harness(server_startup_timeout=120):
+            t0 = time.perf_counter()
+            ppo_train(config=config)
+            flow_s = time.perf_counter() - t0
+    except BaseException:  # noqa: BLE001 - report what was committed before the failure, then fail
+        traceback.print_exc()
+        failed = True
+    finally:
+        ray.shutdown()
+        if pruner:
+            pruner.stop()
+        if sampler:
+            sampler.stop()
+
+    rows, run = collect(run_uri, config, sampler)
+    name_total = (_nvidia_smi("index", "name", "memory.total") or []) if cuda else []
+    info = next((line.split(", ") for line in name_total if line.split(", ")[0] == str(gpu_index)), None)
+    run.update(
+        # Asked of torch only now: a CUDA context in the driver would have counted in the memory samples.
+        device=torch.cuda.get_device_name(0) if cuda else f"cpu ({ncpu} cores)",
+        gpu_mem_total_mib=int(info[2]) if info else None, gpu_mem_before_mib=gpu_before,
+        peak_gpu_mem_mib=sampler.peak() if sampler else None, params=params, dtype=args.dtype,
+        model={**shape, "vocab_size": json.loads((model_dir / "config.json").read_text())["vocab_size"]},
+        gpu_fractions=f"{gpus['engine']:g}/{gpus['policy']:g}+{gpus['reference']:g}/{gpus['critic']:g}",
+        ray_init_s=ray_init_s, model_build_s=model_build_s, flow_s=flow_s, failed=failed, run_uri=run_uri,
+        settings={"iterations": args.iterations, "prompts_per_iteration": args.prompts, "samples": args.samples,
+                  "max_new_tokens": args.max_new_tokens, "mini_batch": mini, "micro_batch": micro,
+                  "zero_stage": config.policy.zero_stage, "estimator": config.algo.estimator,
+                  "ppo_epochs": config.algo.ppo_epochs, "extra_overrides": args.set},
+    )
+    print()
+    print_table(rows, run)
+    if os.environ.get("OUT"):
+        out = Path(os.environ["OUT"]) / "gpu_ppo.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({**run, "iterations": rows,
+                                   "memory_samples": sampler.samples if sampler else []}, indent=1) + "\n")
+        print(f"gpu_ppo: wrote {out}")
+    if not args.keep_workdir:
+        shutil.rmtree(workdir, ignore_errors=True)
+    else:
+        print(f"gpu_ppo: kept {workdir}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
