@@ -117,8 +117,9 @@ def test_killed_flow_run_is_retried_without_recomputing_committed_stages(prefect
     for path, data in before.items():
         assert path.read_bytes() == data  # nothing committed was rewritten
     ran = [(e["stage"], e.get("iteration")) for e in _events(run) if e["action"] == "ran"]
-    assert sorted(ran) == sorted({(s, n) for s in ("generate", "score", "advantages", "update", "sync")
-                                  for n in (1, 2)})  # every stage ran exactly once over both attempts
+    expected = {(s, n) for s in ("generate", "score", "advantages", "update", "sync") for n in (1, 2)}
+    assert sorted(ran) == sorted(expected | {("eval", n) for n in (0, 1, 2)})  # each exactly once over both attempts
     resumed = [e for e in _events(run) if e["pid"] != _events(run)[0]["pid"]]
     assert {(e["stage"], e["action"]) for e in resumed if e.get("iteration") == 2} == {
-        ("generate", "skipped"), ("score", "skipped"), ("advantages", "skipped"), ("update", "ran"), ("sync", "ran")}
+        ("generate", "skipped"), ("score", "skipped"), ("advantages", "skipped"), ("update", "ran"), ("sync", "ran"),
+        ("eval", "ran")}

@@ -41,7 +41,7 @@ def _events(run: Path) -> list[dict]:
 def test_sigkill_in_update_then_resume(tmp_path, tiny_model_dir, prompts_dir, reap_session):
     args = ["--config", "configs/quickstart.yaml", "--run-id", "crash",
             "--set", f"model.path={tiny_model_dir}", "--set", f"data.prompts={prompts_dir}/train.jsonl",
-            "--set", f"eval.prompts={prompts_dir}/eval.jsonl",
+            "--set", "eval.prompts=null",  # the resumed engine must serve no request at all: no evaluation either
             "--set", f"storage.root={tmp_path}", "--set", "iterations=2", "--set", "data.prompts_per_iteration=8"]
     env = {"PREFECT_HOME": str(tmp_path / "prefect")}
     run = tmp_path / "runs" / "crash"
