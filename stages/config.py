@@ -12,12 +12,12 @@ import hashlib
 import json
 import sys
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from algorithms.config import GROUP_ESTIMATORS, AlgoConfig
-from stages.tracking import TrackingConfig
 from storage.config import StorageConfig
 from workers.config import GenerationConfig, ModelConfig, RayConfig, TrainerConfig
 
@@ -84,6 +84,44 @@ class EvalConfig(BaseModel):
 
     pass_threshold: float = 1.0
     """A response passes when its reward is at least this; `eval/pass_rate` is the passing fraction."""
+
+
+class TrackingConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    logger: Literal["tensorboard", "wandb", "mlflow", "none"] = "tensorboard"
+    """Where each iteration's metrics go. `tensorboard`: event files (`tensorboard --logdir {storage.root}/runs`).
+    `mlflow`: an MLflow run in `project` (a local SQLite store unless `mlflow_tracking_uri` names a server).
+    `wandb`: a W&B run in `project` (offline unless `wandb_mode: online`). `none`: nothing is written.
+    Credentials come from the environment only (WANDB_API_KEY, MLFLOW_TRACKING_TOKEN, ...), never from this config.
+    Operational: a resumed run may change anything in this section."""
+
+    project: str = "ppoflow"
+    """MLflow experiment / W&B project the run is logged under; the run itself is named after its run id."""
+
+    dir: str | None = None
+    """Local folder the file-based trackers write in: TensorBoard events in `{dir}/{run_id}/tensorboard`, W&B runs in
+    `{dir}/{run_id}/wandb`, the default MLflow store in `{dir}/mlflow.db` (one store for all runs, so the MLflow UI
+    compares them). None: the runs folder of a local storage root (`{storage.root}/runs`, so the events sit inside
+    the run folder); with a non-local root (s3://...) `./tracking` in the driver's working directory, since these
+    trackers write to a local disk — copy that folder or use an MLflow server / W&B online."""
+
+    mlflow_tracking_uri: str | None = None
+    """MLflow tracking URI (`http://host:5000`, `sqlite:///path/mlflow.db`, `databricks`). None:
+    `sqlite:///{dir}/mlflow.db`, which works offline (MLflow 3 refuses a plain `./mlruns` folder store unless
+    MLFLOW_ALLOW_FILE_STORE=true)."""
+
+    wandb_mode: Literal["offline", "online"] = "offline"
+    """`offline` writes the run under `dir` without network (upload later with `wandb sync DIR`); `online` needs
+    WANDB_API_KEY in the environment (and WANDB_ENTITY to pick a team)."""
+
+    @field_validator("dir")
+    @classmethod
+    def _local(cls, v: str | None) -> str | None:
+        if v is not None and "://" in v:
+            raise ValueError(f"must be a local folder (TensorBoard, SQLite and W&B offline write to a local disk), "
+                             f"got {v!r}")
+        return v
 
 
 class FlowConfig(BaseModel):

@@ -5,8 +5,8 @@ config is logged the first time a process tracks the run.
 Everything logged is read back from the commit markers, so a resumed run that logs an iteration again logs the same
 values: TensorBoard drops the earlier points at and after the restart step, MLflow finds the run it logged before
 (by the run URI tag) and ignores identical points, W&B drops steps older than its run's last one. Metric names
-pass unchanged. With `logger: none` nothing is written; the trackers' heavy imports (torch, mlflow, wandb, Prefect)
-happen on first use, so importing this module (as stages.config does) stays cheap.
+pass unchanged. With `logger: none` nothing is written; the trackers' heavy imports (torch, mlflow, wandb) happen on
+first use. The settings, `TrackingConfig`, live in stages/config.py with the rest of the run config.
 
 Run alone to log every committed iteration of an existing run (a run trained before tracking was on, or into
 another tracker):
@@ -20,52 +20,16 @@ import os
 import sys
 import time
 from datetime import datetime
-from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from stages.config import TrackingConfig
 
 HPARAM_METRICS = ("rollout/reward_mean", "rollout/kl")
 """Metrics TensorBoard's HPARAMS tab shows beside each run's config."""
 
 _CONFIG_LOGGED: set[str] = set()  # run URIs whose config this process has logged (once per process and run)
-
-
-class TrackingConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    logger: Literal["tensorboard", "wandb", "mlflow", "none"] = "tensorboard"
-    """Where each iteration's metrics go. `tensorboard`: event files (`tensorboard --logdir {storage.root}/runs`).
-    `mlflow`: an MLflow run in `project` (a local SQLite store unless `mlflow_tracking_uri` names a server).
-    `wandb`: a W&B run in `project` (offline unless `wandb_mode: online`). `none`: nothing is written.
-    Credentials come from the environment only (WANDB_API_KEY, MLFLOW_TRACKING_TOKEN, ...), never from this config.
-    Operational: a resumed run may change anything in this section."""
-
-    project: str = "ppoflow"
-    """MLflow experiment / W&B project the run is logged under; the run itself is named after its run id."""
-
-    dir: str | None = None
-    """Local folder the file-based trackers write in: TensorBoard events in `{dir}/{run_id}/tensorboard`, W&B runs in
-    `{dir}/{run_id}/wandb`, the default MLflow store in `{dir}/mlflow.db` (one store for all runs, so the MLflow UI
-    compares them). None: the runs folder of a local storage root (`{storage.root}/runs`, so the events sit inside
-    the run folder); with a non-local root (s3://...) `./tracking` in the driver's working directory, since these
-    trackers write to a local disk — copy that folder or use an MLflow server / W&B online."""
-
-    mlflow_tracking_uri: str | None = None
-    """MLflow tracking URI (`http://host:5000`, `sqlite:///path/mlflow.db`, `databricks`). None:
-    `sqlite:///{dir}/mlflow.db`, which works offline (MLflow 3 refuses a plain `./mlruns` folder store unless
-    MLFLOW_ALLOW_FILE_STORE=true)."""
-
-    wandb_mode: Literal["offline", "online"] = "offline"
-    """`offline` writes the run under `dir` without network (upload later with `wandb sync DIR`); `online` needs
-    WANDB_API_KEY in the environment (and WANDB_ENTITY to pick a team)."""
-
-    @field_validator("dir")
-    @classmethod
-    def _local(cls, v: str | None) -> str | None:
-        if v is not None and "://" in v:
-            raise ValueError(f"must be a local folder (TensorBoard, SQLite and W&B offline write to a local disk), "
-                             f"got {v!r}")
-        return v
 
 
 def flatten_config(config: dict, prefix: str = "") -> dict:
@@ -251,17 +215,9 @@ def track_iteration(config, run_uri: str, iteration: int) -> dict:
     return row
 
 
-def __getattr__(name: str):
-    # The Prefect task is made on first use: stages.config imports this module for TrackingConfig, and importing
-    # Prefect (~1.7 s, ~1100 modules) is a cost that config validation (`python -m stages.config`, the CLI's
-    # checks) should not pay.
-    if name != "track_task":
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    from prefect import task
-    from prefect.cache_policies import NO_CACHE
-
-    globals()["track_task"] = task(name="track", cache_policy=NO_CACHE)(track_iteration)
-    return globals()["track_task"]
+@task(name="track", cache_policy=NO_CACHE)
+def track_task(config, run_uri: str, iteration: int) -> dict:
+    return track_iteration(config, run_uri, iteration)
 
 
 if __name__ == "__main__":
