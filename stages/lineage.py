@@ -27,10 +27,13 @@ def _base(config_path: str, overrides: list[str] | None):
 def next_run(lineage: str, prompts_dir: str, config_path: str, overrides: list[str] | None = None) -> dict:
     """Decide the next run; never writes. `action` is `resume`, `train` or `nothing_new`; `overrides` are the dotted
     overrides the run adds to the lineage's config."""
+    return _next_run(_base(config_path, overrides), lineage, prompts_dir)
+
+
+def _next_run(config, lineage: str, prompts_dir: str) -> dict:
     from storage.lineage import LineageStore
     from storage.prompts import list_prompt_files
 
-    config = _base(config_path, overrides)
     opts = config.storage.storage_options
     records = LineageStore(config.storage.root, lineage, opts).records()
     if records and records[-1]["status"] != "complete":
@@ -47,11 +50,11 @@ def next_run(lineage: str, prompts_dir: str, config_path: str, overrides: list[s
                 "message": f"lineage {lineage}: no new prompt files in {prompts_dir}{since}; nothing to train"}
     run_id = f"{lineage}-{len(records) + 1:04d}"
     base = config.model
-    overrides = [f"run_id={run_id}", f"data.prompts={json.dumps(files)}",
-                 f"model.path={parent['final_policy'] if parent else base.path}",
+    init = parent["final_policy"] if parent else base.path
+    overrides = [f"run_id={run_id}", f"data.prompts={json.dumps(files)}", f"model.path={init}",
                  f"model.ref_path={base.ref_path or base.path}", f"model.critic_path={base.critic_path or base.path}"]
     return {"action": "train", "lineage": lineage, "run_id": run_id, "parent": parent and parent["run_id"],
-            "prompt_files": files, "overrides": overrides,
+            "prompt_files": files, "overrides": overrides, "init_policy": init,
             "message": f"lineage {lineage}: {run_id} trains on {len(files)} new prompt file(s)"
                        + (f" from {parent['run_id']}'s final policy" if parent else " from the base model")}
 
@@ -60,13 +63,12 @@ def plan_retrain(lineage: str, prompts_dir: str, config_path: str, overrides: li
     """`next_run`, and for a new run its record (status `started`): from here on its prompt files are consumed."""
     from storage.lineage import LineageStore
 
-    plan = next_run(lineage, prompts_dir, config_path, overrides)
+    config = _base(config_path, overrides)
+    plan = _next_run(config, lineage, prompts_dir)
     if plan["action"] == "train":
-        config = _base(config_path, overrides)
-        init = next(o for o in plan["overrides"] if o.startswith("model.path=")).partition("=")[2]
         LineageStore(config.storage.root, lineage, config.storage.storage_options).write({
             "lineage": lineage, "run_id": plan["run_id"], "parent": plan["parent"],
-            "prompt_files": plan["prompt_files"], "overrides": plan["overrides"], "init_policy": init,
+            "prompt_files": plan["prompt_files"], "overrides": plan["overrides"], "init_policy": plan["init_policy"],
             "status": "started", "final_policy": None,
         })
     return plan
