@@ -60,6 +60,10 @@ class VLLMEngine(Engine):
             kv_cache_memory_bytes=int(kv_cache_gib * 2**30),
             enforce_eager=enforce_eager,
             enable_prefix_caching=enable_prefix_caching,
+            # A prefill split over two steps makes vLLM rewind the request's seeded generator, which a CPU generator
+            # cannot do ("CPU Generator does not use offset"): a batch over the token budget (4096 tokens, e.g. 256
+            # prompts of 18 tokens) killed the engine. Whole prefills only; the rest wait for the next step.
+            enable_chunked_prefill=False,
             worker_extension_cls=EXTENSION_CLS,
         )
         self.startup_seconds = time.perf_counter() - started

@@ -109,6 +109,18 @@ def test_same_seed_same_samples_regardless_of_batch(engine, prompts):
     assert len({tuple(s["response_ids"]) for s in alone}) == len(alone)
 
 
+def test_batch_over_the_token_budget_with_seeds(engine, prompts):
+    # 300 seeded requests x 30 prompt tokens > vLLM's 4096-token step budget: with chunked prefill one prompt was
+    # split over two steps, vLLM rewound its seeded CPU generator and the engine died (the quickstart at 32 x 8).
+    long_prompt = (prompts[0] * 6)[:30]  # 137 prompts fill the budget, the 137th only in part
+    requests = [_request(long_prompt, seed=10_000 + i, n=1, max_new_tokens=4) for i in range(300)]
+    results = _generate(engine, requests)
+    assert len(results) == 300 and all(len(r) == 1 and r[0]["response_ids"] for r in results)
+    # and seeding still holds for a request that waited for a later step
+    [alone] = _generate(engine, [requests[-1]])
+    assert alone[0]["response_ids"] == results[-1][0]["response_ids"]
+
+
 def test_update_weights_in_place_and_restore(engine, prompts, tiny_model_dir):
     import ray
     import torch
