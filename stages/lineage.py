@@ -86,6 +86,7 @@ def finish_retrain(lineage: str, run_uri: str, config_path: str, overrides: list
     last = store.latest_committed("update")
     if last < 1:
         raise RuntimeError(f"run {store.run_id} of lineage {lineage} committed no update; it cannot be a parent")
+    store.pin_checkpoint(last, f"final policy of lineage {lineage}")  # the next run starts from it: never rotated
     record.update(status="complete", final_policy=f"{store.checkpoint_uri(last)}/hf", final_iteration=last)
     lineages.write(record)
     return record

@@ -2,7 +2,8 @@
 
 Both trainers first return to the committed state of the previous iteration, so a retried or resumed update is the
 same update, never one on top of a half-finished one. The checkpoint (DeepSpeed state of each model + an HF export of
-the policy) is written before the stage marker, which lists its files: the marker commits both.
+the policy) is written before the stage marker, which lists its files: the marker commits both. After the commit,
+checkpoints older than the newest `storage.keep_checkpoints` are deleted (storage/run.py rotate_checkpoints).
 
 Tests: tests/stages/test_update.py; crash/resume: tests/flows/test_resume.py
 """
@@ -37,7 +38,9 @@ def update(config, run_uri: str, iteration: int) -> dict:
 
     seed = config.seed * 7919 + iteration  # same shuffles on a retry: the update is reproducible
     kl_coef = store.stage_marker(iteration, "advantages")["state"]["kl_coef"]
+    train_started = time.perf_counter()
     results = ray.get([w.train.remote(experience, iteration, seed, kl_coef) for w in workers.values()])
+    train_s = time.perf_counter() - train_started
     fault_point("update.after_train", iteration)
     save_s = ray.get([w.save_checkpoint.remote(ckpt, opts) for w in workers.values()]
                      + [workers["policy"].export_hf.remote(ckpt, opts)])
@@ -47,10 +50,14 @@ def update(config, run_uri: str, iteration: int) -> dict:
             for steps in results for step, m in enumerate(steps) for name, value in m.items()]
     metrics = {name: float(np.mean([r["value"] for r in rows if r["name"] == name]))
                for name in dict.fromkeys(r["name"] for r in rows)}
+    metrics["perf/train_s"] = train_s  # policy and critic train concurrently: wall time of both
     metrics["perf/checkpoint_s"] = float(sum(save_s))
-    return commit(store, config, iteration, "update", pa.Table.from_pylist(rows, schema=METRICS), "metrics",
-                  started, metrics, policy_version=iteration,
-                  checkpoint={"uri": ckpt, "files": store.checkpoint_files(iteration)})
+    marker = commit(store, config, iteration, "update", pa.Table.from_pylist(rows, schema=METRICS), "metrics",
+                    started, metrics, policy_version=iteration,
+                    checkpoint={"uri": ckpt, "files": store.checkpoint_files(iteration)})
+    if config.storage.keep_checkpoints is not None:  # only now: the new checkpoint is committed
+        store.rotate_checkpoints(config.storage.keep_checkpoints)
+    return marker
 
 
 @task(name="update", cache_policy=NO_CACHE)

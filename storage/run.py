@@ -8,6 +8,7 @@ Layout (every path below the run URI `{root}/runs/{run_id}`):
     iter-000001/generate/_SUCCESS.json        ... committed by its marker, written last
     iter-000001/{score,advantages,update,sync}/...
     checkpoints/iter-000001/{policy,critic,hf}/  DeepSpeed state + HF export, trusted only once update is committed
+    checkpoints/iter-000001/_PINNED.json      kept by rotation whatever its age (a lineage's final policy)
     events/*.json                             one record per stage execution (ran / skipped), for operators and tests
 
 A stage folder without a readable marker is never trusted: it is wiped and rewritten. A committed stage is never
@@ -29,6 +30,7 @@ import pyarrow.parquet as pq
 from storage.schema import fingerprint
 
 MARKER = "_SUCCESS.json"
+PINNED = "_PINNED.json"  # in a checkpoint folder: rotation never deletes it
 STAGES = ("generate", "score", "advantages", "update", "sync")
 
 
@@ -192,6 +194,29 @@ class RunStore:
         for p, info in sorted(self.fs.find(base, detail=True).items()):
             out.append({"name": p[len(base) + 1 :], "bytes": info["size"]})
         return out
+
+    def pin_checkpoint(self, iteration: int, reason: str) -> None:
+        """Exempt checkpoint `iteration` from rotation: later runs start from it (a lineage's final policy)."""
+        self._write_json(f"{self._path(self.checkpoint_uri(iteration))}/{PINNED}", {"reason": reason, "at": now_iso()})
+
+    def rotate_checkpoints(self, keep: int) -> list[int]:
+        """Delete the checkpoints of committed updates older than the newest `keep`, unless pinned; returns them.
+
+        Called once an update has committed, so the newest committed checkpoint is never one of those deleted: a
+        rotation cut short leaves it whole, plus an older folder in part, which the next rotation finishes. Each
+        deletion is recorded as an event; the update markers keep listing the files they committed."""
+        if keep < 1:
+            raise ValueError(f"keep must be at least 1, got {keep}")
+        committed = [n for n in self.iterations() if self.stage_marker(n, "update") is not None]
+        deleted = []
+        for n in committed[:-keep]:
+            path = self._path(self.checkpoint_uri(n))
+            if not self.fs.exists(path) or self.fs.exists(f"{path}/{PINNED}"):
+                continue
+            self.fs.rm(path, recursive=True)
+            self.record_event(stage="update", iteration=n, action="checkpoint_deleted")
+            deleted.append(n)
+        return deleted
 
     # ---- manifest and events ------------------------------------------------------------------------------
     def read_manifest(self) -> dict | None:

@@ -122,3 +122,41 @@ def test_list_runs_finds_every_run_folder(tmp_path):
         runs = RunStore.list_runs(root)
         assert [s.uri for s in runs] == [run_uri(root, "a"), run_uri(root, "b")]
         assert runs[0].read_stage(1, "update").num_rows == 10 and runs[1].read_manifest() == {"run_id": "b"}
+
+
+def _checkpoint_and_commit(store, n):
+    base = store._path(store.checkpoint_uri(n))
+    for role in ("policy", "critic", "hf"):
+        store.fs.makedirs(f"{base}/{role}", exist_ok=True)
+        store.fs.pipe_file(f"{base}/{role}/state.pt", b"weights %d" % n)
+    store.write_stage(n, "update", pa.Table.from_pylist(ROWS, schema=METRICS), "metrics", METRICS,
+                      checkpoint={"uri": store.checkpoint_uri(n), "files": store.checkpoint_files(n)})
+
+
+def _kept(store):
+    return [n for n in range(1, 10) if store.fs.exists(store._path(store.checkpoint_uri(n)))]
+
+
+def test_rotation_keeps_the_newest_committed_and_the_pinned(store):
+    for n in (1, 2, 3):
+        _checkpoint_and_commit(store, n)
+    store.pin_checkpoint(1, "final policy of lineage daily")
+    store.fs.makedirs(store._path(store.checkpoint_uri(4)) + "/policy", exist_ok=True)  # being written: no marker
+    assert store.rotate_checkpoints(2) == []  # 1 is pinned; 2 and 3 are the newest two committed
+    _checkpoint_and_commit(store, 4)
+    assert store.rotate_checkpoints(2) == [2] and _kept(store) == [1, 3, 4]
+    assert store.rotate_checkpoints(1) == [3] and _kept(store) == [1, 4]
+    assert store.checkpoint_files(4) == [{"name": f"{r}/state.pt", "bytes": 9} for r in ("critic", "hf", "policy")]
+    assert [e["iteration"] for e in (json.loads(store.fs.cat_file(p)) for p in sorted(
+        store.fs.ls(f"{store.path}/events", detail=False))) if e["action"] == "checkpoint_deleted"] == [2, 3]
+    with pytest.raises(ValueError, match="at least 1"):
+        store.rotate_checkpoints(0)
+
+
+def test_rotation_cut_short_leaves_the_newest_whole_and_is_finished_next_time(store):
+    for n in (1, 2, 3):
+        _checkpoint_and_commit(store, n)
+    # a crash in the middle of deleting checkpoint 1: some of its files are gone, the folder is still there
+    store.fs.rm(store._path(store.checkpoint_uri(1)) + "/policy", recursive=True)
+    assert store.checkpoint_files(3) == [{"name": f"{r}/state.pt", "bytes": 9} for r in ("critic", "hf", "policy")]
+    assert store.rotate_checkpoints(1) == [1, 2] and _kept(store) == [3]
