@@ -135,6 +135,7 @@ def show_run(run_id: str, root: str | None = None) -> int:
     reward = [(r["iteration"], r["rollout/reward_mean"], r.get("rollout/reward_std", 0.0))
               for r in rows if r.get("rollout/reward_mean") is not None]
     kl = [(r["iteration"], r["rollout/kl"]) for r in rows if r.get("rollout/kl") is not None]
+    evals = [(r["iteration"], r["eval/pass_rate"]) for r in rows if r.get("eval/pass_rate") is not None]
     if not reward and not kl:
         console.print("no scored iteration yet: nothing to plot")
         return 0
@@ -149,6 +150,9 @@ def show_run(run_id: str, root: str | None = None) -> int:
         ax_reward.fill_between(x, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
                                color="tab:blue", alpha=0.2, label="± std over samples")
         ax_reward.plot(x, mean, "o-", color="tab:blue", label="rollout/reward_mean")
+    if evals:  # iteration 0 is the starting policy
+        ax_reward.plot(*zip(*evals), "s--", color="tab:green", label="eval/pass_rate (held-out prompts)")
+    if reward or evals:
         ax_reward.legend(loc="best")
     ax_reward.set_ylabel("reward")
     ax_reward.set_title(f"run {store.run_id}")

@@ -74,7 +74,7 @@ def _versions() -> dict:
     return out
 
 
-def _new_run_id() -> str:
+def new_run_id() -> str:
     """Named after the Prefect flow run when there is one: `prefect flow-run retry` runs the same flow run again, so
     it finds and continues the same storage."""
     from prefect.runtime import flow_run
@@ -90,7 +90,7 @@ def open_run(config) -> dict:
     from storage.run import run_uri as make_run_uri
 
     preflight(config)
-    run_id = config.run_id or _new_run_id()
+    run_id = config.run_id or new_run_id()
     uri = make_run_uri(config.storage.root, run_id)
     store = store_of(config, uri)
     lock = RunLock(uri, config.storage.storage_options).acquire()

@@ -1,0 +1,82 @@
+"""Progress bars for `ppoflow train`: iterations of the run and the stages of the current iteration, read from storage.
+
+The bars watch the run's commit markers from a thread of the CLI process, so they show what is committed (a resumed
+run starts at its committed iterations) and need no hook in the flow, the stages or the actors. They are drawn only
+on a terminal and never under CI (`CI` set): logs stay clean where nobody watches.
+
+Try it:  ppoflow train --config configs/quickstart.yaml   (in a terminal)
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+
+from storage.run import STAGES, RunStore
+
+
+def enabled(stream=None) -> bool:
+    stream = stream if stream is not None else sys.stderr
+    return stream.isatty() and not os.environ.get("CI")
+
+
+def snapshot(store: RunStore, iterations: int) -> dict:
+    """What the bars show: committed iterations, the stage running now and the latest reward and eval pass rate."""
+    done, stage, reward, pass_rate = 0, STAGES[0], None, None
+    for n in store.iterations():
+        if (ev := store.stage_marker(n, "eval")) is not None:  # iteration 0: the starting policy
+            pass_rate = ev["metrics"].get("eval/pass_rate", pass_rate)
+        if n == 0:
+            continue
+        committed = store.committed_stages(n)
+        if len(committed) == len(STAGES):
+            done = n
+            reward = (store.stage_marker(n, "score") or {}).get("metrics", {}).get("rollout/reward_mean", reward)
+        else:
+            stage = next(s for s in STAGES if s not in committed)
+    current = min(done + 1, iterations)
+    stages_done = len(store.committed_stages(current)) if done < iterations else len(STAGES)
+    return {"done": done, "current": current, "stage": stage if done < iterations else "done",
+            "stages_done": stages_done, "reward": reward, "pass_rate": pass_rate}
+
+
+class RunProgress:
+    """Two rich bars refreshed every `interval` seconds until `stop()`; a no-op when `enabled()` is false."""
+
+    def __init__(self, run_uri: str, iterations: int, storage_options: dict | None = None, interval: float = 1.0):
+        self.store, self.iterations, self.interval = RunStore(run_uri, storage_options), iterations, interval
+        self._stop = threading.Event()
+        self._thread = None
+
+    def __enter__(self):
+        if enabled():
+            self._thread = threading.Thread(target=self._draw, name="ppoflow-progress", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _draw(self) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        with Progress(TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(),
+                      TextColumn("{task.fields[info]}"), TimeElapsedColumn(), transient=False) as bars:
+            run = bars.add_task("iterations", total=self.iterations, info="")
+            stage = bars.add_task("stages", total=len(STAGES), info="")
+            while True:
+                try:
+                    s = snapshot(self.store, self.iterations)
+                except Exception:  # storage briefly unreadable (e.g. mid-write): try again next tick
+                    s = None
+                if s is not None:
+                    info = "  ".join(f"{k} {v:.3f}" for k, v in (("reward", s["reward"]), ("eval", s["pass_rate"]))
+                                     if v is not None)
+                    bars.update(run, completed=s["done"], info=info)
+                    bars.update(stage, completed=s["stages_done"], description=f"iteration {s['current']}",
+                                info=s["stage"])
+                if self._stop.wait(self.interval):
+                    break

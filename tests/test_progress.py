@@ -1,0 +1,46 @@
+"""The `ppoflow train` progress bars: what they read from storage, and when they are drawn at all."""
+
+import io
+
+import pyarrow as pa
+
+from ppoflow.progress import enabled, snapshot
+from storage.run import STAGES, RunStore, run_uri
+
+SCHEMA = pa.schema([("x", pa.int64())])
+
+
+def _commit(store, iteration, stage, **metrics):
+    store.write_stage(iteration, stage, pa.table({"x": [1]}, schema=SCHEMA), "test", SCHEMA, metrics=metrics)
+
+
+def test_snapshot_follows_the_commit_markers(tmp_path):
+    store = RunStore(run_uri(str(tmp_path), "r"))
+    assert snapshot(store, 3) == {"done": 0, "current": 1, "stage": "generate", "stages_done": 0, "reward": None,
+                                  "pass_rate": None}
+    _commit(store, 0, "eval", **{"eval/pass_rate": 0.25})
+    for stage in STAGES:
+        _commit(store, 1, stage, **({"rollout/reward_mean": 0.5} if stage == "score" else {}))
+    _commit(store, 2, "generate")
+    _commit(store, 2, "score", **{"rollout/reward_mean": 0.75})  # not the latest reward until iteration 2 commits
+    assert snapshot(store, 3) == {"done": 1, "current": 2, "stage": "advantages", "stages_done": 2, "reward": 0.5,
+                                  "pass_rate": 0.25}
+    for stage in STAGES[2:]:
+        _commit(store, 2, stage)
+    _commit(store, 2, "eval", **{"eval/pass_rate": 0.5})
+    for stage in STAGES:
+        _commit(store, 3, stage)
+    s = snapshot(store, 3)
+    assert (s["done"], s["stage"], s["stages_done"], s["reward"], s["pass_rate"]) == (3, "done", 5, 0.75, 0.5)
+
+
+class _Tty(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_drawn_on_a_terminal_only_and_never_in_ci(monkeypatch):
+    monkeypatch.delenv("CI", raising=False)
+    assert enabled(_Tty()) and not enabled(io.StringIO())
+    monkeypatch.setenv("CI", "true")
+    assert not enabled(_Tty())
