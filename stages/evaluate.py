@@ -2,7 +2,8 @@
 greedy by default; responses, rewards and pass flags are committed under `iter-{n}/eval/` with metrics
 `eval/reward_mean` and `eval/pass_rate`. It runs before the first iteration and after every eval.every-th one.
 
-The engine is brought to policy version n first, so the same stage evaluates any committed iteration of a run.
+Every engine is brought to policy version n first, so the same stage evaluates any committed iteration of a run; the
+requests are spread over the engines like the generate stage's.
 Run alone: see flows/ppo.py; tests: tests/flows/test_ppo_flow.py
 """
 
@@ -12,7 +13,7 @@ import time
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from stages.common import actor, commit, skip_if_committed, store_of
+from stages.common import commit, engines, generate_on_engines, skip_if_committed, store_of
 
 
 def due(config, iteration: int) -> bool:
@@ -26,7 +27,7 @@ def evaluate(config, run_uri: str, iteration: int) -> dict:
     import pyarrow as pa
     import ray
 
-    from stages.generate import _tokenizer, encode_prompt
+    from stages.generate import _tokenizer, encode_prompt, served_version
     from stages.score import compute_rewards
     from stages.sync import bring_engine_to
     from storage.prompts import read_prompts
@@ -37,7 +38,11 @@ def evaluate(config, run_uri: str, iteration: int) -> dict:
         return done
     started = time.perf_counter()
     ev, data, gen = config.eval, config.data, config.generation
+    handles = engines(config, run_uri)
     bring_engine_to(config, store, run_uri, iteration)
+    served_version(handles, iteration)
+    if gen.enable_sleep_mode:
+        ray.get([e.wake_up.remote(["weights", "kv_cache"]) for e in handles])
     rows = read_prompts(ev.prompts, data.prompt_key, config.storage.storage_options)[: ev.max_prompts]
     tok = _tokenizer(config.model.path)
     requests = [{
@@ -46,7 +51,7 @@ def evaluate(config, run_uri: str, iteration: int) -> dict:
         "top_k": -1 if ev.temperature == 0 else gen.top_k, "max_new_tokens": gen.max_new_tokens,
         "stop": gen.stop or None, "seed": (config.seed * 1_000_003 + i * ev.n_samples) % (2**31 - 1),
     } for i, r in enumerate(rows)]
-    results = ray.get(actor(config, run_uri, "engine").generate.remote(requests))
+    results = generate_on_engines(handles, requests)
 
     out = [{"sample_id": f"eval{iteration}-p{i}-s{k}", "prompt_index": i, "sample_index": k,
             "prompt": r[data.prompt_key], "response": s["text"], "response_len": len(s["response_ids"]),

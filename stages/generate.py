@@ -1,4 +1,8 @@
-"""Generate stage: draw this iteration's prompts, sample n responses each from the engine, commit the rollout table.
+"""Generate stage: draw this iteration's prompts, sample n responses each from the engines, commit the rollout table.
+
+The requests (one per prompt, with its own seed) are spread over generation.num_engines engines by
+`stages.common.generate_on_engines`; every engine must serve the previous iteration's policy. With
+generation.enable_sleep_mode the engines wake before sampling and sleep again after it.
 
 Prompts are read in a seeded per-pass shuffled order. Iteration n continues at the data position where iteration
 n-1's committed generate stage stopped (recorded in its marker with a fingerprint of the prompt set; a changed prompt
@@ -20,7 +24,7 @@ import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from stages.common import actor, commit, fault_point, logger, skip_if_committed, store_of
+from stages.common import commit, engines, fault_point, generate_on_engines, logger, skip_if_committed, store_of
 
 
 def prompt_order(n_prompts: int, start: int, count: int, seed: int, shuffle: bool) -> list[int]:
@@ -78,13 +82,16 @@ def generate(config, run_uri: str, iteration: int) -> dict:
 
     store = store_of(config, run_uri)
     if (done := skip_if_committed(store, iteration, "generate")) is not None:
+        sleep_engines(config, run_uri)  # a resumed run: the stages after this one still want the memory
         return done
     started = time.perf_counter()
     fault_point("generate.start", iteration)
-    engine = actor(config, run_uri, "engine")
-    # The rollout must come from the policy committed by the previous iteration, whatever the engine held.
+    handles = engines(config, run_uri)
+    # The rollout must come from the policy committed by the previous iteration, whatever the engines held.
     bring_engine_to(config, store, run_uri, iteration - 1)
-    version = ray.get(engine.version.remote())
+    version = served_version(handles, iteration - 1)
+    if config.generation.enable_sleep_mode:
+        ray.get([e.wake_up.remote(["weights", "kv_cache"]) for e in handles])
 
     data, gen, algo = config.data, config.generation, config.algo
     batch, n = data.prompts_per_iteration, gen.n_samples_per_prompt
@@ -109,7 +116,7 @@ def generate(config, run_uri: str, iteration: int) -> dict:
             "seed": (config.seed * 1_000_003 + iteration * 100_003 + (rounds * batch + j) * n) % (2**31 - 1),
         } for j, g in enumerate(groups)]
         t_gen = time.perf_counter()
-        results = ray.get(engine.generate.remote(requests))
+        results = generate_on_engines(handles, requests)
         gen_seconds += time.perf_counter() - t_gen
         requests_sent += len(requests)
         position, rounds = position + batch, rounds + 1
@@ -145,6 +152,7 @@ def generate(config, run_uri: str, iteration: int) -> dict:
         for r in g["rows"]:
             out.append({**r, "group_id": group_id,
                         "sample_id": f"it{iteration}-g{group_id}-p{g['index']}-s{r['sample_index']}"})
+    sleep_engines(config, run_uri)
     fault_point("generate.before_commit", iteration)
     lengths = [len(r["response_ids"]) for r in out]
     metrics = {
@@ -159,6 +167,28 @@ def generate(config, run_uri: str, iteration: int) -> dict:
     return commit(store, config, iteration, "generate", pa.Table.from_pylist(out, schema=ROLLOUT), "rollout",
                   started, metrics, policy_version=version, engine_requests=requests_sent,
                   data={"fingerprint": fingerprint, "prompts": len(rows), "start": start, "end": position})
+
+
+def served_version(handles: list, version: int) -> int:
+    """`version`, after checking that every engine serves it: a sample from an engine behind the committed policy
+    would be trained on as if the current policy had drawn it."""
+    import ray
+
+    served = ray.get([e.version.remote() for e in handles])
+    behind = {i: v for i, v in enumerate(served) if v != version}
+    if behind:
+        raise RuntimeError(f"engines {sorted(behind)} serve policy versions {sorted(set(behind.values()))}, not the "
+                           f"committed {version}: bring_engine_to must sync them before sampling")
+    return version
+
+
+def sleep_engines(config, run_uri: str) -> None:
+    """With generation.enable_sleep_mode, free the engines' GPU memory for the trainers (score, update) until the
+    sync wakes their weights and the next sampling their KV cache."""
+    import ray
+
+    if config.generation.enable_sleep_mode:
+        ray.get([e.sleep.remote() for e in engines(config, run_uri)])
 
 
 @task(name="generate", cache_policy=NO_CACHE)

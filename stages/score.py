@@ -4,6 +4,10 @@ The policy must hold the weights that generated the rollout (version iteration-1
 checkpoint if it holds anything else. Reference, policy and critic work concurrently on one shared Arrow table in
 Ray's object store.
 
+The logprob gate: the engine's sampling logprobs must match the trainer's on the same tokens within
+`algo.max_logprob_gap`, else the iteration fails with LogprobGateError and nothing is committed: the engine served
+other weights than the version it reported (a broken sync), and training on that rollout would be silently off-policy.
+
 Tests: tests/stages/test_score.py; end to end: tests/flows/test_ppo_flow.py
 """
 
@@ -21,6 +25,41 @@ from stages.common import actor, checkpoint_uri, commit, fault_point, skip_if_co
 
 class RewardError(ValueError):
     pass
+
+
+class LogprobGateError(RuntimeError):
+    """The engine's logprobs stray from the trainer's beyond algo.max_logprob_gap (see `check_logprob_gap`)."""
+
+
+AUTO_MAX_LOGPROB_GAP = {"bfloat16": 1.043, "float32": 1.01}
+"""The bound per model.dtype when algo.max_logprob_gap is None; the measurements behind it are in its docstring."""
+
+
+def max_logprob_gap(config) -> float:
+    """algo.max_logprob_gap, else the automatic bound for model.dtype."""
+    if config.algo.max_logprob_gap is not None:
+        return config.algo.max_logprob_gap
+    return AUTO_MAX_LOGPROB_GAP[config.model.dtype]
+
+
+def check_logprob_gap(config, store, iteration: int, rollout, metrics: dict) -> None:
+    """Raise LogprobGateError when rollout/logprob_diff_mean exceeds the bound (NaN fails too)."""
+    gap, bound = metrics["rollout/logprob_diff_mean"], max_logprob_gap(config)
+    if gap <= bound:
+        return
+    claimed = sorted(set(rollout["policy_version"].to_pylist()))
+    source = ("" if config.algo.max_logprob_gap is not None
+              else f" (automatic for model.dtype={config.model.dtype})")
+    raise LogprobGateError(
+        f"iteration {iteration}: logprob gate failed: rollout/logprob_diff_mean = {gap:.6f} exceeds "
+        f"algo.max_logprob_gap = {bound}{source} (max |engine - trainer logprob| = "
+        f"{metrics['rollout/logprob_abs_diff_max']:.4g}). The engine reported policy version "
+        f"{claimed[0] if len(claimed) == 1 else claimed} while sampling and the trainer scored version "
+        f"{iteration - 1}: the engine most likely does not hold the weights of the version it reports (a broken or "
+        f"skipped weight sync), or engine and trainer numerics differ (dtype, kernels). Nothing of score was "
+        f"committed for iteration {iteration}. Fix the sync, delete {store.stage_uri(iteration, 'generate')} "
+        f"(sampled by those weights) and resume; if the numerics legitimately differ this much, raise "
+        f"algo.max_logprob_gap (--set algo.max_logprob_gap=...).")
 
 
 def load_reward_fn(path: str):
@@ -96,9 +135,16 @@ def score(config, run_uri: str, iteration: int) -> dict:
         "rollout/logprob_diff_mean": float(np.mean(np.exp(np.abs(engine_lp - old_lp)))) if old_lp.size else 1.0,
         "rollout/logprob_abs_diff_max": float(np.max(np.abs(engine_lp - old_lp))) if old_lp.size else 0.0,
     }
+    check_logprob_gap(config, store, iteration, rollout, metrics)
     return commit(store, config, iteration, "score", table, "scored", started, metrics)
 
 
-@task(name="score", cache_policy=NO_CACHE)
+def _retry_unless_gate(task, task_run, state) -> bool:
+    # The gate is deterministic: a retry scores the same committed rollout with the same weights and fails again,
+    # so it would only delay the gate's error (and bury it under a second traceback).
+    return not isinstance(state.data, LogprobGateError)
+
+
+@task(name="score", cache_policy=NO_CACHE, retry_condition_fn=_retry_unless_gate)
 def score_task(config, run_uri: str, iteration: int) -> dict:
     return score(config, run_uri, iteration)

@@ -1,4 +1,4 @@
-"""Ray connection and the run's named worker actors: engine, policy, critic, reference.
+"""Ray connection and the run's named worker actors: engines (engine-0, engine-1, ...), policy, critic, reference.
 
 Actors are created once per training run (non-detached: they die with the driver process) and named after the run,
 so any Prefect task in the driver finds them with `get_actor(run_uri, role)` — tasks never pass actor handles.
@@ -11,7 +11,7 @@ import hashlib
 import os
 import sys
 
-ROLES = ("engine", "policy", "critic", "reference")
+ROLES = ("policy", "critic", "reference")  # plus engine-0 .. engine-{n-1}: workers/engines.py
 
 # Ray kills a non-detached actor once no handle to it is left, name or not: this process keeps one per actor for
 # as long as the run's workers should live (until stop_workers).
@@ -56,45 +56,42 @@ def actor_name(run_uri: str, role: str) -> str:
 
 
 def get_actor(run_uri: str, role: str, namespace: str):
+    """The run's actor of `role`; "engine" is engine 0 (`workers.engines.get_engines` lists them all)."""
     import ray
 
+    if role == "engine":  # callers from before several engines (one engine was named `:engine`)
+        role = "engine-0"
     return ray.get_actor(actor_name(run_uri, role), namespace=namespace)
 
 
 def start_workers(run_uri: str, config, timeout_s: float = 600.0) -> dict:
-    """Create (or find) every actor the config needs and wait until all are ready. Returns {role: actor name}."""
+    """Create (or find) every actor the config needs and wait until all are ready. Returns {role: actor name}, the
+    engines as `engine-{i}`. Engines (and, with generation.placement hybrid, the trainers) take their resources from
+    the run's placement group (workers/engines.py)."""
     import ray
 
+    from workers.engines import bundle_strategy, create_engines
     from workers.trainer import CriticWorker, PolicyWorker, ReferenceWorker
 
     ns, seed, model = config.ray.namespace, config.seed, config.model
     # Dr. GRPO's seq-mean-token-sum-norm divides by a constant length: the response length limit.
     algo = {**config.algo.model_dump(), "norm_len": config.generation.max_new_tokens}
+    engines, layout, pg = create_engines(run_uri, config, timeout_s)
 
     def options(role: str, trainer) -> dict:
-        return {"name": actor_name(run_uri, role), "namespace": ns, "get_if_exists": True,
+        opts = {"name": actor_name(run_uri, role), "namespace": ns, "get_if_exists": True,
                 "num_cpus": trainer.num_cpus, "num_gpus": trainer.num_gpus}
+        if layout.trainer_bundle is not None:  # hybrid: the trainers share engine 0's bundle
+            opts["scheduling_strategy"] = bundle_strategy(pg, layout.trainer_bundle)
+        return opts
 
-    gen = config.generation
-    if gen.backend == "hf":
-        from workers.hf_engine import create_hf_engine_actor
-
-        engine = create_hf_engine_actor(
-            actor_name(run_uri, "engine"), ns, gen.num_cpus, gen.num_gpus, model_path=model.path, seed=seed, dtype=model.dtype,
-            max_model_len=gen.max_model_len)
-    else:
-        from workers.vllm_engine import create_engine_actor
-
-        engine = create_engine_actor(
-            actor_name(run_uri, "engine"), ns, gen.num_cpus, gen.num_gpus, model_path=model.path, seed=seed, dtype=model.dtype,
-            max_model_len=gen.max_model_len, kv_cache_gib=gen.kv_cache_gib, enforce_eager=gen.enforce_eager)
-    actors = {
-        "engine": engine,
+    actors = {f"engine-{i}": engine for i, engine in enumerate(engines)}
+    actors.update({
         "policy": ray.remote(PolicyWorker).options(**options("policy", config.policy)).remote(
             model.path, config.policy.model_dump(), model.dtype, seed, algo=algo),
         "reference": ray.remote(ReferenceWorker).options(**options("reference", config.policy)).remote(
             model.ref_path or model.path, model.dtype, config.policy.micro_batch_size, config.policy.num_threads),
-    }
+    })
     if config.uses_critic:
         from transformers import AutoTokenizer
 
@@ -105,20 +102,27 @@ def start_workers(run_uri: str, config, timeout_s: float = 600.0) -> dict:
     for role, handle in actors.items():
         _HANDLES[actor_name(run_uri, role)] = handle
     # Constructors run concurrently; a trivial call on each waits for all of them (and raises their errors).
-    probes = [a.ready.remote() if role == "engine" else a.__ray_ready__.remote() for role, a in actors.items()]
+    probes = [a.ready.remote() if role.startswith("engine") else a.__ray_ready__.remote() for role, a in actors.items()]
     ray.get(probes, timeout=timeout_s)
     return {role: actor_name(run_uri, role) for role in actors}
 
 
 def stop_workers(run_uri: str, namespace: str) -> None:
+    """Kill the run's actors (every engine-{i} found) and remove its placement group."""
     import ray
 
+    from workers.engines import get_engines, remove_placement_group
+
+    for engine in get_engines(run_uri, namespace):
+        ray.kill(engine)
+    for name in [n for n in _HANDLES if n.startswith(actor_name(run_uri, ""))]:
+        _HANDLES.pop(name)
     for role in ROLES:
-        _HANDLES.pop(actor_name(run_uri, role), None)
         try:
-            ray.kill(get_actor(run_uri, role, namespace))
+            ray.kill(ray.get_actor(actor_name(run_uri, role), namespace=namespace))
         except ValueError:
             pass
+    remove_placement_group(run_uri)
 
 
 if __name__ == "__main__":

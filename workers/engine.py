@@ -1,5 +1,5 @@
 """What every generation engine shares (workers/vllm_engine.py, workers/hf_engine.py): the request contract, the
-policy version the engine serves and its cumulative counters. The stages see only this interface."""
+policy version the engine serves, its cumulative counters and sleep mode. The stages see only this interface."""
 
 from __future__ import annotations
 
@@ -8,11 +8,15 @@ from typing import Any
 REQUEST_KEYS = frozenset({"prompt_ids", "n", "temperature", "top_p", "top_k", "max_new_tokens", "seed"})
 """Keys every generate request carries (plus an optional "stop" list of strings)."""
 
+SLEEP_TAGS = ("weights", "kv_cache")
+"""What a sleeping engine has freed on its device, and what `wake_up(tags)` brings back (vLLM's tags)."""
+
 
 class Engine:
     def __init__(self) -> None:
         self._version = 0  # 0 = the weights found at model_path
         self._stats = {"requests": 0, "samples": 0, "generated_tokens": 0, "generate_seconds": 0.0}
+        self._sleeping: set[str] = set()  # SLEEP_TAGS currently freed
 
     def ready(self) -> bool:
         """Returns once the engine is up; `ray.get(actor.ready.remote())` is the way to await startup."""
@@ -25,6 +29,45 @@ class Engine:
     def stats(self) -> dict[str, Any]:
         """Cumulative counts since the actor started: requests, samples, generated_tokens, generate_seconds."""
         return dict(self._stats)
+
+    def sleep(self) -> None:
+        """Free the engine's device memory while the trainers work: drop the KV cache and move the weights to host
+        memory. Idempotent. Only engines created with enable_sleep_mode (GPU) free anything."""
+        if self._sleeping == set(SLEEP_TAGS):
+            return
+        if self._sleeping:
+            # Half awake (weights back for a sync): wake fully first, since vLLM's sleep expects every allocation
+            # resident and would skip or double-free the rest otherwise.
+            self._wake_up(sorted(self._sleeping))
+        self._sleep()
+        self._sleeping = set(SLEEP_TAGS)
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Bring back what `sleep` freed: `["weights"]` for a weight update, `["kv_cache"]` (after the weights) to
+        sample; None for both. Tags already awake are skipped."""
+        unknown = set(tags or ()) - set(SLEEP_TAGS)
+        if unknown:
+            raise ValueError(f"wake_up: unknown tags {sorted(unknown)}; use {list(SLEEP_TAGS)}")
+        todo = [t for t in (tags or SLEEP_TAGS) if t in self._sleeping]
+        if todo:
+            self._wake_up(todo)
+            self._sleeping -= set(todo)
+
+    def sleeping(self) -> list[str]:
+        """The SLEEP_TAGS currently freed; empty when the engine is fully awake."""
+        return sorted(self._sleeping)
+
+    def _sleep(self) -> None:
+        raise NotImplementedError
+
+    def _wake_up(self, tags: list[str]) -> None:
+        raise NotImplementedError
+
+    def _check_awake(self, *needed: str) -> None:
+        # A vLLM engine asked to sample while asleep waits forever (its scheduler is paused); fail instead.
+        asleep = sorted(self._sleeping & set(needed or SLEEP_TAGS))
+        if asleep:
+            raise RuntimeError(f"the engine is asleep ({', '.join(asleep)} freed): call wake_up({asleep}) first")
 
     @staticmethod
     def _check_keys(requests: list[dict[str, Any]]) -> None:

@@ -9,7 +9,8 @@ nothing is paged, compiled or scheduled, so it is slower than vLLM. What it keep
 - `logprobs` are the raw (temperature 1, before top-k/top-p) log-softmax of the logits at the sampled token, in
   float32, which is what `workers.trainer.response_logprobs` recomputes;
 - finish reasons, eos and stop-string handling, text decoding, version and counters as documented in `VLLMEngine`.
-Weight updates copy a state dict into the model's parameters in place.
+Weight updates copy a state dict into the model's parameters in place. Sleep mode (generation.enable_sleep_mode, GPU)
+moves the weights to host memory and empties the CUDA cache; there is no KV cache to free between calls.
 
 Run its tests alone (tiny local model, ~35 s on 2 cores; the PPO run on it, marked slow, adds ~2 min):
     .venv/bin/pytest -q tests/workers/test_hf_engine.py -p no:cacheprovider -m "not slow"
@@ -86,6 +87,7 @@ class HFEngine(Engine):
                 )
         if not requests:
             return []
+        self._check_awake()
 
         import torch
         from transformers import DynamicCache
@@ -222,6 +224,7 @@ class HFEngine(Engine):
         """Copy `named_tensors` (whose names are `names`) into the model's parameters; the update's result dict."""
         import torch
 
+        self._check_awake("weights")
         # Every name is checked before anything is copied: a half-loaded model would mix two policies.
         targets = self._model.state_dict(keep_vars=True)  # tied weights appear under each of their names
         unknown = sorted(set(names) - targets.keys())
@@ -244,6 +247,19 @@ class HFEngine(Engine):
         self._version = version
         return {"version": version, "seconds": time.perf_counter() - started, "checksum": checksum,
                 "engine_checksum": state_dict_checksum(p.detach() for p in self._model.parameters())}
+
+    def _sleep(self) -> None:
+        # The KV cache lives only inside a generate call, so sleeping frees the weights: moved to host memory, and
+        # the CUDA caching allocator gives the blocks back to the driver for the trainers in this process's GPU.
+        import torch
+
+        self._model.to("cpu")
+        if self._device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _wake_up(self, tags: list[str]) -> None:
+        if "weights" in tags:
+            self._model.to(self._device)
 
 
 

@@ -14,11 +14,18 @@ since (`dirty`). A stage that needs version v calls `ensure_version(v, checkpoin
 checkpoint when the memory state is anything else — so a retried or resumed update never trains on top of a half
 update.
 
+Model groups: N actors of one class (ranks 0..N-1, one process each, same constructor arguments but `rank`) meet at
+rank 0's `master_addr`/`master_port` and train one data-parallel model. Every method of a trainer is collective: call
+it on every rank of the group with the same arguments (the full table), concurrently, and wait for all. Results are
+the same on every rank (train metrics, logprobs, values), except the weight exports, which only rank 0 returns.
+
 Run alone (smoke test on a local HF model folder):  python -m workers.trainer MODEL_DIR
 """
 
 import gc
+import math
 import os
+import random
 import socket
 import sys
 import time
@@ -30,6 +37,51 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def group_address() -> tuple[str, int]:
+    """This node's IP and a free port: the rendezvous of a model group. Run it where rank 0 will run (e.g. a Ray task
+    on rank 0's placement-group bundle) and pass both to every rank's constructor (`master_addr`, `master_port`)."""
+    import ray
+
+    return ray.util.get_node_ip_address(), _free_port()
+
+
+def lr_factor(step: int, warmup_steps: int, schedule: str, decay_steps: int | None, min_lr_ratio: float) -> float:
+    """Multiplier of the peak learning rate at optimizer step `step` (0-based; the factor the step trains with).
+
+        warmup   s < W:      (s + 1) / W                    linear; the first step already trains, step W-1 is at peak
+        constant s >= W:     1
+        cosine   s >= W:     r + (1 - r)·½(1 + cos(π·min(s - W, D)/D))      from 1 down to r over D steps, then r
+
+    W = lr_warmup_steps, D = lr_decay_steps (counted after the warmup), r = min_lr_ratio (Loshchilov & Hutter 2017,
+    "SGDR", without restarts; the shape of HF's `cosine_with_min_lr`)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = min(step - warmup_steps, decay_steps) / decay_steps
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _rng_state() -> dict:
+    """Every random stream a rank may draw from (dropout: torch; user code: numpy, random)."""
+    import torch
+
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    import torch
+
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def _torch_dtype(name: str):
@@ -122,6 +174,14 @@ class _DeepSpeedWorker:
 
     def __init__(self, model_path: str, trainer: dict, dtype: str, seed: int, rank: int = 0, world_size: int = 1,
                  master_addr: str = "127.0.0.1", master_port: int | None = None):
+        mini, micro = trainer["mini_batch_size"], trainer["micro_batch_size"]
+        # Checked before the rendezvous: every rank of a misconfigured group fails here instead of waiting for the
+        # others. (Each rank runs mini/(micro·N) micro-batches per optimizer step.)
+        if mini % (micro * world_size):
+            raise ValueError(
+                f"{self.role}.mini_batch_size ({mini}) must be a multiple of {self.role}.micro_batch_size ({micro}) "
+                f"times the group's world size ({world_size}), so that every rank accumulates the same whole number "
+                f"of micro-batches per optimizer step; change one of the batch sizes or the number of ranks")
         import torch
 
         torch.set_num_threads(trainer["num_threads"])
@@ -129,10 +189,10 @@ class _DeepSpeedWorker:
         self.rank, self.world_size = rank, world_size
         import deepspeed
 
-        # One process group per actor (world_size 1 today): actors on one host, even on one shared GPU, only need
-        # distinct MASTER_PORTs for their rendezvous stores (NCCL's bootstrap finds its own ports). Picked after the
-        # slow import, so nothing else on the host takes it before the store binds it. LOCAL_RANK: the device index
-        # deepspeed.initialize moves the model to.
+        # One process group per model group (one actor per rank). A lone actor picks its own free MASTER_PORT after
+        # the slow import, so nothing else on the host takes it before the store binds it; a group's ranks are given
+        # rank 0's (`group_address`). Groups on one host, even on one shared GPU, only need distinct MASTER_PORTs
+        # (NCCL's bootstrap finds its own ports). LOCAL_RANK: the device index deepspeed.initialize moves the model to.
         os.environ.update(
             MASTER_ADDR=master_addr, MASTER_PORT=str(master_port or _free_port()), RANK=str(rank),
             LOCAL_RANK=str(_local_rank(rank)), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
@@ -155,7 +215,17 @@ class _DeepSpeedWorker:
                 torch.cuda.empty_cache()
         torch.manual_seed(self.seed)
         model = self._make_model()
+        if self.cfg["gradient_checkpointing"]:
+            # Non-reentrant, the form PyTorch recommends: the reentrant one computes no parameter gradients in a
+            # block none of whose inputs requires grad.
+            self._checkpointed_module(model).gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
         optimizer = torch.optim.AdamW(model.parameters(), lr=self.cfg["lr"], weight_decay=self.cfg["weight_decay"])
+        # DeepSpeed steps the scheduler once per optimizer step (at the accumulation boundary) and saves and loads
+        # its state with the checkpoint. The factor is 1 for a constant schedule without warmup: the plain lr.
+        cfg = self.cfg
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
+            step, cfg["lr_warmup_steps"], cfg["lr_schedule"], cfg["lr_decay_steps"], cfg["min_lr_ratio"]))
         mini, micro = self.cfg["mini_batch_size"], self.cfg["micro_batch_size"]
         ds_config = {
             "train_batch_size": mini,
@@ -172,7 +242,8 @@ class _DeepSpeedWorker:
             "zero_allow_untested_optimizer": True,
             "steps_per_print": 1 << 30,
         }
-        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                               config=ds_config)
         self.state_version, self.dirty = 0, False
 
     # ---- state versioning and checkpoints -----------------------------------------------------------------
@@ -189,7 +260,10 @@ class _DeepSpeedWorker:
         from storage.checkpoint import local_dir_for_read
 
         with local_dir_for_read(f"{checkpoint_uri}/{self.role}", storage_options) as path:
-            self.engine.load_checkpoint(path, tag="state")
+            _, client_state = self.engine.load_checkpoint(path, tag="state")
+        rng_states = (client_state or {}).get("rng_states")  # absent in checkpoints written before they were saved
+        if rng_states is not None:
+            _set_rng_state(rng_states[self.rank])
         self.state_version, self.dirty = version, False
         return True
 
@@ -197,8 +271,12 @@ class _DeepSpeedWorker:
         from storage.checkpoint import local_dir_for_write
 
         t0 = time.perf_counter()
+        # Every rank's random streams, in one list: under ZeRO 0-2 only rank 0 writes the file that carries
+        # client_state (all ranks read it back), under ZeRO-3 every rank writes its own.
+        rng_states = self._gather(_rng_state())
         with local_dir_for_write(f"{checkpoint_uri}/{self.role}", storage_options) as path:
-            self.engine.save_checkpoint(path, tag="state", save_latest=False)
+            self.engine.save_checkpoint(path, tag="state", client_state={"rng_states": rng_states},
+                                        save_latest=False)
         return time.perf_counter() - t0
 
     @property
@@ -206,12 +284,42 @@ class _DeepSpeedWorker:
         """Where the model lives (cuda:0 when the actor was given a GPU): batches are moved here."""
         return self.engine.device
 
-    def _full_state_dict(self) -> dict:
-        """Full (gathered) weights with HF names, as independent CPU tensors."""
+    def _gather(self, obj) -> list:
+        """[obj of rank 0, ..., obj of rank N-1] on every rank (any picklable object)."""
+        if self.world_size == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def _sharded(self, n: int, compute) -> list:
+        """`compute(indices)` (one result per row) over rows 0..n-1, split over the group; the full list on every rank.
+
+        Rank r takes rows [r·k, (r+1)·k), k = ceil(n/N). Under ZeRO-3 each forward gathers the parameters with the
+        other ranks, so every rank must run as many forwards: a short share is padded with copies of a row whose
+        results are dropped."""
+        if self.world_size == 1:
+            return compute(np.arange(n))
+        k = -(-n // self.world_size)
+        mine = np.arange(self.rank * k, min((self.rank + 1) * k, n))
+        padded = np.concatenate([mine, np.full(k - len(mine), mine[0] if len(mine) else 0)]).astype(np.int64)
+        local = compute(padded)[: len(mine)] if k else []
+        return [row for share in self._gather(local) for row in share]
+
+    def _full_state_dict(self) -> dict | None:
+        """Full (gathered) weights with HF names, as independent CPU tensors, on rank 0; None on the other ranks.
+
+        Collective under ZeRO-3 (every rank must call it); the other stages read rank 0's full copy."""
         if self.cfg["zero_stage"] == 3:
             sd = self.engine._zero3_consolidated_16bit_state_dict()
-        else:
+        elif self.rank == 0:
             sd = self.engine.module.state_dict()
+        else:
+            sd = None
+        if sd is None:
+            return None
         # Copies: tied embeddings share storage, which safetensors refuses to serialise. One copy whatever the device
         # (a GPU tensor's .to("cpu") already is one; .clone() after it would copy the weights twice).
         return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in sd.items()}
@@ -236,13 +344,39 @@ class _DeepSpeedWorker:
         return None
 
     def _optimizer_steps(self, n: int, seed: int):
-        """Per epoch, a seeded permutation cut into mini-batches (one optimizer step each) of micro-batches."""
-        rng = np.random.default_rng(seed)
+        """Per epoch, a seeded permutation cut into mini-batches (one optimizer step each) of micro-batches.
+
+        Yields (all micro-batches of the step, this rank's): micro-batch j goes to rank j mod N. Every rank draws the
+        same permutation, so the step's global counts (the loss denominators) are known on each."""
         mini, micro = self.cfg["mini_batch_size"], self.cfg["micro_batch_size"]
+        if self.world_size > 1 and n % mini:
+            raise ValueError(
+                f"{n} experience rows are not a multiple of {self.role}.mini_batch_size ({mini}): with "
+                f"{self.world_size} ranks every optimizer step must be whole so that all ranks run the same number "
+                f"of micro-batches; make the samples per iteration a multiple of {self.role}.mini_batch_size")
+        rng = np.random.default_rng(seed)
         for _ in range(self._epochs):
             perm = rng.permutation(n)
             for start in range(0, n, mini):
-                yield _micro_batches(perm[start : start + mini], micro)
+                step = _micro_batches(perm[start : start + mini], micro)
+                yield step, step[self.rank :: self.world_size]
+
+    def _lr(self) -> float:
+        """The learning rate the current optimizer step trains with (the scheduler moves it at step boundaries)."""
+        return float(self.engine.get_lr()[0])
+
+    def _global_metrics(self, metrics: list[dict], summed: tuple[str, ...]) -> list[dict]:
+        """Add the `summed` entries of every step's metrics over the ranks (one all_reduce for the whole call), so
+        that every rank returns the metrics of the whole optimizer steps. The others (grad norm, lr) are global
+        already."""
+        if self.world_size == 1 or not metrics:
+            return metrics
+        import torch
+        import torch.distributed as dist
+
+        local = torch.tensor([[m[k] for k in summed] for m in metrics], dtype=torch.float64, device=self.device)
+        dist.all_reduce(local, op=dist.ReduceOp.SUM)
+        return [{**m, **dict(zip(summed, row))} for m, row in zip(metrics, local.cpu().tolist())]
 
 
 class PolicyWorker(_DeepSpeedWorker):
@@ -259,19 +393,27 @@ class PolicyWorker(_DeepSpeedWorker):
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         return AutoModelForCausalLM.from_pretrained(self.model_path, dtype=_torch_dtype(self.dtype))
 
+    @staticmethod
+    def _checkpointed_module(model):
+        return model
+
     def logprobs(self, table) -> list[list[float]]:
-        """log π(a_t|s_t) of the current weights for every response token of `table`'s samples."""
+        """log π(a_t|s_t) of the current weights for every response token of `table`'s samples (every rank: the
+        whole table in, the whole list out)."""
         import torch
 
-        self.engine.eval()
-        out = []
-        with torch.no_grad():
-            for idx in _micro_batches(np.arange(table.num_rows), self.cfg["micro_batch_size"]):
+        def compute(indices) -> list:
+            out = []
+            for idx in _micro_batches(indices, self.cfg["micro_batch_size"]):
                 rows = table.take(idx)
                 batch = _collate(rows["prompt_ids"].to_pylist(), rows["response_ids"].to_pylist(),
                                  self.tokenizer.pad_token_id, self.device)
                 out += _rows(*response_logprobs(self.engine, *batch))
-        return out
+            return out
+
+        self.engine.eval()
+        with torch.no_grad():
+            return self._sharded(table.num_rows, compute)
 
     def train(self, table, new_version: int, seed: int, kl_coef: float) -> list[dict]:
         """PPO policy update on an experience table; returns one metrics dict per optimizer step.
@@ -286,7 +428,7 @@ class PolicyWorker(_DeepSpeedWorker):
         cols = {c: table[c].to_pylist() for c in ("prompt_ids", "response_ids", "old_logprobs", "advantages",
                                                   "ref_logprobs", "engine_logprobs")}
         response_ids = cols["response_ids"]
-        for micro_batches in self._optimizer_steps(table.num_rows, seed):
+        for micro_batches, mine in self._optimizer_steps(table.num_rows, seed):
             # Every micro-batch divides by the whole optimizer step's token (or sequence) count, so the gradient
             # does not depend on how the step is split into micro-batches or ranks.
             denominators = {"loss_denominator": float(sum(len(response_ids[i]) for mb in micro_batches for i in mb)),
@@ -294,7 +436,8 @@ class PolicyWorker(_DeepSpeedWorker):
                             "norm_len": float(algo["norm_len"])}
             acc = {"ppo/policy_loss": 0.0, "ppo/clipfrac": 0.0, "ppo/approx_kl": 0.0, "ppo/kl_loss": 0.0,
                    "ppo/entropy": 0.0, "ppo/is_weight_mean": 0.0}
-            for mb in micro_batches:
+            lr = self._lr()
+            for mb in mine:
                 ids, attn, p_lens, a_lens = _collate([cols["prompt_ids"][i] for i in mb], [response_ids[i] for i in mb],
                                                      self.tokenizer.pad_token_id, self.device)
                 logp, mask, entropy = response_logprobs(self.engine, ids, attn, p_lens, a_lens, with_entropy=True)
@@ -318,7 +461,9 @@ class PolicyWorker(_DeepSpeedWorker):
                 entropy_term = aggregate(entropy, mask, algo["loss_agg"], **denominators)
                 if algo["entropy_coef"] > 0:
                     loss = loss - algo["entropy_coef"] * entropy_term
-                self.engine.backward(loss, scale_wrt_gas=False)
+                # DeepSpeed averages the ranks' gradients; each rank's share of the step's sum, times N, makes that
+                # average the sum: the gradient of the whole step, as on one rank.
+                self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
                 grad_norm = self._step()
                 weight = mask.sum().item() / denominators["loss_denominator"]
                 acc["ppo/entropy"] += entropy_term.item()
@@ -327,18 +472,24 @@ class PolicyWorker(_DeepSpeedWorker):
                 if is_weights is not None:
                     acc["ppo/is_weight_mean"] += float(is_weights[mask].mean()) * weight
             acc["ppo/grad_norm"] = grad_norm
+            acc["ppo/lr"] = lr
             metrics.append(acc)
+        metrics = self._global_metrics(metrics, ("ppo/policy_loss", "ppo/clipfrac", "ppo/approx_kl", "ppo/kl_loss",
+                                                 "ppo/entropy", "ppo/is_weight_mean"))
         self.state_version, self.dirty = new_version, False
         return metrics
 
-    def export_weights(self) -> bytes:
-        """Full policy weights as safetensors bytes (HF parameter names), for an in-place engine reload."""
+    def export_weights(self) -> bytes | None:
+        """Full policy weights as safetensors bytes (HF parameter names), for an in-place engine reload; rank 0 only
+        (the other ranks of a group return None, after taking part in the ZeRO-3 gather)."""
         from safetensors.torch import save
 
-        return save(self._full_state_dict())
+        sd = self._full_state_dict()
+        return save(sd) if sd is not None else None
 
     def export_hf(self, checkpoint_uri: str, storage_options: dict | None = None) -> float:
-        """HF folder (config, tokenizer, safetensors) of the current policy: `from_pretrained` loads it."""
+        """HF folder (config, tokenizer, safetensors) of the current policy: `from_pretrained` loads it. Rank 0
+        writes it; every rank of a group must call (the ZeRO-3 gather is collective)."""
         from storage.checkpoint import local_dir_for_write
 
         t0 = time.perf_counter()
@@ -382,19 +533,26 @@ class CriticWorker(_DeepSpeedWorker):
     def _make_model(self):
         return _value_model(self.model_path, _torch_dtype(self.dtype))
 
+    @staticmethod
+    def _checkpointed_module(model):
+        return model.body  # the transformer; the value head is one linear layer
+
     def values(self, table) -> list[list[float]]:
-        """V(s_t) before every response token."""
+        """V(s_t) before every response token (every rank: the whole table in, the whole list out)."""
         import torch
 
-        self.engine.eval()
-        out = []
-        with torch.no_grad():
-            for idx in _micro_batches(np.arange(table.num_rows), self.cfg["micro_batch_size"]):
+        def compute(indices) -> list:
+            out = []
+            for idx in _micro_batches(indices, self.cfg["micro_batch_size"]):
                 rows = table.take(idx)
                 ids, attn, p_lens, a_lens = _collate(rows["prompt_ids"].to_pylist(), rows["response_ids"].to_pylist(),
                                                      self.pad_token_id, self.device)
                 out += _rows(*_response_slice(self.engine(ids, attn)[:, :-1], p_lens, a_lens))
-        return out
+            return out
+
+        self.engine.eval()
+        with torch.no_grad():
+            return self._sharded(table.num_rows, compute)
 
     def train(self, table, new_version: int, seed: int, kl_coef: float = 0.0) -> list[dict]:
         """Clipped value regression onto the experience's returns; one metrics dict per optimizer step."""
@@ -405,10 +563,11 @@ class CriticWorker(_DeepSpeedWorker):
         metrics = []
         prompt_ids, response_ids = table["prompt_ids"].to_pylist(), table["response_ids"].to_pylist()
         old_v, returns = table["values"].to_pylist(), table["returns"].to_pylist()
-        for micro_batches in self._optimizer_steps(table.num_rows, seed):
+        for micro_batches, mine in self._optimizer_steps(table.num_rows, seed):
             step_tokens = float(sum(len(response_ids[i]) for mb in micro_batches for i in mb))
             acc = {"critic/value_loss": 0.0, "critic/clipfrac": 0.0}
-            for mb in micro_batches:
+            lr = self._lr()
+            for mb in mine:
                 ids, attn, p_lens, a_lens = _collate([prompt_ids[i] for i in mb], [response_ids[i] for i in mb],
                                                      self.pad_token_id, self.device)
                 v, mask = _response_slice(self.engine(ids, attn)[:, :-1], p_lens, a_lens)
@@ -416,12 +575,14 @@ class CriticWorker(_DeepSpeedWorker):
                 loss, stats = value_loss(v, _padded([old_v[i] for i in mb], a_max, v.device),
                                          _padded([returns[i] for i in mb], a_max, v.device), mask,
                                          self.algo["value_clip_eps"], loss_denominator=step_tokens)
-                self.engine.backward(loss, scale_wrt_gas=False)
+                self.engine.backward(loss * self.world_size, scale_wrt_gas=False)  # as in PolicyWorker.train
                 grad_norm = self._step()
                 acc["critic/value_loss"] += loss.item()
                 acc["critic/clipfrac"] += stats["clipfrac"] * mask.sum().item() / step_tokens
             acc["critic/grad_norm"] = grad_norm
+            acc["critic/lr"] = lr
             metrics.append(acc)
+        metrics = self._global_metrics(metrics, ("critic/value_loss", "critic/clipfrac"))
         self.state_version, self.dirty = new_version, False
         return metrics
 

