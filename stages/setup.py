@@ -34,6 +34,32 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def _field_default(model_cls, dotted: str):
+    """The JSON default of a dotted config field, e.g. "policy.lr_schedule" -> "constant"; None if it has none."""
+    from pydantic import BaseModel, TypeAdapter
+
+    *sections, name = dotted.split(".")
+    for section in sections:
+        model_cls = model_cls.model_fields[section].annotation
+        if not (isinstance(model_cls, type) and issubclass(model_cls, BaseModel)):
+            return None
+    field = model_cls.model_fields.get(name)
+    if field is None or field.is_required():
+        return None
+    return TypeAdapter(field.annotation).dump_python(field.get_default(call_default_factory=True), mode="json")
+
+
+def _config_diff(stored_config: dict, config) -> list[str]:
+    """Fields whose values differ between a run's manifest and `config`, operational fields aside.
+
+    A field the manifest does not know (added to ppoflow after the run started) counts as unchanged while it keeps
+    its default, which by rule preserves the old behaviour: upgrading ppoflow does not strand a run."""
+    stored = _flatten({k: v for k, v in stored_config.items() if k not in OPERATIONAL_FIELDS})
+    current = _flatten(config.resume_fingerprint())
+    return sorted(k for k in stored.keys() | current.keys() if stored.get(k) != current.get(k)
+                  and not (k not in stored and current[k] == _field_default(type(config), k)))
+
+
 def preflight(config) -> None:
     """Everything that can be checked without starting a worker, each error naming its config field."""
     from pathlib import Path
@@ -54,8 +80,12 @@ def preflight(config) -> None:
             continue
         from transformers import AutoConfig
 
-        looks_local = path.startswith((".", "/", "~")) or Path(path).exists()
-        if looks_local and not (Path(path).expanduser() / "config.json").is_file():
+        local = Path(path).expanduser()
+        if local.is_file():
+            raise RunSetupError(f"{field}: {path} is a file; give the model's folder (the one holding config.json "
+                                "and the weights), as `save_pretrained` writes it")
+        looks_local = path.startswith((".", "/", "~")) or local.exists()
+        if looks_local and not (local / "config.json").is_file():
             raise RunSetupError(f"{field}: {path} is not a model folder (no config.json); build one with "
                                 "`ppoflow make-tiny-model DIR` or point to an HF model folder")
         try:
@@ -102,10 +132,7 @@ def open_run(config) -> dict:
                 "config": config.model_dump(mode="json"), "config_hash": config.config_hash(),
                 "seed": config.seed, "versions": _versions(),
             })
-        elif manifest["config_hash"] != config.config_hash():
-            stored = _flatten({k: v for k, v in manifest["config"].items() if k not in OPERATIONAL_FIELDS})
-            current = _flatten(config.resume_fingerprint())
-            diff = sorted(k for k in stored.keys() | current.keys() if stored.get(k) != current.get(k))
+        elif manifest["config_hash"] != config.config_hash() and (diff := _config_diff(manifest["config"], config)):
             raise RunSetupError(
                 f"run {run_id} was started with another config; these fields differ: {', '.join(diff)}. "
                 "Resume with the original config (only iterations, ray.*, flow.* and tracking.* may change) or use "

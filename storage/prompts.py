@@ -36,8 +36,17 @@ def _read_file(uri: str, prompt_key: str, storage_options: dict | None) -> list[
     fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
     if not fs.exists(path):
         raise PromptFileError(f"data.prompts: file not found: {uri}")
+    if fs.isdir(path):
+        raise PromptFileError(f"data.prompts: {uri} is a folder; name a .jsonl or .parquet file (or a list of them)")
     if path.endswith(".parquet"):
-        rows = pq.read_table(path, filesystem=fs).to_pylist()
+        try:
+            table = pq.read_table(path, filesystem=fs)
+        except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
+            raise PromptFileError(f"{uri}: not a readable Parquet file ({err})") from None
+        if prompt_key not in table.column_names:
+            raise PromptFileError(f"{uri}: no column {prompt_key!r} (data.prompt_key); its columns are "
+                                  f"{', '.join(table.column_names) or 'none'}")
+        rows = table.to_pylist()
         where = lambda i: f"{uri} row {i}"  # noqa: E731
     else:
         rows = []
@@ -45,18 +54,23 @@ def _read_file(uri: str, prompt_key: str, storage_options: dict | None) -> list[
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as err:
-            raise PromptFileError(f"{uri}: not UTF-8 text (byte {err.start}); save the file as UTF-8") from None
-        for lineno, line in enumerate(text.splitlines(), 1):
+            line = raw.count(b"\n", 0, err.start) + 1
+            column = err.start - (raw.rfind(b"\n", 0, err.start) + 1)
+            raise PromptFileError(f"{uri} line {line}: not UTF-8 text (byte {err.start} of the file, byte {column} "
+                                  f"of the line: {raw[err.start:err.start + 1]!r}); save the file as UTF-8") from None
+        # Split on newlines only: str.splitlines() also splits on U+2028 and friends, which JSON strings may hold.
+        lines = text.removeprefix("\ufeff").split("\n")  # a byte-order mark (Windows editors) is not content
+        for lineno, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
-                raise PromptFileError(f"{uri} line {lineno}: invalid JSON ({err.msg})") from None
+                raise PromptFileError(f"{uri} line {lineno}: invalid JSON ({err.msg} at column {err.colno})") from None
             if not isinstance(row, dict):
                 raise PromptFileError(f"{uri} line {lineno}: expected a JSON object per line")
             rows.append(row)
-        linenos = [i for i, line in enumerate(text.splitlines(), 1) if line.strip()]
+        linenos = [i for i, line in enumerate(lines, 1) if line.strip()]
         where = lambda i: f"{uri} line {linenos[i]}"  # noqa: E731
     if not rows:
         raise PromptFileError(f"{uri}: no prompts in the file")

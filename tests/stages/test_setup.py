@@ -1,5 +1,7 @@
 """Run setup: pre-flight errors name the field, a run has one writer, and a resumed run keeps its config."""
 
+import re
+
 import pytest
 
 from stages.score import RewardError
@@ -38,3 +40,41 @@ def test_second_writer_refused_and_changed_config_refused(make_config, tmp_path)
     with pytest.raises(RunSetupError, match="algo.kl_coef"):
         open_run(make_config("run_id=r", "algo.kl_coef=0.5"))
     assert not (tmp_path / "runs" / "r" / "_LOCK.json").exists()  # refused runs release the lock
+
+
+def test_a_run_started_before_a_field_existed_resumes_while_it_keeps_its_default(make_config, tmp_path):
+    import json
+
+    config = make_config("run_id=old")
+    close_run(config, open_run(config)["run_uri"], stop_workers=False)
+    manifest = tmp_path / "runs" / "old" / "run.json"
+    stored = json.loads(manifest.read_text())
+    del stored["config"]["policy"]["lr_schedule"]  # as written by a ppoflow without that field
+    stored["config_hash"] = "from-an-older-ppoflow"
+    manifest.write_text(json.dumps(stored))
+
+    close_run(config, open_run(config)["run_uri"], stop_workers=False)  # the new field at its default: same run
+    with pytest.raises(RunSetupError, match=r"fields differ: policy\.lr_decay_steps, policy\.lr_schedule"):
+        open_run(make_config("run_id=old", "policy.lr_schedule=cosine", "policy.lr_decay_steps=10"))
+
+
+@pytest.mark.parametrize("field", ["model.path", "model.ref_path", "model.critic_path"])
+@pytest.mark.parametrize("kind, message", [
+    ("folder without config.json", r"is not a model folder \(no config.json\)"),
+    ("file", r"is a file; give the model's folder"),
+    ("broken config.json", r"cannot load model config from"),
+])
+def test_a_wrong_model_path_fails_before_anything_starts(make_config, tmp_path, field, kind, message):
+    bad = tmp_path / "bad-model"
+    if kind == "file":
+        bad.write_bytes(b"\x00weights")
+    else:
+        bad.mkdir()
+        (bad / "model.safetensors").write_bytes(b"\x00")
+        if kind == "broken config.json":
+            (bad / "config.json").write_text('{"model_type": "qwen2", ')
+    with pytest.raises(RunSetupError) as err:
+        open_run(make_config(f"{field}={bad}", "run_id=bad"))
+    assert str(err.value).startswith(f"{field}: {bad}") or str(err.value).startswith(f"{field}: cannot load")
+    assert re.search(message, str(err.value)), str(err.value)
+    assert not (tmp_path / "runs").exists()

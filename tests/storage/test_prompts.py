@@ -24,6 +24,11 @@ def test_jsonl_and_parquet(tmp_path):
         (b'{"prompt": "a"}\n\n{"question": "b"}\n', r"line 3: missing or empty column 'prompt'"),
         (b"", r"no prompts"),
         (b'{"prompt": "caf\xe9"}\n', r"not UTF-8"),
+        (b'{"prompt": "a"}\n{"prompt": "b"}\n{"prompt": "caf\xe9"}\n', r"line 3: not UTF-8 text \(byte 47 of the file, "
+                                                                      r"byte 15 of the line: b'\\xe9'\)"),
+        (b"\n  \n\n", r"no prompts"),
+        (b'{"prompt": "a"}\n{"prompt": ""}\n', r"line 2: missing or empty column 'prompt'"),
+        (b'{"prompt": "a"}\n{"prompt": "b",}\n', r"line 2: invalid JSON \(.* at column 16\)"),
         (b'["prompt"]\n', r"line 1: expected a JSON object"),
     ],
 )
@@ -56,3 +61,33 @@ def test_several_files_read_in_order_and_errors_name_the_file(tmp_path):
         read_prompts([])
     with pytest.raises(PromptFileError, match="prompt folder not found"):
         list_prompt_files(str(tmp_path / "nope"))
+
+
+def test_jsonl_lines_are_split_on_newlines_only(tmp_path):
+    """U+2028 inside a JSON string (json.dumps(..., ensure_ascii=False)) is not a line break; a BOM is not content."""
+    rows = [{"prompt": "line\u2028separator"}, {"prompt": "next"}]
+    text = "\ufeff" + "\r\n".join(json.dumps(r, ensure_ascii=False) for r in rows)
+    (tmp_path / "p.jsonl").write_bytes(text.encode())
+    assert read_prompts(str(tmp_path / "p.jsonl")) == rows
+    (tmp_path / "q.jsonl").write_bytes(text.encode() + b"\r\n{oops\r\n")
+    with pytest.raises(PromptFileError, match=r"q\.jsonl line 3: invalid JSON"):
+        read_prompts(str(tmp_path / "q.jsonl"))
+
+
+def test_bad_parquet_files_name_the_file_and_column(tmp_path):
+    pq.write_table(pa.Table.from_pylist([{"question": "a", "answer": "1"}]), tmp_path / "cols.parquet")
+    with pytest.raises(PromptFileError, match=r"cols\.parquet: no column 'prompt' \(data.prompt_key\); its columns "
+                                              r"are question, answer"):
+        read_prompts(str(tmp_path / "cols.parquet"))
+    assert read_prompts(str(tmp_path / "cols.parquet"), prompt_key="question") == [{"question": "a", "answer": "1"}]
+    (tmp_path / "junk.parquet").write_bytes(b"this is not parquet")
+    with pytest.raises(PromptFileError, match=r"junk\.parquet: not a readable Parquet file"):
+        read_prompts(str(tmp_path / "junk.parquet"))
+    pq.write_table(pa.Table.from_pylist([{"prompt": "a"}, {"prompt": None}]), tmp_path / "null.parquet")
+    with pytest.raises(PromptFileError, match=r"null\.parquet row 1: missing or empty column 'prompt'"):
+        read_prompts(str(tmp_path / "null.parquet"))
+
+
+def test_a_folder_given_as_a_prompt_file(tmp_path):
+    with pytest.raises(PromptFileError, match=r"data.prompts: .* is a folder"):
+        read_prompts(str(tmp_path))

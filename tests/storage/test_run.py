@@ -12,8 +12,12 @@ from storage.schema import METRICS, fingerprint
 ROWS = [{"name": "ppo/policy_loss", "step": i, "value": float(i) / 3} for i in range(10)]
 
 
-@pytest.fixture(params=["local", "memory"])
+@pytest.fixture(params=["local", "memory", "s3"])
 def store(request, tmp_path) -> RunStore:
+    """The same tests on a local folder, memory:// and a real S3 API (moto on loopback: no renames, PUTs only)."""
+    if request.param == "s3":
+        bucket = request.getfixturevalue("s3_bucket")
+        return RunStore(run_uri(bucket.uri("prefix"), "r1"), bucket.storage_options)
     root = str(tmp_path) if request.param == "local" else f"memory://ppoflow-test-{tmp_path.name}"
     return RunStore(run_uri(root, "r1"))
 
