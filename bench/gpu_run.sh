@@ -3,6 +3,7 @@
 #
 # Usage, from the repo root of a working tree that carries .whl/ (the folder gpu/pack-gpu-wheels.sh writes):
 #   bash bench/gpu_run.sh [gpu_ppo.py arguments, e.g. --iterations 3 --prompts 64 --max-new-tokens 128]
+#   bash bench/gpu_run.sh bench/learning.py [learning.py arguments]   (another script: name it first)
 #
 # The image has torch, transformers, pyarrow, fsspec, safetensors, psutil, pyyaml; the wheels add DeepSpeed,
 # Prefect (and its pydantic) and a slim Ray. They go into SITE (pip --target, the pack script's recipe) and reach
@@ -54,9 +55,11 @@ for name in ("transformers", "deepspeed", "ray", "prefect", "pydantic", "pyarrow
 print()
 EOF
 
+SCRIPT=bench/gpu_ppo.py
+if [[ "${1:-}" == *.py ]]; then SCRIPT=$1; shift; fi
 if [ -n "${OUT:-}" ]; then
     mkdir -p "$OUT"
-    "$PYTHON" bench/gpu_ppo.py "$@" 2>&1 | tee "$OUT/gpu_ppo.log"
+    "$PYTHON" "$SCRIPT" "$@" 2>&1 | tee "$OUT/$(basename "$SCRIPT" .py).log"
 else
-    exec "$PYTHON" bench/gpu_ppo.py "$@"
+    exec "$PYTHON" "$SCRIPT" "$@"
 fi

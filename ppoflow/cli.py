@@ -62,15 +62,21 @@ def cmd_train(args) -> int:
         return 2
 
     from flows.ppo import ppo_train
+    from ppoflow.progress import RunProgress
     from stages.common import iteration_summary, store_of
-    from stages.score import RewardError
-    from stages.setup import RunSetupError
+    from stages.score import LogprobGateError, RewardError
+    from stages.setup import RunSetupError, new_run_id
     from storage.lock import RunLocked
     from storage.prompts import PromptFileError
+    from storage.run import run_uri
 
+    if config.run_id is None:  # named here, so the progress bars know which run to watch
+        config = config.model_copy(update={"run_id": new_run_id()})
     try:
-        run = ppo_train(config=config)
-    except (RunSetupError, RewardError, PromptFileError, RunLocked) as err:
+        with RunProgress(run_uri(config.storage.root, config.run_id), config.iterations,
+                         config.storage.storage_options):
+            run = ppo_train(config=config)
+    except (RunSetupError, RewardError, LogprobGateError, PromptFileError, RunLocked) as err:
         print(f"ppoflow: {err}", file=sys.stderr)
         return 2
     store = store_of(config, run["run_uri"])

@@ -55,19 +55,19 @@ def _prefect(api: dict, *args: str, timeout: float = 900) -> subprocess.Complete
                           timeout=timeout)
 
 
-def _overrides(tmp_path, tiny_model_dir, prompts_dir, iterations: int) -> str:
+def _overrides(tmp_path, tiny_model_dir, prompts_dir, test_scale, iterations: int, *extra: str) -> str:
     return json.dumps([f"model.path={tiny_model_dir}", f"data.prompts={prompts_dir}/train.jsonl",
                        f"eval.prompts={prompts_dir}/eval.jsonl", "eval.max_prompts=16",
-                       f"storage.root={tmp_path}", f"iterations={iterations}", "data.prompts_per_iteration=8"])
+                       f"storage.root={tmp_path}", f"iterations={iterations}", *test_scale, *extra])
 
 
 def _events(run: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((run / "events").iterdir())]
 
 
-def test_deployment_run_trains_and_reports(prefect_api, tmp_path, tiny_model_dir, prompts_dir):
+def test_deployment_run_trains_and_reports(prefect_api, tmp_path, tiny_model_dir, prompts_dir, test_scale):
     out = _prefect(prefect_api, "deployment", "run", "ppo-train/quickstart", "-p", "run_id=deployed",
-                   "-p", f"overrides={_overrides(tmp_path, tiny_model_dir, prompts_dir, 1)}", "--watch")
+                   "-p", f"overrides={_overrides(tmp_path, tiny_model_dir, prompts_dir, test_scale, 1)}", "--watch")
     assert out.returncode == 0 and "Completed" in out.stdout, out.stdout[-3000:] + out.stderr[-3000:]
     run = tmp_path / "runs" / "deployed"
     for stage in ("generate", "score", "advantages", "update", "sync"):
@@ -87,11 +87,13 @@ def test_deployment_run_trains_and_reports(prefect_api, tmp_path, tiny_model_dir
 
 
 def test_killed_flow_run_is_retried_without_recomputing_committed_stages(prefect_api, tmp_path, tiny_model_dir,
-                                                                           prompts_dir):
+                                                                           prompts_dir, test_scale):
     # The fault fires once (PPOFLOW_FAULTS_ONCE_DIR): the retried flow run inherits the same job variables.
     env = {"PPOFLOW_FAULTS": "update.after_train@2=kill", "PPOFLOW_FAULTS_ONCE_DIR": str(tmp_path / "faults")}
+    # The HF engine starts in seconds (vLLM: ~40 s per attempt); the test above runs the deployment on vLLM.
+    overrides = _overrides(tmp_path, tiny_model_dir, prompts_dir, test_scale, 2, "generation.backend=hf")
     first = _prefect(prefect_api, "deployment", "run", "ppo-train/quickstart", "-p", "run_id=killed",
-                     "-p", f"overrides={_overrides(tmp_path, tiny_model_dir, prompts_dir, 2)}",
+                     "-p", f"overrides={overrides}",
                      "--job-variable", f"env={json.dumps(env)}", "--watch")
     assert first.returncode != 0 and "Crashed" in first.stdout, first.stdout[-3000:] + first.stderr[-3000:]
     flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", first.stdout).group(1)

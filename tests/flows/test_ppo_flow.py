@@ -71,8 +71,9 @@ def test_gae_run_commits_every_stage_then_resume_rewrites_only_the_uncommitted(m
 
 
 def test_grpo_run_has_no_critic(make_config):
+    # the HF engine: starts in seconds, and the engine has no part in what this test checks
     config = make_config("run_id=grpo", "iterations=1", "algo.estimator=group_norm", "algo.kl_in_reward=false",
-                         "algo.kl_estimator=k3")
+                         "algo.kl_estimator=k3", "generation.backend=hf")
     run = Path(ppo_train(config=config)["run_uri"])
     table = pq.read_table(run / "iter-000001" / "advantages" / "part-00000.parquet")
     assert table.column("values").null_count == table.num_rows

@@ -38,11 +38,11 @@ def _events(run: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((run / "events").iterdir())]
 
 
-def test_sigkill_in_update_then_resume(tmp_path, tiny_model_dir, prompts_dir, reap_session):
+def test_sigkill_in_update_then_resume(tmp_path, tiny_model_dir, prompts_dir, reap_session, test_scale):
     args = ["--config", "configs/quickstart.yaml", "--run-id", "crash",
             "--set", f"model.path={tiny_model_dir}", "--set", f"data.prompts={prompts_dir}/train.jsonl",
             "--set", "eval.prompts=null",  # the resumed engine must serve no request at all: no evaluation either
-            "--set", f"storage.root={tmp_path}", "--set", "iterations=2", "--set", "data.prompts_per_iteration=8"]
+            "--set", f"storage.root={tmp_path}", "--set", "iterations=2", *(a for s in test_scale for a in ("--set", s))]
     env = {"PREFECT_HOME": str(tmp_path / "prefect")}
     run = tmp_path / "runs" / "crash"
 

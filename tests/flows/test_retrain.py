@@ -21,10 +21,10 @@ def _write(folder: Path, name: str, numbers: list[int]) -> str:
     return str(path)
 
 
-def test_lineage_trains_on_new_files_only_and_warm_starts(tmp_path, tiny_model_dir):
+def test_lineage_trains_on_new_files_only_and_warm_starts(tmp_path, tiny_model_dir, test_scale):
     incoming = tmp_path / "incoming"
     overrides = [f"model.path={tiny_model_dir}", f"storage.root={tmp_path}", "iterations=1", "eval.prompts=null",
-                 "data.prompts_per_iteration=8", "algo.estimator=group_norm"]
+                 *test_scale, "algo.estimator=group_norm", "generation.backend=hf"]  # HF: starts in seconds
     first_file = _write(incoming, "2026-11-01.jsonl", list(range(100, 120)))
 
     one = ppo_retrain("daily", str(incoming), QUICKSTART, overrides)
@@ -42,6 +42,7 @@ def test_lineage_trains_on_new_files_only_and_warm_starts(tmp_path, tiny_model_d
     assert config["model"]["path"] == one["final_policy"]  # warm start from daily-0001's final HF export
     assert config["model"]["ref_path"] == tiny_model_dir  # the KL anchor stays the base model
     assert Path(one["final_policy"], "model.safetensors").exists()
+    assert Path(one["final_policy"]).parent.joinpath("_PINNED.json").exists()  # checkpoint rotation never deletes it
 
     three = ppo_retrain("daily", str(incoming), QUICKSTART, overrides)
     assert three["action"] == "nothing_new" and "no new prompt files" in three["message"]

@@ -72,9 +72,9 @@ def test_flow_parameter_schema_is_pinned():
 def test_every_group_estimator_needs_several_samples(estimator):
     with pytest.raises(ConfigError, match="generation.n_samples_per_prompt"):
         load_config(QUICKSTART, [f"algo.estimator={estimator}", "generation.n_samples_per_prompt=1",
-                                 "data.prompts_per_iteration=32"])
+                                 "data.prompts_per_iteration=64"])
     load_config(QUICKSTART, ["algo.estimator=reinforce", "generation.n_samples_per_prompt=1",
-                             "data.prompts_per_iteration=32"])  # n = 1 is fine without groups
+                             "data.prompts_per_iteration=64"])  # n = 1 is fine without groups
 
 
 def test_k1_as_a_loss_term_warns():
