@@ -40,7 +40,12 @@ class DataConfig(BaseModel):
     """Prompts drawn per PPO iteration (the batch holds prompts_per_iteration × n_samples_per_prompt samples)."""
 
     max_prompt_tokens: int = Field(128, ge=1)
-    """Templated prompts longer than this keep their last tokens and are flagged `prompt_truncated`."""
+    """Templated prompts longer than this are handled per `overlong_prompts`."""
+
+    overlong_prompts: Literal["truncate", "reject"] = "truncate"
+    """`truncate`: an over-long prompt keeps its last max_prompt_tokens tokens (the generation prompt survives), the
+    sample is flagged `prompt_truncated` and `rollout/prompt_truncated_frac` counts them. `reject`: the run refuses
+    to start when any prompt of data.prompts or eval.prompts is over the limit, naming the first one."""
 
     apply_chat_template: bool = True
     """Wrap each prompt as a user turn with the tokenizer's chat template (with the generation prompt)."""

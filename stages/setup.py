@@ -71,9 +71,11 @@ def preflight(config) -> None:
         raise RunSetupError("storage.root: memory:// lives inside one process and the Ray workers write checkpoints "
                             "from theirs; use a local folder or a shared object store (s3://...)")
     load_reward_fn(config.reward.fn)
-    read_prompts(config.data.prompts, config.data.prompt_key, config.storage.storage_options)
+    prompt_sets = {"data.prompts": read_prompts(config.data.prompts, config.data.prompt_key,
+                                                config.storage.storage_options)}
     if config.eval.prompts is not None:
-        read_prompts(config.eval.prompts, config.data.prompt_key, config.storage.storage_options)
+        prompt_sets["eval.prompts"] = read_prompts(config.eval.prompts, config.data.prompt_key,
+                                                   config.storage.storage_options)
     for field, path in (("model.path", config.model.path), ("model.ref_path", config.model.ref_path),
                         ("model.critic_path", config.model.critic_path)):
         if path is None:
@@ -92,6 +94,23 @@ def preflight(config) -> None:
             AutoConfig.from_pretrained(path)
         except (OSError, ValueError) as err:
             raise RunSetupError(f"{field}: cannot load model config from {path!r}: {err}") from None
+    if config.data.overlong_prompts == "reject":
+        _reject_overlong_prompts(config, prompt_sets)
+
+
+def _reject_overlong_prompts(config, prompt_sets: dict) -> None:
+    from stages.generate import _tokenizer, encode_prompt
+
+    data, tok = config.data, _tokenizer(config.model.path)
+    for field, rows in prompt_sets.items():
+        for i, row in enumerate(rows):
+            ids, _ = encode_prompt(tok, row[data.prompt_key], data.apply_chat_template, 1 << 30)
+            if len(ids) > data.max_prompt_tokens:
+                raise RunSetupError(
+                    f"{field}: prompt {i} (0-based, in file order) is {len(ids)} tokens"
+                    f"{' with the chat template' if data.apply_chat_template else ''}, over data.max_prompt_tokens="
+                    f"{data.max_prompt_tokens}: {row[data.prompt_key][:80]!r}. data.overlong_prompts=reject refuses "
+                    "it; shorten or drop it, raise data.max_prompt_tokens, or set data.overlong_prompts=truncate")
 
 
 def _versions() -> dict:

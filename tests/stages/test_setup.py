@@ -78,3 +78,14 @@ def test_a_wrong_model_path_fails_before_anything_starts(make_config, tmp_path, 
     assert str(err.value).startswith(f"{field}: {bad}") or str(err.value).startswith(f"{field}: cannot load")
     assert re.search(message, str(err.value)), str(err.value)
     assert not (tmp_path / "runs").exists()
+
+
+def test_overlong_prompts_are_rejected_before_anything_starts_when_asked(make_config, tmp_path):
+    from stages.setup import preflight
+
+    preflight(make_config("data.max_prompt_tokens=10"))  # truncate (the default): the samples carry the flag
+    preflight(make_config("data.overlong_prompts=reject"))  # every templated prompt fits in 48 tokens
+    with pytest.raises(RunSetupError, match=r"data\.prompts: prompt 0 \(0-based, in file order\) is 1\d tokens with "
+                                            r"the chat template, over data\.max_prompt_tokens=10: 'What is 2\*"):
+        preflight(make_config("data.overlong_prompts=reject", "data.max_prompt_tokens=10"))
+    assert not (tmp_path / "runs").exists()
