@@ -16,7 +16,7 @@ from importlib import metadata
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from stages.common import LOCKS, actor, checkpoint_uri, store_of
+from stages.common import LOCKS, actor, checkpoint_uri, engines, store_of
 from stages.config import OPERATIONAL_FIELDS
 
 
@@ -219,11 +219,13 @@ def close_run(config, run_uri: str, stop_workers: bool = True) -> None:
         from workers.cluster import stop_workers as stop
 
         if ray.is_initialized():
-            try:  # what this process asked of the engine, for operators (and the resume test)
-                stats = ray.get(actor(config, run_uri, "engine").stats.remote(), timeout=30)
-                store_of(config, run_uri).record_event(stage="workers", action="stopped", engine=stats)
+            try:  # what this process asked of the engines, for operators (and the resume test)
+                per_engine = ray.get([e.stats.remote() for e in engines(config, run_uri)], timeout=30)
+                total = {k: sum(s[k] for s in per_engine) for k in per_engine[0]}
+                store_of(config, run_uri).record_event(stage="workers", action="stopped", engine=total,
+                                                       engines=per_engine)
             except ValueError:
-                pass  # the engine never started
+                pass  # the engines never started
             stop(run_uri, config.ray.namespace)
     lock = LOCKS.pop(run_uri, None)
     if lock is not None:
