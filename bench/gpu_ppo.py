@@ -69,6 +69,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mini-batch", type=int, default=64, help="policy/critic mini_batch_size (capped at the batch)")
     p.add_argument("--micro-batch", type=int, default=16, help="policy/critic/reference micro_batch_size")
     p.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=0, help="policy/critic zero_stage")
+    p.add_argument("--gpus", type=int, default=1,
+                   help="GPUs: above 1, that many engines and policy/critic ranks (num_ranks), rank r and engine r "
+                        "sharing GPU r (placement hybrid), the trainers' groups talking over NCCL")
+    p.add_argument("--offload", choices=["none", "optimizer", "optimizer_and_params"], default="none",
+                   help="policy/critic offload (ZeRO-Offload)")
+    p.add_argument("--peak-tflops", type=float, default=989.4,
+                   help="dense bf16 peak of one GPU, for MFU (H100/H200 SXM: 989.4)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra config override, applied last (repeatable), e.g. --set algo.estimator=group_norm")
     p.add_argument("--workdir", default=None, help="model, prompts and runs go here (default: a temporary folder)")
@@ -114,22 +121,24 @@ def _nvidia_smi(*query: str) -> list[str] | None:
 
 
 class MemorySampler(threading.Thread):
-    """Used memory of the benchmark's GPU every `period` s, from nvidia-smi: it counts every process on the GPU
-    (the four actors and any CUDA context of the driver), which is what hybrid placement has to fit."""
+    """Used memory of the benchmark's GPUs every `period` s, from nvidia-smi (the fullest GPU's): it counts every
+    process on a GPU (the actors sharing it and any CUDA context of the driver), which is what hybrid placement has to
+    fit."""
 
-    def __init__(self, gpu_index: int, period: float = 0.5):
+    def __init__(self, gpu_indices: list[int], period: float = 0.5):
         super().__init__(name="gpu-memory-sampler", daemon=True)
-        self.gpu_index, self.period = gpu_index, period
+        self.gpu_indices, self.period = set(gpu_indices), period
         self.samples: list[tuple[float, int]] = []  # (unix time, MiB used)
         self._halt = threading.Event()  # not `_stop`: threading.Thread has one
 
     def read(self) -> int | None:
-        lines = _nvidia_smi("index", "memory.used")
-        for line in lines or []:
-            index, used = (x.strip() for x in line.split(","))
-            if int(index) == self.gpu_index:
-                return int(used)
-        return None
+        """MiB used on the fullest of the benchmark's GPUs (each must fit its share)."""
+        used = []
+        for line in _nvidia_smi("index", "memory.used") or []:
+            index, mib = (x.strip() for x in line.split(","))
+            if int(index) in self.gpu_indices:
+                used.append(int(mib))
+        return max(used) if used else None
 
     def run(self) -> None:
         while not self._halt.is_set():
@@ -190,7 +199,8 @@ def _timestamp(iso: str) -> float:
     return datetime.fromisoformat(iso).timestamp()
 
 
-def collect(run_uri: str, config, sampler: MemorySampler | None) -> tuple[list[dict], dict]:
+def collect(run_uri: str, config, sampler: MemorySampler | None, flops_per_token: float = 0.0,
+            peak_flops: float = 0.0) -> tuple[list[dict], dict]:
     """Per-iteration rows and run-level numbers, from what the run committed."""
     from stages.common import iteration_summary
     from storage.run import RunStore
@@ -215,6 +225,11 @@ def collect(run_uri: str, config, sampler: MemorySampler | None) -> tuple[list[d
                                                          experience["response_ids"].to_pylist()))
             row["update_tokens"] = tokens * config.algo.ppo_epochs
             row["update_tokens_per_s"] = row["update_tokens"] / max(update["seconds"], 1e-9)
+            # The training alone (no checkpoint): tokens/s and model FLOPs utilisation of the trainers' GPUs.
+            train_s = update.get("metrics", {}).get("perf/train_s")
+            if train_s:
+                row["train_tokens_per_s"] = row["update_tokens"] / train_s
+                row["mfu"] = row["train_tokens_per_s"] * flops_per_token / peak_flops if peak_flops else None
             row["checkpoint_bytes"] = sum(f["bytes"] for f in update.get("checkpoint", {}).get("files", []))
         if sampler is not None:
             for stage in STAGES:
@@ -242,6 +257,7 @@ def print_table(rows: list[dict], run: dict) -> None:
         ("iter", "iteration", "d", 1), ("gen_s", "generate_s", ".1f", 1), ("score_s", "score_s", ".1f", 1),
         ("adv_s", "advantages_s", ".2f", 1), ("update_s", "update_s", ".1f", 1), ("sync_s", "sync_s", ".2f", 1),
         ("gen_tok/s", "gen_tokens_per_s", ".0f", 1), ("upd_tok/s", "update_tokens_per_s", ".0f", 1),
+        ("train_tok/s", "train_tokens_per_s", ".0f", 1), ("MFU_%", "mfu", ".1f", 100),
         ("ckpt_s", "checkpoint_s", ".1f", 1), ("ckpt_GB", "checkpoint_bytes", ".2f", 1e-9),
         ("sync_MB", "sync_bytes", ".1f", 1e-6), ("resp_len", "response_len", ".1f", 1), ("reward", "reward", ".3f", 1),
         ("lp_diff", "logprob_diff", ".4f", 1), ("peak_MiB", "peak_mib", "d", 1),
@@ -267,6 +283,9 @@ def print_table(rows: list[dict], run: dict) -> None:
           f"{m['num_attention_heads']} heads / {m['num_key_value_heads']} KV, MLP {m['intermediate_size']}, "
           f"vocab {m['vocab_size']}, {run['dtype']})   device: {run['device']}   "
           f"num_gpus engine/policy+reference/critic: {run['gpu_fractions']}")
+    st = run["settings"]
+    print(f"GPUs {st['gpus']}: {st['num_ranks']} rank(s) per trainer group, ZeRO-{st['zero_stage']}, offload "
+          f"{st['offload']}; MFU = train tokens/s x 6 x params x (2 with the critic) / (GPUs x peak bf16)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -321,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
         f"generation.num_gpus={fraction}",
         *(f"{role}.{key}={value}" for role in ("policy", "critic") for key, value in (
             ("num_gpus", fraction), ("mini_batch_size", mini), ("micro_batch_size", micro), ("num_threads", 2),
-            ("zero_stage", args.zero_stage))),
+            ("zero_stage", args.zero_stage), ("num_ranks", args.gpus), ("offload", args.offload))),
+        *([f"generation.num_engines={args.gpus}", "generation.placement=hybrid"] if args.gpus > 1 else []),
         f"ray.num_cpus={ncpu}", "tracking.logger=none", f"storage.root={workdir / 'runs'}",
     ]
     if "eval" in RunConfig.model_fields:  # evaluation is not part of what this measures
@@ -331,15 +351,15 @@ def main(argv: list[str] | None = None) -> int:
     gpus = {"engine": config.generation.num_gpus, "policy": config.policy.num_gpus,
             "reference": config.policy.num_gpus, "critic": config.critic.num_gpus if config.uses_critic else 0.0}
     if sum(gpus.values()) > 1.0 + 1e-9:
-        raise SystemExit(f"the actors ask for {sum(gpus.values()):g} GPUs ({gpus}); hybrid placement on one GPU "
-                         "needs a total of at most 1: lower --gpu-fraction")
+        raise SystemExit(f"the actors ask for {sum(gpus.values()):g} GPUs ({gpus}) of one GPU; lower --gpu-fraction")
 
     from storage.run import run_uri as make_run_uri
 
     run_uri = make_run_uri(config.storage.root, run_id)
-    visible = (os.environ.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0].strip()
-    gpu_index = int(visible) if visible.isdigit() else 0  # Ray hands out the first visible GPU first
-    sampler = MemorySampler(gpu_index) if cuda and shutil.which("nvidia-smi") else None
+    visible = (os.environ.get("CUDA_VISIBLE_DEVICES") or ",".join(map(str, range(args.gpus)))).split(",")
+    gpu_indices = [int(v) for v in visible[:args.gpus] if v.strip().isdigit()] or [0]  # Ray hands them out in order
+    gpu_index = gpu_indices[0]
+    sampler = MemorySampler(gpu_indices) if cuda and shutil.which("nvidia-smi") else None
     gpu_before = sampler.read() if sampler else None
     if sampler:
         sampler.start()
@@ -355,7 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     # Started here rather than by the flow so that Ray is told about the GPU explicitly; the flow's connect() then
     # finds it running and joins it.
-    ray.init(num_cpus=ncpu, num_gpus=1 if cuda else 0, namespace=config.ray.namespace, include_dashboard=False,
+    ray.init(address="local", num_cpus=ncpu, num_gpus=args.gpus if cuda else 0, namespace=config.ray.namespace,
+             include_dashboard=False,
              log_to_driver=True)
     ray_init_s = time.perf_counter() - t0
     failed, flow_s = False, None
@@ -374,7 +395,11 @@ def main(argv: list[str] | None = None) -> int:
         if sampler:
             sampler.stop()
 
-    rows, run = collect(run_uri, config, sampler)
+    # Training FLOPs per token: 6·N for forward + backward (Kaplan et al. 2020), for the policy and, trained on the
+    # same tokens, the critic (the same body; its head is one linear layer); 8·N with gradient checkpointing's extra
+    # forward is not counted (MFU counts model FLOPs, not hardware FLOPs).
+    flops_per_token = 6 * params * (2 if config.uses_critic else 1)
+    rows, run = collect(run_uri, config, sampler, flops_per_token, args.peak_tflops * 1e12 * args.gpus if cuda else 0)
     name_total = (_nvidia_smi("index", "name", "memory.total") or []) if cuda else []
     info = next((line.split(", ") for line in name_total if line.split(", ")[0] == str(gpu_index)), None)
     run.update(
@@ -387,7 +412,8 @@ def main(argv: list[str] | None = None) -> int:
         ray_init_s=ray_init_s, model_build_s=model_build_s, flow_s=flow_s, failed=failed, run_uri=run_uri,
         settings={"iterations": args.iterations, "prompts_per_iteration": args.prompts, "samples": args.samples,
                   "max_new_tokens": args.max_new_tokens, "mini_batch": mini, "micro_batch": micro,
-                  "zero_stage": config.policy.zero_stage, "estimator": config.algo.estimator,
+                  "zero_stage": config.policy.zero_stage, "estimator": config.algo.estimator, "gpus": args.gpus,
+                  "num_ranks": config.policy.num_ranks, "offload": config.policy.offload,
                   "ppo_epochs": config.algo.ppo_epochs, "extra_overrides": args.set},
     )
     print()

@@ -126,6 +126,27 @@ def make_tiny_model(
     return out_dir
 
 
+def make_tiny_reward_model(out_dir: str, *, seed: int = 0, log: Callable[[str], None] = print) -> str:
+    """Save a tiny reward model to `out_dir`: a random-init `Qwen2ForSequenceClassification` (MODEL_SHAPE, one label,
+    pad_token_id set) with the tiny tokenizer, in HF format, so tests load it as a user's reward model is loaded
+    (`AutoModelForSequenceClassification.from_pretrained`). Its scores mean nothing but differ between texts."""
+    from transformers import Qwen2Config, Qwen2ForSequenceClassification
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        tokenizer = train_tokenizer(seed)
+        config = Qwen2Config(vocab_size=len(tokenizer), **MODEL_SHAPE, num_labels=1, dtype="float32",
+                             bos_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.pad_token_id)
+        model = Qwen2ForSequenceClassification(config)
+        # HF initialises the score head with std 0.02, which makes every reward ~0; a unit-scale head spreads them.
+        torch.nn.init.normal_(model.score.weight, std=1.0 / MODEL_SHAPE["hidden_size"] ** 0.5)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    log(f"tiny_model: reward model saved to {out_dir}")
+    return out_dir
+
+
 def train_tokenizer(seed: int, model_max_length: int = MODEL_SHAPE["max_position_embeddings"]):
     """Byte-level BPE trained on the task's text; returns a `PreTrainedTokenizerFast` with the chat template.
 

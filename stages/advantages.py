@@ -122,8 +122,10 @@ def advantages(config, run_uri: str, iteration: int) -> dict:
     for name, values in result["columns"].items():
         table = table.append_column(name, pa.array(values, EXPERIENCE.field(name).type))
     fault_point("advantages.before_commit", iteration)
-    return commit(store, config, iteration, "advantages", table, "experience", started, result["metrics"],
-                  state=result["state"])
+    marker = commit(store, config, iteration, "advantages", table, "experience", started, result["metrics"],
+                    state=result["state"])
+    fault_point("advantages.after_commit", iteration)
+    return marker
 
 
 @task(name="advantages", cache_policy=NO_CACHE)

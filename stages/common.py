@@ -1,9 +1,8 @@
 """What every stage shares: skip a committed stage, commit an output, locate actors, and named fault points."""
 
-import os
-import signal
 import time
 
+from storage.faults import fault_point  # noqa: F401  (stages import it from here)
 from storage.run import RunStore
 
 LOCKS: dict = {}  # run URI → the RunLock this process holds while its flow writes the run (see stages/setup.py)
@@ -55,6 +54,19 @@ def actor(config, run_uri: str, role: str):
     return get_actor(run_uri, role, config.ray.namespace)
 
 
+def trainer_group(config, run_uri: str, role: str) -> list:
+    """Every rank's actor of the `policy` or `critic` group (`num_ranks` of them), rank 0 first."""
+    from workers.cluster import get_group
+
+    return get_group(run_uri, role, config.ray.namespace, getattr(config, role).num_ranks)
+
+
+def on_all_ranks(group: list, method: str, *args) -> list:
+    """Call a trainer method on every rank of a group, in the same order from this one caller (each method is
+    collective: the ranks meet inside it). ObjectRefs in rank order; rank 0's result is the group's."""
+    return [getattr(rank, method).remote(*args) for rank in group]
+
+
 def engines(config, run_uri: str) -> list:
     """The run's generation engines, in index order (generation.num_engines of them)."""
     from workers.engines import get_engines
@@ -67,16 +79,37 @@ CHUNKS_PER_ENGINE = 4
 a slow one's share, few enough that each chunk is still a large batch for vLLM."""
 
 
+def engine_chunk_size(config, n_requests: int) -> int | None:
+    """The dispatcher's chunk size for this backend: None (CHUNKS_PER_ENGINE chunks per engine) for vLLM, whose
+    continuous batching keeps a stream of chunks busy; one chunk per engine for the HF engine, which decodes a chunk
+    as one padded batch, a kernel launch per token whatever its size (on an H200, 4 chunks of 32 rows per engine
+    sampled at half the tokens/s of one chunk of 128 rows)."""
+    if config.generation.backend == "vllm":
+        return None
+    return max(1, -(-n_requests // config.generation.num_engines))
+
+
 def generate_on_engines(engines: list, requests: list[dict], chunk_size: int | None = None,
-                        timeout_s: float | None = None) -> list[list[dict]]:
+                        timeout_s: float | None = None, version: int | None = None,
+                        on_engine_lost=None) -> list[list[dict]]:
     """Results of `requests` (engine.generate's contract) in request order, from several engines: chunks of
     `chunk_size` requests (default: all of them for one engine, else about CHUNKS_PER_ENGINE chunks per engine), each
     sent to the engine with the fewest outstanding requests.
 
     Each engine holds at most two chunks at a time (one running, one waiting, so it never idles between them); the
     others wait here and go to whichever engine finishes first (ray.wait). Requests carry their own seeds, so
-    a request's samples do not depend on which engine serves it. `timeout_s` bounds each wait (TimeoutError)."""
+    a request's samples do not depend on which engine serves it. `timeout_s` bounds each wait (TimeoutError).
+
+    `version`, the policy the samples must come from, travels with every chunk: an engine serving another refuses
+    the chunk (EngineVersionError) rather than sample from the wrong weights. A chunk lost with its engine (it died:
+    RayActorError) or refused that way is handed to `on_engine_lost(i, error)`, which must bring engine i back to
+    `version` or raise (stages.sync.engine_recovery); the chunk is then sent again, and since its seeds decide its
+    samples the call returns what an undisturbed one would. Without the callback those errors propagate. Deaths are
+    bounded by Ray's restarts (generation.max_engine_restarts): past them the callback raises."""
     import ray
+    from ray.exceptions import RayActorError
+
+    from workers.engine import EngineVersionError
 
     if not requests:
         return []
@@ -96,7 +129,8 @@ def generate_on_engines(engines: list, requests: list[dict], chunk_size: int | N
                 break
             i = min(free, key=lambda e: (outstanding[e], e))
             start, chunk = pending.pop()
-            in_flight[engines[i].generate.remote(chunk)] = (i, start, len(chunk))
+            ref = engines[i].generate.remote(chunk) if version is None else engines[i].generate.remote(chunk, version)
+            in_flight[ref] = (i, start, len(chunk))
             outstanding[i] += len(chunk)
             chunks_held[i] += 1
         done, _ = ray.wait(list(in_flight), num_returns=1, timeout=timeout_s)
@@ -104,37 +138,21 @@ def generate_on_engines(engines: list, requests: list[dict], chunk_size: int | N
             raise TimeoutError(f"generate: no engine returned a chunk within {timeout_s} s "
                                f"({sum(outstanding)} requests outstanding)")
         i, start, length = in_flight.pop(done[0])
-        results[start:start + length] = ray.get(done[0])
         outstanding[i] -= length
         chunks_held[i] -= 1
+        try:
+            results[start:start + length] = ray.get(done[0])
+        except (RayActorError, EngineVersionError) as err:
+            if on_engine_lost is None:
+                raise
+            on_engine_lost(i, err)  # blocks; the other engines keep sampling what they hold
+            pending.append((start, requests[start:start + length]))  # the next chunk sent
     return results
 
 
 def checkpoint_uri(store: RunStore, version: int) -> str | None:
     """Where policy `version` is stored; None for version 0, the base model."""
     return store.checkpoint_uri(version) if version > 0 else None
-
-
-def fault_point(name: str, iteration: int) -> None:
-    """Deterministic fault injection for tests: PPOFLOW_FAULTS="update.after_train@2=kill,score.start@1=raise".
-
-    `kill` SIGKILLs this process (a crash: no cleanup, no finally); `raise` raises RuntimeError. With
-    PPOFLOW_FAULTS_ONCE_DIR set, each point fires once (a flag file there remembers it), so a retried or resumed run
-    that inherits the same environment gets past it."""
-    spec = os.environ.get("PPOFLOW_FAULTS", "")
-    once = os.environ.get("PPOFLOW_FAULTS_ONCE_DIR")
-    for item in filter(None, (s.strip() for s in spec.split(","))):
-        point, _, action = item.partition("=")
-        if point == f"{name}@{iteration}":
-            if once:
-                flag = os.path.join(once, point)
-                if os.path.exists(flag):
-                    continue
-                os.makedirs(once, exist_ok=True)
-                open(flag, "w").close()
-            if action == "kill":
-                os.kill(os.getpid(), signal.SIGKILL)
-            raise RuntimeError(f"injected fault at {point}")
 
 
 def iteration_summary(store: RunStore, iteration: int) -> dict:

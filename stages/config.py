@@ -10,6 +10,7 @@ Run alone to validate a config and print it resolved:
 
 import hashlib
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Literal
@@ -18,7 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from algorithms.config import GROUP_ESTIMATORS, AlgoConfig
-from storage.config import StorageConfig
+from storage.config import CREDENTIAL_OPTIONS, StorageConfig
 from workers.config import GenerationConfig, ModelConfig, RayConfig, TrainerConfig
 
 
@@ -54,19 +55,135 @@ class DataConfig(BaseModel):
     """Shuffle prompts once per pass over the file (seeded by the run seed and the pass number)."""
 
 
-class RewardConfig(BaseModel):
+class RewardModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    fn: str = "ppoflow.tasks.arith:reward"
-    """Rule reward `module:function`, called as fn(prompts, responses, metadata) -> list[float]."""
+    path: str
+    """HF model id or local folder of a reward model that `AutoModelForSequenceClassification.from_pretrained` loads
+    with one label (`num_labels: 1`), with its tokenizer; its score of the last non-pad token is the reward."""
+
+    weight: float = Field(1.0, allow_inf_nan=False)
+    """This source's weight in the combined reward (reward = Σ weight × source reward)."""
+
+    dtype: Literal["float32", "bfloat16"] | None = None
+    """Compute dtype of the reward model; None uses model.dtype."""
+
+    micro_batch_size: int = Field(8, ge=1)
+    """Samples per forward pass."""
+
+    apply_chat_template: bool = True
+    """Score the conversation [user: prompt, assistant: response] rendered with the reward model's chat template
+    (what HF reward models are trained on); false, or a tokenizer without a template, scores prompt + response as
+    plain text."""
+
+    num_cpus: float = Field(0.5, gt=0.0)
+    """Ray CPUs reserved for the reward-model actor (`{run}:reward`)."""
+
+    num_gpus: float = Field(0.0, ge=0.0)
+    """Ray GPUs reserved for the actor (it runs on cuda when it has one); 0 on CPU hosts; fractions share a GPU."""
+
+    num_threads: int = Field(2, ge=1)
+    """torch intra-op threads in the actor."""
+
+
+class RemoteRewardConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    url: str
+    """HTTP(S) endpoint, POSTed JSON `{"prompts": [...], "responses": [...], "metadata": [...]}` (metadata: each
+    prompt row's other columns), answering `{"rewards": [...]}` with one number per sample, in order. No credentials
+    in it (user:password@ or a token in the query): the config is stored and logged; see `token_env`."""
+
+    weight: float = Field(1.0, allow_inf_nan=False)
+    """This source's weight in the combined reward (reward = Σ weight × source reward)."""
+
+    batch_size: int = Field(64, ge=1)
+    """Samples per request at most; a batch is sent as ceil(samples / batch_size) requests."""
+
+    concurrency: int = Field(4, ge=1)
+    """Requests in flight at once (results keep the samples' order whatever order they come back in)."""
+
+    timeout_s: float = Field(60.0, gt=0.0)
+    """Seconds to wait for the server (connecting, then each read) before the attempt counts as failed."""
+
+    retries: int = Field(3, ge=0)
+    """Further attempts of a request after a connection error, a timeout, HTTP 5xx or 429. Other 4xx answers fail
+    at once with the server's message (the request itself is wrong)."""
+
+    backoff_s: float = Field(1.0, ge=0.0)
+    """Wait before retry k (1-based): backoff_s × 2^(k-1), or the server's Retry-After when it sends one (capped at
+    60 s)."""
+
+    token_env: str | None = None
+    """Name of the environment variable (in the driver) holding a token, sent as `Authorization: Bearer <token>`.
+    The variable's name, never the token: the config is stored in run.json, logged to the trackers and shown as a
+    Prefect flow parameter. None sends no Authorization header."""
+
+    @field_validator("url")
+    @classmethod
+    def _http_without_credentials(cls, v: str) -> str:
+        from urllib.parse import parse_qsl, urlsplit
+
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"expected an http:// or https:// URL, got {v!r}")
+        secret_keys = sorted(k for k, _ in parse_qsl(parts.query)
+                             if k.lower() in CREDENTIAL_OPTIONS | {"api_key", "apikey", "access_token", "auth"})
+        if parts.username or parts.password or secret_keys:
+            where = "user:password@" if parts.username or parts.password else f"query {', '.join(secret_keys)}"
+            raise ValueError(f"the URL carries credentials ({where}), and the config is stored in the run's run.json, "
+                             "sent to the trackers and shown as a Prefect flow parameter; put the token in an "
+                             "environment variable and name it in reward.remote.token_env")
+        return v
+
+    @field_validator("token_env")
+    @classmethod
+    def _variable_name(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", v):
+            # Not a name: most likely the token itself, which must not be stored; the message does not repeat it.
+            raise ValueError("expected the NAME of an environment variable (letters, digits, _), not a token: set "
+                             "the token in the environment, e.g. REWARD_API_TOKEN, and give that name here")
+        return v
+
+
+class RewardConfig(BaseModel):
+    """The reward of a sample: Σ weight × reward of each configured source — a rule function, a reward model, a
+    remote endpoint (at least one). A config that names none of them keeps the rule `fn` with weight 1."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    fn: str | None = "ppoflow.tasks.arith:reward"
+    """Rule reward `module:function`, called as fn(prompts, responses, metadata) -> list[float]. The default applies
+    only while `model` and `remote` are unset: with either of them and no `fn` given there is no rule reward (write
+    `fn` to combine one with them). null: no rule reward."""
+
+    fn_weight: float = Field(1.0, allow_inf_nan=False)
+    """Weight of the rule reward in the combined reward."""
+
+    model: RewardModelConfig | None = None
+    """A reward model, scored in its own Ray actor (`{run}:reward`) while the trainers score the rollout. None: off."""
+
+    remote: RemoteRewardConfig | None = None
+    """A remote reward endpoint over HTTP, called from the driver while the trainers score the rollout. None: off."""
 
     @field_validator("fn")
     @classmethod
-    def _module_function(cls, v: str) -> str:
+    def _module_function(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
         module, _, fn = v.partition(":")
         if not module or not fn:
             raise ValueError(f"expected 'package.module:function', got {v!r}")
         return v
+
+    @model_validator(mode="after")
+    def _some_source(self) -> "RewardConfig":
+        if "fn" not in self.model_fields_set and (self.model is not None or self.remote is not None):
+            self.fn = None  # the quickstart's arith rule is a default, not something to add to a reward model
+        if self.fn is None and self.model is None and self.remote is None:
+            raise ValueError("no reward source: set reward.fn (a rule function), reward.model (a reward "
+                             "model) or reward.remote (an HTTP endpoint), or several of them with weights")
+        return self
 
 
 class EvalConfig(BaseModel):

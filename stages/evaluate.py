@@ -13,7 +13,7 @@ import time
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from stages.common import commit, engines, generate_on_engines, skip_if_committed, store_of
+from stages.common import commit, engine_chunk_size, engines, generate_on_engines, skip_if_committed, store_of
 
 
 def due(config, iteration: int) -> bool:
@@ -29,7 +29,7 @@ def evaluate(config, run_uri: str, iteration: int) -> dict:
 
     from stages.generate import _tokenizer, encode_prompt, served_version
     from stages.score import compute_rewards
-    from stages.sync import bring_engine_to
+    from stages.sync import bring_engine_to, engine_recovery
     from storage.prompts import read_prompts
     from storage.schema import EVAL, ROLLOUT
 
@@ -51,7 +51,8 @@ def evaluate(config, run_uri: str, iteration: int) -> dict:
         "top_k": -1 if ev.temperature == 0 else gen.top_k, "max_new_tokens": gen.max_new_tokens,
         "stop": gen.stop or None, "seed": (config.seed * 1_000_003 + i * ev.n_samples) % (2**31 - 1),
     } for i, r in enumerate(rows)]
-    results = generate_on_engines(handles, requests)
+    results = generate_on_engines(handles, requests, engine_chunk_size(config, len(requests)), version=iteration,
+                                  on_engine_lost=engine_recovery(config, store, run_uri, iteration, "eval", iteration))
 
     out = [{"sample_id": f"eval{iteration}-p{i}-s{k}", "prompt_index": i, "sample_index": k,
             "prompt": r[data.prompt_key], "response": s["text"], "response_len": len(s["response_ids"]),

@@ -2,7 +2,9 @@
 
 The requests (one per prompt, with its own seed) are spread over generation.num_engines engines by
 `stages.common.generate_on_engines`; every engine must serve the previous iteration's policy. With
-generation.enable_sleep_mode the engines wake before sampling and sleep again after it.
+generation.enable_sleep_mode the engines wake before sampling and sleep again after it. An engine that dies while
+sampling is restarted by Ray, synced back to that policy and sent its unfinished chunks again
+(`stages.sync.engine_recovery`): the rollout is the one an undisturbed run commits.
 
 Prompts are read in a seeded per-pass shuffled order. Iteration n continues at the data position where iteration
 n-1's committed generate stage stopped (recorded in its marker with a fingerprint of the prompt set; a changed prompt
@@ -24,7 +26,8 @@ import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from stages.common import commit, engines, fault_point, generate_on_engines, logger, skip_if_committed, store_of
+from stages.common import (commit, engine_chunk_size, engines, fault_point, generate_on_engines, logger,
+                           skip_if_committed, store_of)
 
 
 def prompt_order(n_prompts: int, start: int, count: int, seed: int, shuffle: bool) -> list[int]:
@@ -76,7 +79,7 @@ def generate(config, run_uri: str, iteration: int) -> dict:
 
     from algorithms.dapo import informative_groups
     from stages.score import compute_rewards
-    from stages.sync import bring_engine_to
+    from stages.sync import bring_engine_to, engine_recovery
     from storage.prompts import read_prompts
     from storage.schema import ROLLOUT
 
@@ -100,6 +103,8 @@ def generate(config, run_uri: str, iteration: int) -> dict:
     previous = store.stage_marker(iteration - 1, "generate") if iteration > 1 else None
     position = start = data_start(previous, fingerprint, iteration, batch)
     tok = _tokenizer(config.model.path)
+    # An engine that dies mid-sampling is restarted by Ray, synced back to `version` and sent its chunks again.
+    recover = engine_recovery(config, store, run_uri, version, "generate", iteration)
 
     kept, dropped, rounds, gen_seconds, requests_sent = [], [], 0, 0.0, 0
     while rounds < (algo.max_sampling_rounds if algo.dynamic_sampling else 1) and len(kept) < batch:
@@ -116,7 +121,8 @@ def generate(config, run_uri: str, iteration: int) -> dict:
             "seed": (config.seed * 1_000_003 + iteration * 100_003 + (rounds * batch + j) * n) % (2**31 - 1),
         } for j, g in enumerate(groups)]
         t_gen = time.perf_counter()
-        results = generate_on_engines(handles, requests)
+        results = generate_on_engines(handles, requests, engine_chunk_size(config, len(requests)), version=version,
+                                      on_engine_lost=recover)
         gen_seconds += time.perf_counter() - t_gen
         requests_sent += len(requests)
         position, rounds = position + batch, rounds + 1
@@ -164,9 +170,11 @@ def generate(config, run_uri: str, iteration: int) -> dict:
     if algo.dynamic_sampling:
         metrics.update({"rollout/sampling_rounds": rounds, "rollout/groups_dropped": len(dropped),
                         "rollout/groups_filled": filled})
-    return commit(store, config, iteration, "generate", pa.Table.from_pylist(out, schema=ROLLOUT), "rollout",
-                  started, metrics, policy_version=version, engine_requests=requests_sent,
-                  data={"fingerprint": fingerprint, "prompts": len(rows), "start": start, "end": position})
+    marker = commit(store, config, iteration, "generate", pa.Table.from_pylist(out, schema=ROLLOUT), "rollout",
+                    started, metrics, policy_version=version, engine_requests=requests_sent,
+                    data={"fingerprint": fingerprint, "prompts": len(rows), "start": start, "end": position})
+    fault_point("generate.after_commit", iteration)
+    return marker
 
 
 def served_version(handles: list, version: int) -> int:

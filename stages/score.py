@@ -1,4 +1,5 @@
-"""Score stage: rule rewards, reference logprobs, old policy logprobs and critic values for every rollout sample.
+"""Score stage: rewards (rule function, reward model, remote endpoint; weighted sum), reference logprobs, old policy
+logprobs and critic values for every rollout sample.
 
 The policy must hold the weights that generated the rollout (version iteration-1): it is reloaded from the committed
 checkpoint if it holds anything else. Reference, policy and critic work concurrently on one shared Arrow table in
@@ -20,7 +21,8 @@ import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from stages.common import actor, checkpoint_uri, commit, fault_point, skip_if_committed, store_of
+from stages.common import (actor, checkpoint_uri, commit, fault_point, on_all_ranks, skip_if_committed, store_of,
+                           trainer_group)
 
 
 class RewardError(ValueError):
@@ -62,7 +64,10 @@ def check_logprob_gap(config, store, iteration: int, rollout, metrics: dict) -> 
         f"algo.max_logprob_gap (--set algo.max_logprob_gap=...).")
 
 
-def load_reward_fn(path: str):
+def load_reward_fn(path: str | None):
+    """The rule reward `module:function`; None for none (reward.fn: null)."""
+    if path is None:
+        return None
     module, _, name = path.partition(":")
     try:
         return getattr(importlib.import_module(module), name)
@@ -70,18 +75,81 @@ def load_reward_fn(path: str):
         raise RewardError(f"reward.fn: cannot import {path!r} ({err})") from None
 
 
-def compute_rewards(fn_path: str, rollout) -> list[float]:
-    """Call the reward function on the whole batch and check what it returns, naming the first bad sample."""
+def _checked(source: str, values, ids: list[str]) -> list[float]:
+    """`values` as floats, or RewardError naming `source` and the first bad sample."""
+    values = list(values)
+    if len(values) != len(ids):
+        raise RewardError(f"{source} returned {len(values)} values for {len(ids)} samples")
+    for sample_id, r in zip(ids, values):
+        if not isinstance(r, (int, float)) or not math.isfinite(r):
+            raise RewardError(f"{source} returned {r!r} for sample {sample_id}; expected a finite number")
+    return [float(r) for r in values]
+
+
+def rewards_by_source(reward, rollout, reward_model=None) -> dict[str, list[float]]:
+    """Each configured source's rewards, checked: {"fn": rule function, "model": reward model, "remote": endpoint}.
+
+    The reward model's request goes to its actor (`reward_model`, the run's `reward` actor) first, so it scores while
+    the rule function and the HTTP requests run here."""
+    from stages.common import logger
+    from workers.reward import RemoteReward, RemoteRewardError
+
+    if reward.model is not None and reward_model is None:
+        raise RewardError("reward.model is set, but no reward-model actor was passed to score with")
+    ids = rollout["sample_id"].to_pylist()
+    prompts, responses = rollout["prompt"].to_pylist(), rollout["response"].to_pylist()
+    model_ref = reward_model.score.remote(prompts, responses) if reward.model is not None else None
+    out = {}
+    if reward.fn is not None:
+        out["fn"] = rule_rewards(reward.fn, rollout)
+    if reward.remote is not None:
+        r = reward.remote
+        client = RemoteReward(r.url, batch_size=r.batch_size, concurrency=r.concurrency, timeout_s=r.timeout_s,
+                              retries=r.retries, backoff_s=r.backoff_s, token_env=r.token_env,
+                              log=logger().warning)
+        metadata = [json.loads(m) for m in rollout["metadata"].to_pylist()]
+        try:
+            out["remote"] = _checked(f"reward.remote {r.url}", client.score(prompts, responses, metadata, ids), ids)
+        except RemoteRewardError as err:
+            raise RewardError(str(err)) from None
+    if model_ref is not None:
+        import ray
+
+        out["model"] = _checked(f"reward.model {reward.model.path}", ray.get(model_ref), ids)
+    return out
+
+
+def combine_rewards(reward, by_source: dict[str, list[float]]) -> list[float]:
+    """reward_i = Σ_source weight_source × reward_source,i (the weights: reward.fn_weight, reward.model.weight,
+    reward.remote.weight)."""
+    weights = {"fn": reward.fn_weight}
+    if reward.model is not None:
+        weights["model"] = reward.model.weight
+    if reward.remote is not None:
+        weights["remote"] = reward.remote.weight
+    return np.sum([weights[source] * np.asarray(values, np.float64) for source, values in by_source.items()],
+                  axis=0).tolist()
+
+
+def rule_rewards(fn_path: str, rollout) -> list[float]:
+    """Call the rule function on the whole batch and check what it returns, naming the first bad sample."""
     fn = load_reward_fn(fn_path)
     metadata = [json.loads(m) for m in rollout["metadata"].to_pylist()]
-    rewards = list(fn(rollout["prompt"].to_pylist(), rollout["response"].to_pylist(), metadata))
-    ids = rollout["sample_id"].to_pylist()
-    if len(rewards) != len(ids):
-        raise RewardError(f"reward.fn {fn_path} returned {len(rewards)} values for {len(ids)} samples")
-    for sample_id, r in zip(ids, rewards):
-        if not isinstance(r, (int, float)) or not math.isfinite(r):
-            raise RewardError(f"reward.fn {fn_path} returned {r!r} for sample {sample_id}; expected a finite number")
-    return [float(r) for r in rewards]
+    rewards = fn(rollout["prompt"].to_pylist(), rollout["response"].to_pylist(), metadata)
+    return _checked(f"reward.fn {fn_path}", rewards, rollout["sample_id"].to_pylist())
+
+
+def compute_rewards(reward, rollout, reward_model=None) -> list[float]:
+    """Every sample's reward. `reward` is the RewardConfig (the weighted sum of its sources; `reward_model` is the
+    run's `reward` actor when reward.model is set), or a rule function path alone, as evaluation and dynamic
+    sampling pass it (`config.reward.fn`)."""
+    if isinstance(reward, str):
+        return rule_rewards(reward, rollout)
+    if reward is None:
+        raise RewardError("reward.fn is null, but evaluation and algo.dynamic_sampling score with the rule function "
+                          "alone: set reward.fn (the rule they judge by), or turn them off (eval.prompts: null, "
+                          "algo.dynamic_sampling: false)")
+    return combine_rewards(reward, rewards_by_source(reward, rollout, reward_model))
 
 
 def score(config, run_uri: str, iteration: int) -> dict:
@@ -99,15 +167,19 @@ def score(config, run_uri: str, iteration: int) -> dict:
     tokens = ray.put(rollout.select(["prompt_ids", "response_ids"]))
     version, ckpt, opts = iteration - 1, checkpoint_uri(store, iteration - 1), config.storage.storage_options
 
-    policy = actor(config, run_uri, "policy")
-    ray.get(policy.ensure_version.remote(version, ckpt, opts))
-    pending = {"old_logprobs": policy.logprobs.remote(tokens),
-               "ref_logprobs": actor(config, run_uri, "reference").logprobs.remote(tokens)}
+    # Each column's ObjectRefs, one per rank of the group that computes it: every rank returns the whole column.
+    policy = trainer_group(config, run_uri, "policy")
+    ray.get(on_all_ranks(policy, "ensure_version", version, ckpt, opts))
+    pending = {"old_logprobs": on_all_ranks(policy, "logprobs", tokens),
+               "ref_logprobs": [actor(config, run_uri, "reference").logprobs.remote(tokens)]}
     if config.uses_critic:
-        critic = actor(config, run_uri, "critic")
-        ray.get(critic.ensure_version.remote(version, ckpt, opts))
-        pending["values"] = critic.values.remote(tokens)
-    rewards = compute_rewards(config.reward.fn, rollout)  # runs here while the actors work
+        critic = trainer_group(config, run_uri, "critic")
+        ray.get(on_all_ranks(critic, "ensure_version", version, ckpt, opts))
+        pending["values"] = on_all_ranks(critic, "values", tokens)
+    # Rule function and remote endpoint run here, the reward model in its actor, all while the trainers work.
+    reward_model = actor(config, run_uri, "reward") if config.reward.model is not None else None
+    by_source = rewards_by_source(config.reward, rollout, reward_model)
+    rewards = combine_rewards(config.reward, by_source)
     if config.algo.overlong_buffer is not None:
         import torch
 
@@ -117,7 +189,7 @@ def score(config, run_uri: str, iteration: int) -> dict:
         penalty = overlong_penalty(lengths, config.generation.max_new_tokens, config.algo.overlong_buffer,
                                    config.algo.overlong_penalty)
         rewards = [r + p for r, p in zip(rewards, penalty.tolist())]
-    columns = dict(zip(pending, ray.get(list(pending.values()))))
+    columns = {name: ray.get(refs)[0] for name, refs in pending.items()}
     columns.setdefault("values", [None] * rollout.num_rows)
 
     table = rollout
@@ -132,11 +204,14 @@ def score(config, run_uri: str, iteration: int) -> dict:
     metrics = {
         "rollout/reward_mean": float(np.mean(rewards)),
         "rollout/reward_std": float(np.std(rewards)),
+        **{f"rollout/reward_{source}_mean": float(np.mean(values)) for source, values in by_source.items()},
         "rollout/logprob_diff_mean": float(np.mean(np.exp(np.abs(engine_lp - old_lp)))) if old_lp.size else 1.0,
         "rollout/logprob_abs_diff_max": float(np.max(np.abs(engine_lp - old_lp))) if old_lp.size else 0.0,
     }
     check_logprob_gap(config, store, iteration, rollout, metrics)
-    return commit(store, config, iteration, "score", table, "scored", started, metrics)
+    marker = commit(store, config, iteration, "score", table, "scored", started, metrics)
+    fault_point("score.after_commit", iteration)
+    return marker
 
 
 def _retry_unless_gate(task, task_run, state) -> bool:

@@ -16,7 +16,7 @@ from importlib import metadata
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from stages.common import LOCKS, actor, checkpoint_uri, engines, store_of
+from stages.common import LOCKS, checkpoint_uri, engines, fault_point, on_all_ranks, store_of, trainer_group
 from stages.config import OPERATIONAL_FIELDS
 
 
@@ -162,8 +162,10 @@ def open_run(config) -> dict:
     LOCKS[uri] = lock.keep_alive()
     first = next((n for n in range(1, config.iterations + 1) if store.stage_marker(n, "sync") is None),
                  config.iterations + 1)
+    version = store.latest_committed("update")
+    fault_point("run.opened", version)  # lock held, manifest written, no worker yet
     return {"run_id": run_id, "run_uri": uri, "first_iteration": first, "resumed": manifest is not None,
-            "policy_version": store.latest_committed("update")}
+            "policy_version": version}
 
 
 def start_workers(config, run_uri: str) -> dict:
@@ -180,11 +182,13 @@ def start_workers(config, run_uri: str) -> dict:
     store = store_of(config, run_uri)
     version = store.latest_committed("update")
     roles = ["policy", "critic"] if config.uses_critic else ["policy"]
-    ray.get([actor(config, run_uri, r).ensure_version.remote(version, checkpoint_uri(store, version),
-                                                            config.storage.storage_options) for r in roles])
+    ckpt, opts = checkpoint_uri(store, version), config.storage.storage_options
+    ray.get([ref for r in roles
+             for ref in on_all_ranks(trainer_group(config, run_uri, r), "ensure_version", version, ckpt, opts)])
     bring_engine_to(config, store, run_uri, version)
     seconds = round(time.perf_counter() - t0, 2)
     store.record_event(stage="workers", action="started", policy_version=version, seconds=seconds)
+    fault_point("run.workers_started", version)
     return {"actors": names, "policy_version": version, "seconds": seconds}
 
 

@@ -13,19 +13,21 @@ import time
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from stages.common import actor, checkpoint_uri, commit, engines, fault_point, skip_if_committed, store_of
+from stages.common import (checkpoint_uri, commit, engines, fault_point, on_all_ranks, skip_if_committed, store_of,
+                           trainer_group)
 
 
-def bring_engine_to(config, store, run_uri: str, version: int) -> list[dict]:
+def bring_engine_to(config, store, run_uri: str, version: int, fault_stage: str | None = None) -> list[dict]:
     """Make every engine serve policy `version` (reloading the policy actor from its checkpoint if needed); one SYNC
     row per engine. Each engine reports its own version, so one that was restarted (version 0) is synced again while
-    the others are left alone; all engines behind get the same exported weights, concurrently."""
+    the others are left alone; all engines behind get the same exported weights, concurrently. `fault_stage` names
+    the fault point between the export and the engines' update (`{fault_stage}.before_engine_update`)."""
     import ray
 
-    from workers.engines import engine_name
+    from workers.engines import engine_name, engine_versions
 
     handles = engines(config, run_uri)
-    current = ray.get([e.version.remote() for e in handles])
+    current = engine_versions(handles)  # waits for an engine that Ray is restarting
     rows = [{"engine": engine_name(run_uri, i), "policy_version": version, "method": "already_current", "bytes": 0,
              "seconds": 0.0, "checksum": float("nan")} for i in range(len(handles))]
     behind = [i for i, v in enumerate(current) if v != version]
@@ -34,10 +36,16 @@ def bring_engine_to(config, store, run_uri: str, version: int) -> list[dict]:
     t0 = time.perf_counter()
     if config.generation.enable_sleep_mode:  # the weights only: the KV cache stays freed until sampling
         ray.get([handles[i].wake_up.remote(["weights"]) for i in behind])
-    policy = actor(config, run_uri, "policy")
-    ray.get(policy.ensure_version.remote(version, checkpoint_uri(store, version), config.storage.storage_options))
-    weights = policy.export_weights.remote()  # one export in the object store, read by every engine behind
+    policy = trainer_group(config, run_uri, "policy")
+    ray.get(on_all_ranks(policy, "ensure_version", version, checkpoint_uri(store, version),
+                         config.storage.storage_options))
+    # One export in the object store, read by every engine behind: rank 0's (every rank takes part in a ZeRO-3
+    # gather; the others return None).
+    weights, *others = on_all_ranks(policy, "export_weights")
+    if fault_stage is not None:
+        fault_point(f"{fault_stage}.before_engine_update", version)
     results = ray.get([handles[i].update_weights.remote(weights, version) for i in behind])
+    ray.get(others)
     seconds = time.perf_counter() - t0
     for i, result in zip(behind, results):
         if result["version"] != version:
@@ -45,6 +53,33 @@ def bring_engine_to(config, store, run_uri: str, version: int) -> list[dict]:
         rows[i].update(method="object_store", bytes=result["bytes"], seconds=seconds,
                        checksum=float(result.get("checksum", float("nan"))))
     return rows
+
+
+def engine_recovery(config, store, run_uri: str, version: int, stage: str, iteration: int):
+    """The `on_engine_lost(i, error)` of `generate_on_engines` for a stage sampling policy `version`: wait until Ray
+    has restarted engine i, bring it to `version`, and record an `engine_recovered` event (engine, error, the version
+    it came back with, how it was synced). Raises when the engine is gone for good or not back in time, failing the
+    stage: its task retry starts the stage over from what is committed."""
+
+    def recover(index: int, error: Exception) -> None:
+        import ray
+
+        from stages.common import logger
+        from workers.engines import engine_versions
+
+        handle = engines(config, run_uri)[index]
+        found = engine_versions([handle])[0]
+        rows = bring_engine_to(config, store, run_uri, version)
+        if config.generation.enable_sleep_mode:  # sampling needs the KV cache too
+            ray.get(handle.wake_up.remote(["weights", "kv_cache"]))
+        row = rows[index]
+        logger().warning("%s: %s lost a chunk (%s); it serves version %d again (found %d, %s) and the chunk is resent",
+                         stage, row["engine"], type(error).__name__, version, found, row["method"])
+        store.record_event(stage=stage, iteration=iteration, action="engine_recovered", engine=row["engine"],
+                           error=type(error).__name__, found_version=found, policy_version=version,
+                           method=row["method"])
+
+    return recover
 
 
 def sync(config, run_uri: str, iteration: int) -> dict:
@@ -57,11 +92,13 @@ def sync(config, run_uri: str, iteration: int) -> dict:
         return done
     started = time.perf_counter()
     fault_point("sync.start", iteration)
-    rows = bring_engine_to(config, store, run_uri, iteration)
+    rows = bring_engine_to(config, store, run_uri, iteration, fault_stage="sync")
     fault_point("sync.before_commit", iteration)
     metrics = {"perf/sync_s": max(r["seconds"] for r in rows), "perf/sync_bytes": sum(r["bytes"] for r in rows)}
-    return commit(store, config, iteration, "sync", pa.Table.from_pylist(rows, schema=SYNC), "sync", started,
-                  metrics, policy_version=iteration)
+    marker = commit(store, config, iteration, "sync", pa.Table.from_pylist(rows, schema=SYNC), "sync", started,
+                    metrics, policy_version=iteration)
+    fault_point("sync.after_commit", iteration)
+    return marker
 
 
 @task(name="sync", cache_policy=NO_CACHE)

@@ -13,7 +13,7 @@ import time
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from stages.common import actor, checkpoint_uri, commit, fault_point, skip_if_committed, store_of
+from stages.common import checkpoint_uri, commit, fault_point, on_all_ranks, skip_if_committed, store_of, trainer_group
 
 
 def update(config, run_uri: str, iteration: int) -> dict:
@@ -31,19 +31,26 @@ def update(config, run_uri: str, iteration: int) -> dict:
     experience = ray.put(store.read_stage(iteration, "advantages"))
     opts = config.storage.storage_options
     roles = ["policy", "critic"] if config.uses_critic else ["policy"]
-    workers = {role: actor(config, run_uri, role) for role in roles}
-    ray.get([w.ensure_version.remote(iteration - 1, checkpoint_uri(store, iteration - 1), opts)
-             for w in workers.values()])
+    groups = {role: trainer_group(config, run_uri, role) for role in roles}
+    ray.get([ref for g in groups.values()
+             for ref in on_all_ranks(g, "ensure_version", iteration - 1, checkpoint_uri(store, iteration - 1), opts)])
     ckpt = store.clear_uncommitted_checkpoint(iteration)
 
     seed = config.seed * 7919 + iteration  # same shuffles on a retry: the update is reproducible
     kl_coef = store.stage_marker(iteration, "advantages")["state"]["kl_coef"]
     train_started = time.perf_counter()
-    results = ray.get([w.train.remote(experience, iteration, seed, kl_coef) for w in workers.values()])
+    # Every rank returns the metrics of the whole optimizer steps: rank 0's stand for the group.
+    trained = {role: on_all_ranks(g, "train", experience, iteration, seed, kl_coef) for role, g in groups.items()}
+    results = [ray.get(refs)[0] for refs in trained.values()]
     train_s = time.perf_counter() - train_started
     fault_point("update.after_train", iteration)
-    save_s = ray.get([w.save_checkpoint.remote(ckpt, opts) for w in workers.values()]
-                     + [workers["policy"].export_hf.remote(ckpt, opts)])
+    # The ranks of a group write their own shards into one folder; rank 0 writes the HF export. A group's saving time
+    # is its slowest rank's.
+    saving = [on_all_ranks(g, "save_checkpoint", ckpt, opts) for g in groups.values()]
+    saving.append(on_all_ranks(groups["policy"], "export_hf", ckpt, opts))
+    save_s = [max(ray.get(saving[0]))]
+    fault_point("update.policy_saved", iteration)  # mid-checkpoint: the critic's state and HF export still running
+    save_s += [max(ray.get(refs)) for refs in saving[1:]]
     fault_point("update.before_commit", iteration)
 
     rows = [{"name": name, "step": step, "value": value}
@@ -57,6 +64,7 @@ def update(config, run_uri: str, iteration: int) -> dict:
                     checkpoint={"uri": ckpt, "files": store.checkpoint_files(iteration)})
     if config.storage.keep_checkpoints is not None:  # only now: the new checkpoint is committed
         store.rotate_checkpoints(config.storage.keep_checkpoints)
+    fault_point("update.after_commit", iteration)
     return marker
 
 

@@ -27,6 +27,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from storage.faults import fault_point
 from storage.schema import fingerprint
 
 MARKER = "_SUCCESS.json"
@@ -132,6 +133,9 @@ class RunStore:
             name = f"part-{i:05d}.parquet"
             pq.write_table(part, f"{path}/{name}", filesystem=self.fs)
             files.append({"name": name, "rows": part.num_rows, "bytes": self.fs.size(f"{path}/{name}")})
+            if i == 0 and table.num_rows > rows_per_part:
+                fault_point(f"{stage}.mid_write", iteration)  # one part file written, more to come
+        fault_point(f"{stage}.before_marker", iteration)  # every part file written, no marker
         marker = {
             "stage": stage,
             "iteration": iteration,

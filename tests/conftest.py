@@ -80,7 +80,7 @@ def ray_session():
     """One local Ray for the session (2 CPUs as on the CI machines)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, namespace="ppoflow-tests", log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="ppoflow-tests", log_to_driver=False)
     yield
     ray.shutdown()
 

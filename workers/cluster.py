@@ -1,4 +1,5 @@
-"""Ray connection and the run's named worker actors: engines (engine-0, engine-1, ...), policy, critic, reference.
+"""Ray connection and the run's named worker actors: engines (engine-0, engine-1, ...), the policy and critic
+groups (rank 0 named `policy` / `critic`, rank r `policy-rank{r}`), the reference and the reward model.
 
 Actors are created once per training run (non-detached: they die with the driver process) and named after the run,
 so any Prefect task in the driver finds them with `get_actor(run_uri, role)` — tasks never pass actor handles.
@@ -10,8 +11,6 @@ Run alone to list the named actors of a Ray cluster (address, or "auto"):
 import hashlib
 import os
 import sys
-
-ROLES = ("policy", "critic", "reference")  # plus engine-0 .. engine-{n-1}: workers/engines.py
 
 # Ray kills a non-detached actor once no handle to it is left, name or not: this process keeps one per actor for
 # as long as the run's workers should live (until stop_workers).
@@ -27,7 +26,8 @@ def connect(address: str | None, num_cpus: int | None, namespace: str) -> None:
     kwargs = {"namespace": namespace, "include_dashboard": False, "log_to_driver": True}
     if address is None:
         kwargs["num_cpus"] = num_cpus or os.cpu_count()
-    ray.init(address=address, **kwargs)
+    # "local", not None: with None, ray.init joins a cluster that `ray start` left on this host, if any.
+    ray.init(address=address or "local", **kwargs)
 
 
 def forward_worker_logs(handler) -> None:
@@ -64,41 +64,67 @@ def get_actor(run_uri: str, role: str, namespace: str):
     return ray.get_actor(actor_name(run_uri, role), namespace=namespace)
 
 
+def rank_role(role: str, rank: int) -> str:
+    """Actor role of rank `rank` of a trainer group: rank 0 is the role itself (`policy`), others `policy-rank1`..."""
+    return role if rank == 0 else f"{role}-rank{rank}"
+
+
+def get_group(run_uri: str, role: str, namespace: str, num_ranks: int) -> list:
+    """Every rank's actor of a trainer group, in rank order."""
+    return [get_actor(run_uri, rank_role(role, r), namespace) for r in range(num_ranks)]
+
+
 def start_workers(run_uri: str, config, timeout_s: float = 600.0) -> dict:
     """Create (or find) every actor the config needs and wait until all are ready. Returns {role: actor name}, the
     engines as `engine-{i}`. Engines (and, with generation.placement hybrid, the trainers) take their resources from
     the run's placement group (workers/engines.py)."""
     import ray
 
+    from workers.config import deepspeed_overrides
     from workers.engines import bundle_strategy, create_engines
-    from workers.trainer import CriticWorker, PolicyWorker, ReferenceWorker
+    from workers.trainer import CriticWorker, PolicyWorker, ReferenceWorker, group_address
 
     ns, seed, model = config.ray.namespace, config.seed, config.model
     # Dr. GRPO's seq-mean-token-sum-norm divides by a constant length: the response length limit.
     algo = {**config.algo.model_dump(), "norm_len": config.generation.max_new_tokens}
     engines, layout, pg = create_engines(run_uri, config, timeout_s)
 
-    def options(role: str, trainer) -> dict:
+    def options(role: str, trainer, rank: int = 0) -> dict:
         opts = {"name": actor_name(run_uri, role), "namespace": ns, "get_if_exists": True,
                 "num_cpus": trainer.num_cpus, "num_gpus": trainer.num_gpus}
-        if layout.trainer_bundle is not None:  # hybrid: the trainers share engine 0's bundle
-            opts["scheduling_strategy"] = bundle_strategy(pg, layout.trainer_bundle)
+        if layout.trainer_bundles:  # hybrid, or trainer groups: rank r sits on its bundle of the run's group
+            opts["scheduling_strategy"] = bundle_strategy(pg, layout.trainer_bundles[rank])
         return opts
 
+    def group(role: str, cls, trainer, model_path: str, **kwargs) -> dict:
+        """The `trainer.num_ranks` rank actors of one DeepSpeed model group, {rank_role(role, r): handle}."""
+        settings = trainer.model_dump()
+        if trainer.deepspeed_config:  # read here, on the driver: the ranks may run on hosts without the file
+            settings["deepspeed_overrides"] = deepspeed_overrides(trainer.deepspeed_config)
+        n, rendezvous = trainer.num_ranks, {}
+        if n > 1:  # rank 0's node address and a free port there, looked up on rank 0's bundle
+            where = {"scheduling_strategy": bundle_strategy(pg, layout.trainer_bundles[0])}
+            addr, port = ray.get(ray.remote(group_address).options(num_cpus=0, **where).remote(), timeout=timeout_s)
+            rendezvous = {"world_size": n, "master_addr": addr, "master_port": port}
+        return {rank_role(role, r): ray.remote(cls).options(**options(rank_role(role, r), trainer, r)).remote(
+            model_path, settings, model.dtype, seed, rank=r, **rendezvous, **kwargs) for r in range(n)}
+
     actors = {f"engine-{i}": engine for i, engine in enumerate(engines)}
-    actors.update({
-        "policy": ray.remote(PolicyWorker).options(**options("policy", config.policy)).remote(
-            model.path, config.policy.model_dump(), model.dtype, seed, algo=algo),
-        "reference": ray.remote(ReferenceWorker).options(**options("reference", config.policy)).remote(
-            model.ref_path or model.path, model.dtype, config.policy.micro_batch_size, config.policy.num_threads),
-    })
+    actors.update(group("policy", PolicyWorker, config.policy, model.path, algo=algo))
+    actors["reference"] = ray.remote(ReferenceWorker).options(**options("reference", config.policy)).remote(
+        model.ref_path or model.path, model.dtype, config.policy.micro_batch_size, config.policy.num_threads)
     if config.uses_critic:
         from transformers import AutoTokenizer
 
         pad_id = AutoTokenizer.from_pretrained(model.path).pad_token_id
-        actors["critic"] = ray.remote(CriticWorker).options(**options("critic", config.critic)).remote(
-            model.critic_path or model.path, config.critic.model_dump(), model.dtype, seed, algo=algo,
-            pad_token_id=pad_id)
+        actors.update(group("critic", CriticWorker, config.critic, model.critic_path or model.path, algo=algo,
+                            pad_token_id=pad_id))
+    if config.reward.model is not None:
+        from workers.reward import RewardModelWorker
+
+        rm = config.reward.model
+        actors["reward"] = ray.remote(RewardModelWorker).options(**options("reward", rm)).remote(
+            rm.path, rm.dtype or model.dtype, rm.micro_batch_size, rm.num_threads, rm.apply_chat_template)
     for role, handle in actors.items():
         _HANDLES[actor_name(run_uri, role)] = handle
     # Constructors run concurrently; a trivial call on each waits for all of them (and raises their errors).
@@ -108,20 +134,21 @@ def start_workers(run_uri: str, config, timeout_s: float = 600.0) -> dict:
 
 
 def stop_workers(run_uri: str, namespace: str) -> None:
-    """Kill the run's actors (every engine-{i} found) and remove its placement group."""
+    """Kill every actor of the run (engines, each rank of the trainer groups, reference, reward model) and remove
+    its placement group."""
     import ray
 
-    from workers.engines import get_engines, remove_placement_group
+    from workers.engines import remove_placement_group
 
-    for engine in get_engines(run_uri, namespace):
-        ray.kill(engine)
-    for name in [n for n in _HANDLES if n.startswith(actor_name(run_uri, ""))]:
+    prefix = actor_name(run_uri, "")
+    for name in [n for n in _HANDLES if n.startswith(prefix)]:
         _HANDLES.pop(name)
-    for role in ROLES:
-        try:
-            ray.kill(ray.get_actor(actor_name(run_uri, role), namespace=namespace))
-        except ValueError:
-            pass
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        if entry["namespace"] == namespace and entry["name"].startswith(prefix):
+            try:
+                ray.kill(ray.get_actor(entry["name"], namespace=namespace))
+            except ValueError:  # died meanwhile
+                pass
     remove_placement_group(run_uri)
 
 

@@ -91,6 +91,12 @@ class GenerationConfig(BaseModel):
     offloaded to host memory), wake their weights only for the weight sync and their KV cache before sampling. Needs
     a GPU (`num_gpus` > 0); vLLM does nothing on CPU."""
 
+    max_engine_restarts: int = Field(3, ge=0)
+    """Times Ray restarts an engine actor that died (OOM kill, segfault, lost node), per engine over the run. A
+    restarted engine comes back from its constructor with the base weights; the stage sampling on it waits for it,
+    syncs it to the committed policy and sends its unfinished requests again (stages/common.py:generate_on_engines).
+    0: a dead engine fails the stage."""
+
     # Field validators (not one model validator) so that each error carries its field's path: the config loader
     # prints `generation.tensor_parallel_size: ...`. Fields validate in declaration order, so `info.data` holds
     # backend and num_gpus by the time these run.
@@ -112,6 +118,30 @@ class GenerationConfig(BaseModel):
             raise ValueError("sleep mode needs a GPU (num_gpus > 0): on a CPU-only config there is no device memory "
                              "to free; set enable_sleep_mode: false")
         return enabled
+
+
+BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+"""DeepSpeed keys derived from mini_batch_size, micro_batch_size and num_ranks: the trainers' loops rely on them."""
+
+
+def deepspeed_overrides(path: str) -> dict:
+    """The user's DeepSpeed JSON (`deepspeed_config`) as a dict; ValueError naming the file when it is unreadable,
+    not a JSON object, or sets a batch key."""
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            overrides = json.load(f)
+    except OSError as err:
+        raise ValueError(f"cannot read DeepSpeed config {path}: {err.strerror or err}") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} line {err.lineno} column {err.colno}: not valid JSON ({err.msg})") from None
+    if not isinstance(overrides, dict):
+        raise ValueError(f"{path}: expected a JSON object of DeepSpeed settings, got {type(overrides).__name__}")
+    if taken := [k for k in BATCH_KEYS if k in overrides]:
+        raise ValueError(f"{path} sets {', '.join(taken)}: ppoflow derives the batch keys from mini_batch_size, "
+                         "micro_batch_size and num_ranks (its loops depend on them); remove them from the file")
+    return overrides
 
 
 class TrainerConfig(BaseModel):
@@ -163,6 +193,51 @@ class TrainerConfig(BaseModel):
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass instead of keeping them (HF gradient checkpointing on the policy
     and on the critic's transformer body): less memory for about one more forward per micro-batch."""
+
+    num_ranks: int = Field(1, ge=1)
+    """Data-parallel DeepSpeed ranks of this model (one Ray actor each, `{run}:{role}` for rank 0 and
+    `{run}:{role}-rank{r}` for the others), meeting at rank 0. Every optimizer step is split over the ranks by
+    micro-batch, so mini_batch_size must be a multiple of micro_batch_size x num_ranks. num_cpus / num_gpus are per
+    rank. Above 1 the ranks sit in the run's placement group (strategy PACK): bundles of their own under `placement:
+    standard`, rank r on engine bundle r under `placement: hybrid`."""
+
+    offload: Literal["none", "optimizer", "optimizer_and_params"] = "none"
+    """ZeRO-Offload: keep the optimizer states (and, under ZeRO-3, the parameters too) in host memory and step the
+    optimizer there. Frees GPU memory for a slower step; needs zero_stage >= 1 (optimizer_and_params: 3)."""
+
+    deepspeed_config: str | None = None
+    """A DeepSpeed JSON file merged over the config built from these fields (its keys win, nested dicts merge), for
+    what has no field here (e.g. `zero_optimization.reduce_bucket_size`, `communication_data_type`). The batch keys
+    are ours: set them through mini_batch_size / micro_batch_size / num_ranks."""
+
+    @field_validator("num_ranks")
+    @classmethod
+    def _whole_micro_batches_per_rank(cls, n: int, info: ValidationInfo) -> int:
+        mini, micro = info.data.get("mini_batch_size"), info.data.get("micro_batch_size")
+        if mini is not None and micro is not None and mini % (micro * n):
+            raise ValueError(f"mini_batch_size ({mini}) must be a multiple of micro_batch_size ({micro}) x num_ranks "
+                             f"({n}), so that every rank accumulates the same whole number of micro-batches per "
+                             "optimizer step")
+        return n
+
+    @field_validator("offload")
+    @classmethod
+    def _offload_needs_zero(cls, offload: str, info: ValidationInfo) -> str:
+        stage = info.data.get("zero_stage", 0)
+        if offload == "optimizer" and stage < 1:
+            raise ValueError("optimizer offload needs zero_stage 1, 2 or 3 (ZeRO-Offload partitions the optimizer "
+                             "states it moves to host memory); raise zero_stage or set offload: none")
+        if offload == "optimizer_and_params" and stage != 3:
+            raise ValueError(f"parameter offload needs zero_stage 3 (got {stage}); set zero_stage: 3 or offload: "
+                             "optimizer")
+        return offload
+
+    @field_validator("deepspeed_config")
+    @classmethod
+    def _deepspeed_json(cls, path: str | None) -> str | None:
+        if path is not None:
+            deepspeed_overrides(path)  # fails here, naming the file, rather than in every rank
+        return path
 
     # A field validator (with validate_default, since the default None is what needs checking) so the error carries
     # the field's path, e.g. `policy.lr_decay_steps: ...`; lr_schedule is declared first, so info.data holds it.

@@ -12,6 +12,11 @@ SLEEP_TAGS = ("weights", "kv_cache")
 """What a sleeping engine has freed on its device, and what `wake_up(tags)` brings back (vLLM's tags)."""
 
 
+class EngineVersionError(RuntimeError):
+    """A generate call named a policy version the engine does not serve. What an engine restarted by Ray (its
+    constructor again: base weights, version 0) answers to the chunks sent to it before it was synced again."""
+
+
 class Engine:
     def __init__(self) -> None:
         self._version = 0  # 0 = the weights found at model_path
@@ -62,6 +67,14 @@ class Engine:
 
     def _wake_up(self, tags: list[str]) -> None:
         raise NotImplementedError
+
+    def _check_version(self, version: int | None) -> None:
+        # Checked here, in the actor, because only the actor knows which incarnation runs the call: a chunk sent to
+        # an engine that died and was restarted after the caller's last version check would be sampled from the
+        # base model otherwise, silently.
+        if version is not None and version != self._version:
+            raise EngineVersionError(f"generate: asked for policy version {version}, the engine serves "
+                                     f"{self._version} (restarted? sync it first: stages.sync.bring_engine_to)")
 
     def _check_awake(self, *needed: str) -> None:
         # A vLLM engine asked to sample while asleep waits forever (its scheduler is paused); fail instead.

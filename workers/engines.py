@@ -6,10 +6,12 @@ finds both by name; `workers.cluster.stop_workers` removes them.
 
 - `placement: standard`: the engines' own group, strategy PACK, one bundle per engine x tensor-parallel rank
   (`{"GPU": generation.num_gpus, "CPU": generation.num_cpus}` on GPU configs — a whole GPU at num_gpus 1 —,
-  `{"CPU": generation.num_cpus}` on CPU ones); the trainers are scheduled outside it, as before.
-- `placement: hybrid`: one group for engines and trainers. Same bundles, but the first one also holds the policy,
-  reference and critic actors with their fractional `num_gpus` (OpenRLHF's colocated "hybrid engine", kept to one
-  shared bundle because each trainer here is a single actor).
+  `{"CPU": generation.num_cpus}` on CPU ones). Single trainers are scheduled outside it; trainer groups (a role
+  with `num_ranks` > 1) get one more bundle per rank r, holding rank r of every group (the reference and the reward
+  model on rank 0's).
+- `placement: hybrid`: one group for engines and trainers. Same bundles, but bundle r also holds rank r of every
+  trainer group (the reference and the reward model on bundle 0) with their fractional `num_gpus` (OpenRLHF's
+  colocated "hybrid engine"): the policy's rank r and engine r take turns on one GPU.
 
 With tensor_parallel_size > 1 the engine actor sits on its first bundle holding no GPU itself, and vLLM's Ray
 executor starts one worker per rank on the engine's bundles: the actor captures the group for its child tasks and
@@ -36,8 +38,9 @@ class Layout:
     engine_bundles: list[list[int]]  # engine i -> its bundle indices, one per TP rank; the actor sits on the first
     engine_resources: dict[str, float]  # num_cpus / num_gpus of each engine actor (the TP workers take their own)
     worker_gpus: float  # GPUs of each vLLM TP worker (VLLM_RAY_PER_WORKER_GPUS); unused at tensor_parallel_size 1
-    trainer_bundle: int | None = None  # hybrid: the bundle the trainers share; None: trainers outside the group
+    trainer_bundles: list[int] = field(default_factory=list)  # trainer rank r -> its bundle; []: outside the group
     trainer_resources: dict[str, dict[str, float]] = field(default_factory=dict)  # role -> num_cpus / num_gpus
+    trainer_ranks: dict[str, int] = field(default_factory=dict)  # role -> ranks (reference, reward: 1, on rank 0's)
 
 
 def plan_layout(config) -> Layout:
@@ -51,39 +54,65 @@ def plan_layout(config) -> Layout:
     # its own bundle (Ray would otherwise count the driver's GPU twice).
     engine_resources = {"num_cpus": gen.num_cpus, "num_gpus": gen.num_gpus if tp == 1 else 0.0}
 
+    trainers = {"policy": config.policy, "reference": config.policy}  # the reference uses the policy's resources
+    if config.uses_critic:
+        trainers["critic"] = config.critic
+    if config.reward.model is not None:  # one actor, beside the reference on rank 0's bundle
+        trainers["reward"] = config.reward.model
+    resources = {role: {"num_cpus": t.num_cpus, "num_gpus": t.num_gpus} for role, t in trainers.items()}
+    ranks = {role: t.num_ranks if role in ("policy", "critic") else 1 for role, t in trainers.items()}
+
+    def at_rank(r: int, key: str) -> float:  # what the trainers' rank-r actors take
+        return sum(res[key] for role, res in resources.items() if r < ranks[role])
+
+    groups = max(ranks.values())
     if gen.placement == "standard":
         # A bundle reserves what its engine (or TP worker) takes: the whole GPU at num_gpus 1; a fraction leaves the
         # rest of that GPU to the trainers outside the group, as the single-GPU configs (configs/gpu-0.5b.yaml) do.
         bundle = {"GPU": gen.num_gpus, "CPU": gen.num_cpus} if on_gpu else {"CPU": gen.num_cpus}
-        return Layout([dict(bundle) for _ in range(n * tp)], engine_bundles, engine_resources,
-                      worker_gpus=gen.num_gpus)
+        bundles = [dict(bundle) for _ in range(n * tp)]
+        if groups == 1:  # single trainers stay outside the group, scheduled wherever they fit
+            return Layout(bundles, engine_bundles, engine_resources, worker_gpus=gen.num_gpus)
+        # Model groups: one bundle per rank, holding rank r of every group (PACK keeps them on as few nodes as fit).
+        for r in range(groups):
+            gpus = at_rank(r, "num_gpus")
+            bundles.append({"GPU": gpus, "CPU": at_rank(r, "num_cpus")} if gpus > 0 else
+                           {"CPU": at_rank(r, "num_cpus")})
+        return Layout(bundles, engine_bundles, engine_resources, worker_gpus=gen.num_gpus,
+                      trainer_bundles=[n * tp + r for r in range(groups)], trainer_resources=resources,
+                      trainer_ranks=ranks)
 
-    trainers = {"policy": config.policy, "reference": config.policy}  # the reference uses the policy's resources
-    if config.uses_critic:
-        trainers["critic"] = config.critic
-    trainer_resources = {role: {"num_cpus": t.num_cpus, "num_gpus": t.num_gpus} for role, t in trainers.items()}
-    gpu_users = {f"{'policy' if role == 'reference' else role}.num_gpus": r["num_gpus"]
-                 for role, r in trainer_resources.items() if r["num_gpus"] > 0}
+    # hybrid: rank r of every trainer group shares bundle r with the engine (or TP worker) there.
+    field_of = {"reference": "policy.num_gpus", "reward": "reward.model.num_gpus"}
+    gpu_users = {field_of.get(role, f"{role}.num_gpus"): r["num_gpus"]
+                 for role, r in resources.items() if r["num_gpus"] > 0}
     if not on_gpu and gpu_users:
         raise ValueError(f"generation.placement: hybrid puts the trainers in the engines' bundles, which hold no GPU "
                          f"when generation.num_gpus is 0, but {', '.join(gpu_users)} ask for one; give the engines a "
                          "GPU share too or set the trainers' num_gpus to 0")
-    shared = gen.num_gpus + sum(r["num_gpus"] for r in trainer_resources.values())
-    if shared > 1.0 + 1e-9:
-        raise ValueError(f"generation.placement: hybrid puts engine 0 and the trainers on one GPU, but "
-                         f"generation.num_gpus {gen.num_gpus} + policy.num_gpus x2 (policy and reference) + "
-                         f"critic.num_gpus = {shared:g} > 1; lower those fractions")
+    if groups > n * tp:
+        role = max((r for r in ranks if r != "reference"), key=lambda r: ranks[r])
+        raise ValueError(f"generation.placement: hybrid puts rank r of each trainer group on engine bundle r, but "
+                         f"{role}.num_ranks {groups} > the {n * tp} bundle(s) of generation.num_engines x "
+                         "tensor_parallel_size; raise num_engines or lower num_ranks")
+    for r in range(groups):
+        shared = gen.num_gpus + at_rank(r, "num_gpus")
+        if shared > 1.0 + 1e-9:
+            raise ValueError(f"generation.placement: hybrid puts an engine and rank {r} of the trainers on one GPU, "
+                             f"but generation.num_gpus {gen.num_gpus} + policy.num_gpus"
+                             f"{' x2 (policy and reference)' if r == 0 else ''}"
+                             f"{' + critic.num_gpus' if 'critic' in ranks and r < ranks['critic'] else ''}"
+                             f"{' + reward.model.num_gpus' if 'reward' in ranks and r == 0 else ''} = "
+                             f"{shared:g} > 1; lower those fractions")
     bundles = []
     for b in range(n * tp):
-        cpus = (gen.num_cpus if b % tp == 0 else 0.0)
-        if b == 0:
-            cpus += sum(r["num_cpus"] for r in trainer_resources.values())
+        cpus = (gen.num_cpus if b % tp == 0 else 0.0) + at_rank(b, "num_cpus")
         bundle = {"GPU": 1.0} if on_gpu else {}
         if cpus > 0 or not on_gpu:
             bundle["CPU"] = cpus
         bundles.append(bundle)
-    return Layout(bundles, engine_bundles, engine_resources, worker_gpus=gen.num_gpus, trainer_bundle=0,
-                  trainer_resources=trainer_resources)
+    return Layout(bundles, engine_bundles, engine_resources, worker_gpus=gen.num_gpus,
+                  trainer_bundles=list(range(groups)), trainer_resources=resources, trainer_ranks=ranks)
 
 
 def cpu_binding(index: int, num_engines: int, cores: list[int]) -> str | None:
@@ -125,6 +154,44 @@ def get_engines(run_uri: str, namespace: str, n: int | None = None) -> list:
     return [ray.get_actor(name, namespace=namespace) for name in names]
 
 
+ENGINE_RESTART_TIMEOUT_S = 600.0
+"""How long a caller waits for Ray to restart a dead engine (its constructor loads the model again): as long as
+`workers.cluster.start_workers` waits for a new one."""
+
+
+def engine_versions(handles: list, timeout_s: float = ENGINE_RESTART_TIMEOUT_S) -> list[int]:
+    """The policy version each engine serves (`Engine.version`; a restarted engine answers 0, its base weights),
+    waiting up to `timeout_s` for engines that Ray is restarting.
+
+    Raises ActorDiedError for an engine gone for good (generation.max_engine_restarts used up) and TimeoutError for
+    one that is not back in time."""
+    import time
+
+    import ray
+    from ray.exceptions import ActorUnavailableError, GetTimeoutError
+
+    deadline = time.monotonic() + timeout_s
+    versions: list = [None] * len(handles)
+    todo = list(range(len(handles)))
+    while True:
+        refs = {i: handles[i].version.remote() for i in todo}
+        restarting = []
+        for i, ref in refs.items():
+            try:
+                versions[i] = ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
+            except ActorUnavailableError:  # restarting: calls fail fast until its constructor has run
+                restarting.append(i)
+            except GetTimeoutError:
+                restarting.append(i)
+        if not restarting:
+            return versions
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"engines {restarting} were not back {timeout_s:.0f} s after they died; see the Ray "
+                               "logs of their actors for why their constructor fails or hangs")
+        todo = restarting
+        time.sleep(0.2)
+
+
 def placement_group(run_uri: str, layout: Layout, timeout_s: float):
     """The run's placement group: found by name (a resumed or retried driver), else created; waits until ready."""
     import ray
@@ -138,6 +205,14 @@ def placement_group(run_uri: str, layout: Layout, timeout_s: float):
                                f"{layout.bundles}: stop the run's workers (or restart Ray) before changing "
                                "generation.num_engines, tensor_parallel_size, placement or resources")
     except ValueError:  # no group of that name
+        # A group larger than the whole cluster would wait the full timeout: say so now, naming what is short.
+        total = ray.cluster_resources()
+        short = {k: v for k in ("CPU", "GPU") if (v := sum(b.get(k, 0.0) for b in layout.bundles)) > total.get(k, 0)}
+        if short:
+            raise ValueError(f"the run's placement group needs {short} but the Ray cluster has only "
+                             f"{ {k: total.get(k, 0) for k in short} } in all (bundles {layout.bundles}); lower "
+                             "generation.num_engines, num_ranks or the num_cpus / num_gpus fields, or give Ray more "
+                             "(ray.num_cpus)")
         pg = ray.util.placement_group(layout.bundles, strategy="PACK", name=name)
     if not pg.wait(timeout_seconds=timeout_s):
         raise TimeoutError(f"placement group {name} ({layout.bundles}) not ready after {timeout_s:.0f} s: the cluster "
@@ -174,7 +249,12 @@ def create_engines(run_uri: str, config, timeout_s: float = 600.0) -> tuple[list
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
     handles = []
     for i, bundles in enumerate(layout.engine_bundles):
+        # A dead engine is restarted by Ray (its constructor again: base weights, version 0, on its bundle), but no
+        # call is replayed on it (max_task_retries 0): a replayed generate would sample from the base weights, and
+        # only the caller knows which policy the engine must serve first. The caller syncs it and resends
+        # (stages/common.py:generate_on_engines); a stage whose sync met the death fails, and its task retry syncs.
         options = {"name": engine_name(run_uri, i), "namespace": ns, "get_if_exists": True,
+                   "max_restarts": gen.max_engine_restarts, "max_task_retries": 0,
                    "scheduling_strategy": bundle_strategy(pg, bundles[0]), **layout.engine_resources}
         common = {"model_path": model.path, "seed": config.seed + i, "dtype": model.dtype,
                   "max_model_len": gen.max_model_len}
@@ -205,4 +285,4 @@ if __name__ == "__main__":
 
     layout = plan_layout(load_config(sys.argv[1], sys.argv[2:]))
     print(f"bundles: {layout.bundles}\nengines: {layout.engine_bundles} each {layout.engine_resources}\n"
-          f"trainers: bundle {layout.trainer_bundle} {layout.trainer_resources}")
+          f"trainers: ranks {layout.trainer_ranks} on bundles {layout.trainer_bundles} {layout.trainer_resources}")

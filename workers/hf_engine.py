@@ -66,14 +66,16 @@ class HFEngine(Engine):
         self.startup_seconds = time.perf_counter() - started
         super().__init__()
 
-    def generate(self, requests: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
-        """Sample `n` responses for each request, all requests in one batch. Requests and results are exactly
-        `VLLMEngine.generate`'s (read its docstring); `top_k` 0 or -1 and `top_p` 1 are off, temperature 0 is greedy.
+    def generate(self, requests: list[dict[str, Any]], version: int | None = None) -> list[list[dict[str, Any]]]:
+        """Sample `n` responses for each request, all requests in one batch. Requests, `version` and results are
+        exactly `VLLMEngine.generate`'s (read its docstring); `top_k` 0 or -1 and `top_p` 1 are off, temperature 0 is
+        greedy.
 
         Raises ValueError naming the request when one lacks a key, has an empty prompt, n or max_new_tokens below 1,
         or a prompt longer than max_model_len - max_new_tokens.
         """
         self._check_keys(requests)
+        self._check_version(version)
         for i, r in enumerate(requests):
             if not r["prompt_ids"] or r["n"] < 1 or r["max_new_tokens"] < 1:
                 raise ValueError(f"generate: request {i} needs a non-empty prompt_ids, n >= 1 and max_new_tokens >= 1"

@@ -167,6 +167,45 @@ def _micro_batches(indices: np.ndarray, size: int):
     return [indices[i : i + size] for i in range(0, len(indices), size)]
 
 
+def deepspeed_config(trainer: dict, dtype: str, world_size: int, on_gpu: bool) -> dict:
+    """The DeepSpeed config of one model group from its TrainerConfig fields (`trainer`, a dict), with the user's
+    JSON (`trainer["deepspeed_overrides"]`, read from `deepspeed_config` by the driver) merged over it: its keys win,
+    nested dicts merge key by key."""
+    mini, micro = trainer["mini_batch_size"], trainer["micro_batch_size"]
+    zero: dict = {"stage": trainer["zero_stage"]}
+    offload = trainer.get("offload", "none")
+    if offload != "none":
+        # Pinned host buffers speed up the device<->host copies; on a CPU-only host there is nothing to pin.
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
+    if offload == "optimizer_and_params":
+        zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu}
+    config = {
+        "train_batch_size": mini,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": mini // (micro * world_size),
+        "gradient_clipping": trainer["grad_clip"],
+        "zero_optimization": zero,
+        # bf16 under ZeRO-0 wraps the torch optimizer in DeepSpeed's FP16_UnfusedOptimizer (fp32 master weights);
+        # under ZeRO >= 1 in the ZeRO optimizer's bf16 path. deepspeed.initialize moves the model to the device
+        # named by LOCAL_RANK before it wraps the optimizer: the optimizer built here holds the same Parameter
+        # objects (Module.to moves their data in place) and creates its states lazily, on that device.
+        "bf16": {"enabled": dtype == "bfloat16"},
+        # A torch optimizer (not DeepSpeed's fused/CPU Adam): no op build, same math on CPU and GPU. With offload
+        # it steps on the host copies (DeepSpeedCPUAdam would be faster but needs a compiled op).
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 1 << 30,
+    }
+    return _merged(config, trainer.get("deepspeed_overrides") or {})
+
+
+def _merged(base: dict, overrides: dict) -> dict:
+    out = dict(base)
+    for key, value in overrides.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 class _DeepSpeedWorker:
     """One rank of a DeepSpeed model group: init, micro-batching, checkpoints and state versioning."""
 
@@ -226,22 +265,7 @@ class _DeepSpeedWorker:
         cfg = self.cfg
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
             step, cfg["lr_warmup_steps"], cfg["lr_schedule"], cfg["lr_decay_steps"], cfg["min_lr_ratio"]))
-        mini, micro = self.cfg["mini_batch_size"], self.cfg["micro_batch_size"]
-        ds_config = {
-            "train_batch_size": mini,
-            "train_micro_batch_size_per_gpu": micro,
-            "gradient_accumulation_steps": mini // (micro * self.world_size),
-            "gradient_clipping": self.cfg["grad_clip"],
-            "zero_optimization": {"stage": self.cfg["zero_stage"]},
-            # bf16 under ZeRO-0 wraps the torch optimizer in DeepSpeed's FP16_UnfusedOptimizer (fp32 master weights);
-            # under ZeRO >= 1 in the ZeRO optimizer's bf16 path. deepspeed.initialize moves the model to the device
-            # named by LOCAL_RANK before it wraps the optimizer: the optimizer built here holds the same Parameter
-            # objects (Module.to moves their data in place) and creates its states lazily, on that device.
-            "bf16": {"enabled": self.dtype == "bfloat16"},
-            # A torch optimizer (not DeepSpeed's fused/CPU Adam): no op build, same math on CPU and GPU.
-            "zero_allow_untested_optimizer": True,
-            "steps_per_print": 1 << 30,
-        }
+        ds_config = deepspeed_config(self.cfg, self.dtype, self.world_size, torch.cuda.is_available())
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                config=ds_config)
         self.state_version, self.dirty = 0, False

@@ -93,7 +93,7 @@ class VLLMEngine(Engine):
         self.startup_seconds = time.perf_counter() - started
         super().__init__()
 
-    def generate(self, requests: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    def generate(self, requests: list[dict[str, Any]], version: int | None = None) -> list[list[dict[str, Any]]]:
         """Sample `n` responses for each request; all requests go to vLLM in one call so it batches them.
 
         Request: `{"prompt_ids": list[int], "n": int, "temperature": float, "top_p": float, "top_k": int (0 or -1 =
@@ -107,8 +107,12 @@ class VLLMEngine(Engine):
         - `text` is decoded with special tokens skipped.
         Sample i of a request is drawn with seed `seed + i` (vLLM's rule for n > 1), independently of batching: give
         requests seeds at least n apart or their samples are correlated.
+
+        `version`, when given, is the policy version the caller expects: an engine serving another raises
+        `EngineVersionError` before sampling (an engine restarted by Ray serves the base model, version 0).
         """
         self._check_keys(requests)
+        self._check_version(version)
         if not requests:
             return []
         self._check_awake()

@@ -61,7 +61,7 @@ def test_standard_layout_on_cpu_one_bundle_per_engine():
     assert layout.bundles == [{"CPU": 0.5}] * 3
     assert layout.engine_bundles == [[0], [1], [2]]
     assert layout.engine_resources == {"num_cpus": 0.5, "num_gpus": 0.0}
-    assert layout.trainer_bundle is None and layout.trainer_resources == {}
+    assert layout.trainer_bundles == [] and layout.trainer_resources == {}
 
 
 def test_standard_layout_with_tensor_parallelism_gives_each_rank_a_gpu_bundle():
@@ -91,7 +91,7 @@ def test_hybrid_layout_puts_the_trainers_on_engine_zeros_bundle():
     cpu = plan_layout(_config("generation.placement=hybrid", "generation.num_engines=2"))
     # quickstart: engine 0.5 CPU; policy, reference and critic 0.25 each share bundle 0
     assert cpu.bundles == [{"CPU": 1.25}, {"CPU": 0.5}]
-    assert cpu.trainer_bundle == 0 and set(cpu.trainer_resources) == {"policy", "reference", "critic"}
+    assert cpu.trainer_bundles == [0] and set(cpu.trainer_resources) == {"policy", "reference", "critic"}
     grpo = plan_layout(_config("generation.placement=hybrid", "algo.estimator=group_norm"))
     assert grpo.bundles == [{"CPU": 1.0}] and set(grpo.trainer_resources) == {"policy", "reference"}
 
@@ -111,6 +111,82 @@ def test_hybrid_layout_refuses_what_one_gpu_cannot_hold():
                             "critic.num_gpus=0.2"))
     with pytest.raises(ValueError, match="policy.num_gpus"):
         plan_layout(_config("generation.placement=hybrid", "policy.num_gpus=0.2"))
+
+
+def test_trainer_groups_get_a_bundle_per_rank_in_the_runs_group():
+    from workers.engines import plan_layout
+
+    # standard: single trainers stay outside (as before); groups add bundle r = rank r of every group
+    small = ("policy.micro_batch_size=8",)
+    std = plan_layout(_config(*small, "policy.num_ranks=2", "critic.num_ranks=4", "policy.num_cpus=0.5",
+                              "critic.num_cpus=0.25", "critic.mini_batch_size=128", "critic.micro_batch_size=16"))
+    engine_bundle = std.bundles[0]
+    # rank 0: policy + reference (the policy's resources) + critic; rank 1: policy + critic; ranks 2-3: critic only
+    assert std.bundles == [engine_bundle, {"CPU": 1.25}, {"CPU": 0.75}, {"CPU": 0.25}, {"CPU": 0.25}]
+    assert std.trainer_bundles == [1, 2, 3, 4] and std.trainer_ranks == {"policy": 2, "reference": 1, "critic": 4}
+    gpu = plan_layout(_config(*small, "generation.num_gpus=1", "policy.num_ranks=2", "policy.num_gpus=1",
+                              "algo.estimator=group_norm", "policy.num_cpus=1"))
+    assert gpu.bundles[1:] == [{"GPU": 2.0, "CPU": 2.0}, {"GPU": 1.0, "CPU": 1.0}]  # the reference shares rank 0's
+
+    # hybrid: rank r shares engine bundle r; the GPU of each bundle is checked on its own
+    hyb = plan_layout(_config(*small, "generation.placement=hybrid", "generation.num_engines=2",
+                              "generation.num_gpus=0.4", "policy.num_ranks=2", "policy.num_gpus=0.2",
+                              "algo.estimator=group_norm"))
+    assert hyb.trainer_bundles == [0, 1] and len(hyb.bundles) == 2
+    # a reward model joins rank 0's bundle, and its GPU share counts there
+    rm = plan_layout(_config("generation.placement=hybrid", "reward.model={path: models/tiny, num_cpus: 0.5}"))
+    assert rm.bundles == [{"CPU": 1.75}] and rm.trainer_resources["reward"]["num_cpus"] == 0.5
+    with pytest.raises(ValueError, match=r"\+ reward.model.num_gpus = 1.1 > 1"):
+        plan_layout(_config("generation.placement=hybrid", "generation.num_gpus=0.5", "policy.num_gpus=0.1",
+                            "reward.model={path: models/tiny, num_gpus: 0.4}"))
+    with pytest.raises(ValueError, match=r"policy.num_ranks 2 > the 1 bundle"):
+        plan_layout(_config(*small, "generation.placement=hybrid", "policy.num_ranks=2"))
+    with pytest.raises(ValueError, match=r"rank 0 of the trainers .* x2 \(policy and reference\) = 1.1 > 1"):
+        plan_layout(_config(*small, "generation.placement=hybrid", "generation.num_engines=2",
+                            "generation.num_gpus=0.5", "policy.num_ranks=2", "policy.num_gpus=0.3",
+                            "algo.estimator=group_norm"))
+
+
+def test_trainer_settings_are_validated_naming_the_field(tmp_path):
+    from stages.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"policy.num_ranks: mini_batch_size \(32\) must be a multiple of "
+                                          r"micro_batch_size \(8\) x num_ranks \(3\)"):
+        _config("policy.num_ranks=3", "policy.mini_batch_size=32", "policy.micro_batch_size=8")
+    with pytest.raises(ConfigError, match=r"policy.offload: .*zero_stage 1, 2 or 3"):
+        _config("policy.offload=optimizer", "policy.zero_stage=0")
+    with pytest.raises(ConfigError, match=r"critic.offload: .*zero_stage 3"):
+        _config("critic.offload=optimizer_and_params", "critic.zero_stage=2")
+    bad = tmp_path / "ds.json"
+    bad.write_text('{"zero_optimization": {"stage": 2},\n "train_batch_size": 8}')
+    with pytest.raises(ConfigError, match=r"policy.deepspeed_config: .*ds.json sets train_batch_size"):
+        _config(f"policy.deepspeed_config={bad}")
+    bad.write_text('{"zero_optimization": ')
+    with pytest.raises(ConfigError, match=r"ds.json line 1 column \d+: not valid JSON"):
+        _config(f"policy.deepspeed_config={bad}")
+    with pytest.raises(ConfigError, match=r"cannot read DeepSpeed config .*missing.json"):
+        _config(f"policy.deepspeed_config={tmp_path / 'missing.json'}")
+
+
+def test_deepspeed_config_from_fields_offload_and_user_json():
+    from workers.config import TrainerConfig
+    from workers.trainer import deepspeed_config
+
+    trainer = TrainerConfig(zero_stage=3, offload="optimizer_and_params", mini_batch_size=32, micro_batch_size=4,
+                            num_ranks=2).model_dump()
+    ds = deepspeed_config(trainer, "bfloat16", world_size=2, on_gpu=True)
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == \
+        (32, 4, 4)
+    assert ds["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu", "pin_memory": True},
+                                       "offload_param": {"device": "cpu", "pin_memory": True}}
+    assert ds["bf16"] == {"enabled": True}
+    user = {"zero_optimization": {"reduce_bucket_size": 5e7, "offload_param": {"pin_memory": False}},
+            "gradient_clipping": 0.5}
+    merged = deepspeed_config({**trainer, "deepspeed_overrides": user}, "bfloat16", world_size=2, on_gpu=True)
+    assert merged["zero_optimization"] == {"stage": 3, "reduce_bucket_size": 5e7,
+                                           "offload_optimizer": {"device": "cpu", "pin_memory": True},
+                                           "offload_param": {"device": "cpu", "pin_memory": False}}
+    assert merged["gradient_clipping"] == 0.5 and merged["train_batch_size"] == 32
 
 
 def test_cpu_binding_gives_engines_disjoint_cores():

@@ -196,6 +196,15 @@ def vocab(tiny_model_dir) -> int:
     return AutoConfig.from_pretrained(tiny_model_dir).vocab_size
 
 
+def _assert_group_logprobs(group: Group, solo: Group, tokens) -> list:
+    """The group's logprobs of `tokens`: the same whole list on every rank, close to the 1-rank group's (returned)."""
+    (reference,) = solo.call("logprobs", tokens)
+    on_ranks = group.call("logprobs", tokens)
+    assert all(rows == on_ranks[0] for rows in on_ranks)
+    _assert_rows_close(on_ranks[0], reference)
+    return reference
+
+
 def test_zero2_group_is_the_one_rank_model(ray_session, tiny_model_dir, vocab, tmp_path):
     """ZeRO-2, policy: 2 ranks × micro 8 and 1 rank × micro 16 (with gradient checkpointing) against 1 rank × micro 8:
     same logprobs, same weights after one optimizer step, same losses and metrics over four, same LR schedule."""
@@ -210,11 +219,7 @@ def test_zero2_group_is_the_one_rank_model(ray_session, tiny_model_dir, vocab, t
         assert split.checkpointing() == [True] and solo.checkpointing() == [False]
 
         # 37 rows over 2 ranks: shares of 19 and 18 (+1 padding row), micro-batches of 8 padded differently.
-        tokens = _tokens(37, seed=1, vocab=vocab)
-        (reference,) = solo.call("logprobs", tokens)
-        on_ranks = duo.call("logprobs", tokens)
-        assert on_ranks[0] == on_ranks[1]
-        _assert_rows_close(on_ranks[0], reference)
+        _assert_group_logprobs(duo, solo, _tokens(37, seed=1, vocab=vocab))
 
         tokens = _tokens(32 + 96, seed=2, vocab=vocab)
         (lp,) = solo.call("logprobs", tokens)
@@ -282,17 +287,9 @@ def test_zero3_group_trajectory_and_checkpoint_survive_sigkill(ray_session, tiny
         duo = Group(PolicyWorker, 2, tiny_model_dir, trainer, algo=_algo())
         # 33 rows: shares of 17 and 16 rows, 3 and 2 micro-batches of 8. ZeRO-3 gathers the parameters of every
         # forward with the other rank, so the short share runs a padding forward too (without it: a hang).
-        odd = _tokens(33, seed=8, vocab=vocab)
-        (reference,) = solo.call("logprobs", odd)
-        on_ranks = duo.call("logprobs", odd)
-        assert on_ranks[0] == on_ranks[1]
-        _assert_rows_close(on_ranks[0], reference)
-
+        _assert_group_logprobs(duo, solo, _tokens(33, seed=8, vocab=vocab))
         tokens = _tokens(32 + 64, seed=4, vocab=vocab)
-        (lp,) = solo.call("logprobs", tokens)
-        on_ranks = duo.call("logprobs", tokens)
-        assert on_ranks[0] == on_ranks[1]
-        _assert_rows_close(on_ranks[0], lp)
+        lp = _assert_group_logprobs(duo, solo, tokens)
         table = _experience(tokens, lp, seed=5)
         first, rest = table.slice(0, 32), table.slice(32)
 

@@ -1,0 +1,37 @@
+"""Named fault points for crash tests, driven by the environment; a no-op unless PPOFLOW_FAULTS is set.
+
+    PPOFLOW_FAULTS="update.after_train@2=kill,score.start@1=raise"   point@iteration=action, comma-separated
+    PPOFLOW_FAULTS_ONCE_DIR=/tmp/faults                               each listed point fires once, across restarts
+
+It lives in storage/ (which imports nothing of ours) so that points can sit inside the storage writes too (a Parquet
+part written, its marker not); stages import it from stages.common. The points: run.opened, run.workers_started, each
+stage's start / before_commit / after_commit, {stage}.mid_write and {stage}.before_marker inside the Parquet commit,
+update.after_train / policy_saved (mid-checkpoint), sync.before_engine_update.
+"""
+
+import os
+import signal
+
+
+def fault_point(name: str, iteration: int) -> None:
+    """Deterministic fault injection for tests: PPOFLOW_FAULTS="update.after_train@2=kill,score.start@1=raise".
+
+    `kill` SIGKILLs this process (a crash: no cleanup, no finally); `raise` raises RuntimeError. With
+    PPOFLOW_FAULTS_ONCE_DIR set, each point fires once (a flag file there, named `point@iteration` and written just
+    before the fault, remembers it), so a retried or resumed run that inherits the same environment gets past it."""
+    spec = os.environ.get("PPOFLOW_FAULTS", "")
+    if not spec:
+        return
+    once = os.environ.get("PPOFLOW_FAULTS_ONCE_DIR")
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        point, _, action = item.partition("=")
+        if point == f"{name}@{iteration}":
+            if once:
+                flag = os.path.join(once, point)
+                if os.path.exists(flag):
+                    continue
+                os.makedirs(once, exist_ok=True)
+                open(flag, "w").close()
+            if action == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise RuntimeError(f"injected fault at {point}")
