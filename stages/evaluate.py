@@ -51,7 +51,8 @@ def evaluate(config, run_uri: str, iteration: int) -> dict:
         "top_k": -1 if ev.temperature == 0 else gen.top_k, "max_new_tokens": gen.max_new_tokens,
         "stop": gen.stop or None, "seed": (config.seed * 1_000_003 + i * ev.n_samples) % (2**31 - 1),
     } for i, r in enumerate(rows)]
-    results = generate_on_engines(handles, requests, engine_chunk_size(config, len(requests)), version=iteration,
+    results = generate_on_engines(handles, requests, chunk_size=engine_chunk_size(config, len(requests)),
+                                  version=iteration,
                                   on_engine_lost=engine_recovery(config, store, run_uri, iteration, "eval", iteration))
 
     out = [{"sample_id": f"eval{iteration}-p{i}-s{k}", "prompt_index": i, "sample_index": k,

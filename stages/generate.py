@@ -121,8 +121,8 @@ def generate(config, run_uri: str, iteration: int) -> dict:
             "seed": (config.seed * 1_000_003 + iteration * 100_003 + (rounds * batch + j) * n) % (2**31 - 1),
         } for j, g in enumerate(groups)]
         t_gen = time.perf_counter()
-        results = generate_on_engines(handles, requests, engine_chunk_size(config, len(requests)), version=version,
-                                      on_engine_lost=recover)
+        results = generate_on_engines(handles, requests, chunk_size=engine_chunk_size(config, len(requests)),
+                                      version=version, on_engine_lost=recover)
         gen_seconds += time.perf_counter() - t_gen
         requests_sent += len(requests)
         position, rounds = position + batch, rounds + 1
