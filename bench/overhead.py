@@ -4,8 +4,11 @@ For each iteration n of the run (from its commit markers):
   span      wall time from the last commit of iteration n-1 (its sync, or its evaluation) to the last of n;
   stages    the stages' own seconds as their markers record them (generate, score, advantages, update, sync and the
             evaluation when one ran), measured from stage start up to, not including, the Parquet write and marker;
-  overhead  span - stages: Prefect task and flow-run bookkeeping, the report and tracking tasks, lock heartbeats and
-            the Parquet writes and reads themselves.
+  overhead  span - stages: Prefect task and flow-run bookkeeping, the report task (artifacts and tracker), lock
+            heartbeats and the Parquet writes and reads themselves; split into
+    between   from the last commit of n-1 to the start of n's generate (generate's commit minus its seconds): the report
+              of n-1, the end of its subflow and the start of n's, the generate task's start;
+    within    the rest: the task transitions between the stages of n and their commits.
 Then the Parquet cost on the same data: every stage table of the run is read back through `storage/` and written
 again through `RunStore.write_stage` into a temporary run (what a stage commit does) and, for comparison, with plain
 `pyarrow.parquet` into a temporary file; per iteration, persistence = the five stage writes + the three reads the next
@@ -38,9 +41,11 @@ def iteration_times(store, n: int) -> dict | None:
     before = [m for m in (store.stage_marker(n - 1, s) for s in (*STAGES, "eval")) if m is not None]
     if any(markers[s] is None for s in STAGES) or not before:
         return None
-    span = max(_at(m) for m in markers.values() if m) - max(_at(m) for m in before)
+    last = max(_at(m) for m in before)
+    span = max(_at(m) for m in markers.values() if m) - last
+    between = _at(markers["generate"]) - markers["generate"]["seconds"] - last
     stage_s = {s: m["seconds"] for s, m in markers.items() if m is not None}
-    return {"iteration": n, "span": span, "stages": sum(stage_s.values()), **stage_s}
+    return {"iteration": n, "span": span, "stages": sum(stage_s.values()), "between": between, **stage_s}
 
 
 def parquet_costs(store, n: int, scratch) -> dict:
@@ -87,20 +92,23 @@ def main(argv=None) -> int:
         for r in rows:
             r.update(parquet_costs(store, r["iteration"], scratch))
 
-    print(f"{'iter':>4} {'span_s':>7} {'stages_s':>8} {'overhead_s':>10} {'ovh_%':>6} {'parquet_s':>9} {'pq_%':>5}  "
-          + " ".join(f"{s[:5]:>6}" for s in (*STAGES, "eval")))
+    print(f"{'iter':>4} {'span_s':>7} {'stages_s':>8} {'overhead_s':>10} {'ovh_%':>6} {'between_s':>9} "
+          f"{'parquet_s':>9} {'pq_%':>5}  " + " ".join(f"{s[:5]:>6}" for s in (*STAGES, "eval")))
     for r in rows:
         pq_s = r["ours_write"] + r["ours_read"]
         print(f"{r['iteration']:>4} {r['span']:7.2f} {r['stages']:8.2f} {r['span'] - r['stages']:10.2f} "
-              f"{100 * (r['span'] - r['stages']) / r['span']:6.1f} {pq_s:9.3f} {100 * pq_s / r['span']:5.2f}  "
-              + " ".join(f"{r.get(s, 0.0):6.2f}" for s in (*STAGES, "eval")))
+              f"{100 * (r['span'] - r['stages']) / r['span']:6.1f} {r['between']:9.2f} {pq_s:9.3f} "
+              f"{100 * pq_s / r['span']:5.2f}  " + " ".join(f"{r.get(s, 0.0):6.2f}" for s in (*STAGES, "eval")))
     kept = rows[args.skip:]
     span, stages = sum(r["span"] for r in kept), sum(r["stages"] for r in kept)
+    between = sum(r["between"] for r in kept)
     ours = sum(r["ours_write"] + r["ours_read"] for r in kept)
     mb, nrows = sum(r["bytes"] for r in kept) / 1e6, sum(r["rows"] for r in kept)
-    print(f"\n{len(kept)} iterations (first {args.skip} left out): mean span {span / len(kept):.2f} s, stages "
-          f"{stages / len(kept):.2f} s, overhead {(span - stages) / len(kept):.2f} s = {100 * (span - stages) / span:.1f}%"
-          f" of the iteration; Parquet persistence {ours / len(kept):.3f} s = {100 * ours / span:.2f}%")
+    k = len(kept)
+    print(f"\n{k} iterations (first {args.skip} left out): mean span {span / k:.2f} s, stages {stages / k:.2f} s, "
+          f"overhead {(span - stages) / k:.2f} s = {100 * (span - stages) / span:.1f}% of the iteration (between "
+          f"iterations {between / k:.2f} s, within {(span - stages - between) / k:.2f} s); Parquet persistence "
+          f"{ours / k:.3f} s = {100 * ours / span:.2f}%")
     w, pw = sum(r["ours_write"] for r in kept), sum(r["plain_write"] for r in kept)
     rd, prd = sum(r["ours_read"] for r in kept), sum(r["plain_read"] for r in kept)
     read_mb = sum(sum(f["bytes"] for f in store.stage_marker(r["iteration"], s)["files"])

@@ -9,6 +9,7 @@ Run alone:  python -m flows.ppo configs/quickstart.yaml   (or `ppoflow train --c
 import sys
 
 from prefect import flow, get_run_logger
+from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
 from stages.advantages import advantages_task
 from stages.config import RunConfig, load_config
@@ -18,7 +19,6 @@ from stages.report import report_task
 from stages.score import score_task
 from stages.setup import close_run_task, open_run_task, start_workers_task
 from stages.sync import sync_task
-from stages.tracking import track_task
 from stages.update import update_task
 
 
@@ -32,8 +32,7 @@ def ppo_iteration(config: RunConfig, run_uri: str, iteration: int) -> dict:
     sync_task.with_options(**retry)(config, run_uri, iteration)
     if due(config, iteration):
         evaluate_task.with_options(**retry)(config, run_uri, iteration)
-    report_task(config, run_uri, iteration)
-    row = track_task(config, run_uri, iteration)
+    row = report_task(config, run_uri, iteration)  # artifacts in the UI + the experiment tracker, from storage
     get_run_logger().info("iteration %d: reward %.3f  kl %.4f", iteration, row.get("rollout/reward_mean", float("nan")),
                           row.get("rollout/kl", float("nan")))
     return row
@@ -56,9 +55,13 @@ def ppo_train(config: RunConfig | None = None, config_path: str | None = None, o
         if (last := run["first_iteration"] - 1) > 0:  # a crash may have come between the last sync and these
             if due(config, last):
                 evaluate_task(config, run["run_uri"], last)
-            track_task(config, run["run_uri"], last)  # re-logging is harmless
-        for iteration in range(run["first_iteration"], config.iterations + 1):
-            ppo_iteration(config, run["run_uri"], iteration)
+            report_task(config, run["run_uri"], last)  # re-reporting is harmless
+        # No heartbeat of their own for the iteration subflows: this flow run's heartbeat already tells that the
+        # process lives, and Prefect joins a flow's heartbeat thread (asleep in 1 s steps) as the flow ends, which
+        # cost each iteration 0.5 s on average (bench/RESULTS.md, "Orchestration overhead").
+        with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+            for iteration in range(run["first_iteration"], config.iterations + 1):
+                ppo_iteration(config, run["run_uri"], iteration)
     finally:
         close_run_task(config, run["run_uri"])
     return run

@@ -1,9 +1,15 @@
-"""Report stage: what operators see in the Prefect UI after each iteration — a table of every committed iteration
+"""Report stage: what operators see after each iteration — in the Prefect UI a table of every committed iteration
 (reward, KL, losses, stage seconds), a sample of this iteration's rollouts (prompt, response, reward, advantage) and
-the run's progress — all read back from the committed markers and Parquet, so a resumed run reports the same.
+the run's progress; in the experiment tracker the iteration's metrics (stages/tracking.py) — all read back from the
+committed markers and Parquet, so a resumed run reports the same.
 
 Artifacts are keyed by run (`{run}-iterations`, `{run}-rollouts`, `{run}-progress`): each iteration adds a version.
-Run alone:  see flows/ppo.py (it needs a Prefect API); tests: tests/flows/test_deployment.py
+The table's rows stay in this process from one report to the next: each iteration's markers are read once, when it
+is reported (a process's first report reads every earlier committed iteration), rather than every marker of the run
+at every report. `close_report` (called by close_run) drops them with the run's tracker, so each flow run starts
+again from storage.
+Run alone: see flows/ppo.py (it needs a Prefect API). Tests: tests/stages/test_report.py,
+tests/flows/test_deployment.py
 """
 
 import re
@@ -22,22 +28,35 @@ COLUMNS = {  # artifact column → metric of iteration_summary
 }
 
 
+_ROWS: dict[str, dict[int, dict]] = {}  # run URI → iteration → its row of the iterations table (committed: final)
+
+
+def _table_row(summary: dict) -> dict:
+    return {"iteration": summary["iteration"], **{c: round(summary[m], 4) for c, m in COLUMNS.items()
+                                                  if isinstance(summary.get(m), (int, float))}}
+
+
 def _short(text: str, limit: int = 160) -> str:
     text = text.replace("\n", "⏎")
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def report(config, run_uri: str, iteration: int, samples: int = 8) -> dict:
+    """Report the committed `iteration`: its metrics to the run's tracker, then the three artifacts; returns its
+    `iteration_summary`."""
     from prefect.artifacts import create_progress_artifact, create_table_artifact
+
+    from stages.tracking import run_tracker, track_iteration
 
     store = store_of(config, run_uri)
     key = re.sub(r"[^a-z0-9-]+", "-", store.run_id.lower()).strip("-")
-    done = [n for n in range(1, iteration + 1) if store.stage_marker(n, "sync") is not None]
-    table = []
-    for n in done:
-        row = iteration_summary(store, n)
-        table.append({"iteration": n, **{c: round(row[m], 4) for c, m in COLUMNS.items()
-                                         if isinstance(row.get(m), (int, float))}})
+    summary = track_iteration(config, run_uri, iteration, tracker=run_tracker(config, run_uri))
+    rows = _ROWS.setdefault(run_uri, {})
+    for n in range(1, iteration):
+        if n not in rows and store.stage_marker(n, "sync") is not None:
+            rows[n] = _table_row(iteration_summary(store, n))
+    rows[iteration] = _table_row(summary)
+    table = [rows[n] for n in sorted(rows) if n <= iteration]
     create_table_artifact(table, key=f"{key}-iterations",
                           description=f"run {store.run_id}: one row per committed iteration ({run_uri})")
 
@@ -51,10 +70,18 @@ def report(config, run_uri: str, iteration: int, samples: int = 8) -> dict:
         "advantage": round(sum(r["advantages"]) / max(len(r["advantages"]), 1), 4), "finish": r["finish_reason"],
     } for r in picked], key=f"{key}-rollouts",
         description=f"run {store.run_id} iteration {iteration}: the {samples // 2} lowest- and highest-reward samples")
-    progress = 100.0 * len(done) / config.iterations
+    progress = 100.0 * len(table) / config.iterations
     create_progress_artifact(progress, key=f"{key}-progress",
-                             description=f"run {store.run_id}: {len(done)}/{config.iterations} iterations committed")
-    return {"iterations": len(done), "progress": progress}
+                             description=f"run {store.run_id}: {len(table)}/{config.iterations} iterations committed")
+    return summary
+
+
+def close_report(run_uri: str) -> None:
+    """Close the tracker the reports kept open for the run and drop its cached table rows."""
+    from stages.tracking import close_run_tracker
+
+    _ROWS.pop(run_uri, None)
+    close_run_tracker(run_uri)
 
 
 @task(name="report", cache_policy=NO_CACHE)

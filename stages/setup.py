@@ -4,7 +4,7 @@
 before any worker starts. `start_workers` creates the run's actors and brings them to the latest committed policy
 version, so the first stage that runs finds the state the crashed process left committed.
 
-Tests: tests/stages/test_setup.py; end to end: tests/flows/test_resume.py
+Tests: tests/stages/test_setup.py; end to end: tests/flows/test_fault_harness.py
 """
 
 import platform
@@ -215,8 +215,8 @@ def _forward_logs_to_flow_run() -> None:
 
 
 def close_run(config, run_uri: str, stop_workers: bool = True) -> None:
-    """Release the lock; stop the actors (they would die with this process anyway, but a long-lived process — a
-    test session, a notebook — should get its memory back)."""
+    """Stop the actors (they would die with this process anyway, but a long-lived process — a test session, a
+    notebook — should get its memory back), close the run's tracker and release the lock."""
     if stop_workers:
         import ray
 
@@ -231,9 +231,14 @@ def close_run(config, run_uri: str, stop_workers: bool = True) -> None:
             except ValueError:
                 pass  # the engines never started
             stop(run_uri, config.ray.namespace)
+    from stages.report import close_report
+
     lock = LOCKS.pop(run_uri, None)
-    if lock is not None:
-        lock.release()
+    try:
+        close_report(run_uri)  # the tracker the reports kept open (MLflow marks its run FINISHED, W&B finishes)
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 @task(name="open-run", cache_policy=NO_CACHE)

