@@ -80,7 +80,10 @@ def ray_session():
     """One local Ray for the session (2 CPUs as on the CI machines)."""
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="ppoflow-tests", log_to_driver=False)
+    from workers.cluster import worker_env
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="ppoflow-tests", log_to_driver=False,
+             runtime_env={"env_vars": worker_env()})
     yield
     ray.shutdown()
 
