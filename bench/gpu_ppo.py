@@ -202,6 +202,8 @@ def _timestamp(iso: str) -> float:
 def collect(run_uri: str, config, sampler: MemorySampler | None, flops_per_token: float = 0.0,
             peak_flops: float = 0.0) -> tuple[list[dict], dict]:
     """Per-iteration rows and run-level numbers, from what the run committed."""
+    from overhead import iteration_times
+
     from stages.common import iteration_summary
     from storage.run import RunStore
 
@@ -218,6 +220,10 @@ def collect(run_uri: str, config, sampler: MemorySampler | None, flops_per_token
                    checkpoint_s=summary.get("perf/checkpoint_s"),
                    # the weight transfer alone (export, object store, load); sync_s is the whole stage
                    weight_sync_s=summary.get("perf/sync_s"), sync_bytes=summary.get("perf/sync_bytes"))
+        # Orchestration overhead (Prefect, Parquet, bookkeeping): the iteration's span between commits minus its
+        # stages' own seconds, as bench/overhead.py computes it on the CPU (None for the first iteration).
+        if (times := iteration_times(store, n)) is not None:
+            row["overhead_pct"] = 100.0 * (times["span"] - times["stages"]) / times["span"]
         update = store.stage_marker(n, "update")
         if store.stage_marker(n, "advantages") is not None and update is not None:
             experience = store.read_stage(n, "advantages").select(["prompt_ids", "response_ids"])
@@ -260,7 +266,7 @@ def print_table(rows: list[dict], run: dict) -> None:
         ("train_tok/s", "train_tokens_per_s", ".0f", 1), ("MFU_%", "mfu", ".1f", 100),
         ("ckpt_s", "checkpoint_s", ".1f", 1), ("ckpt_GB", "checkpoint_bytes", ".2f", 1e-9),
         ("sync_MB", "sync_bytes", ".1f", 1e-6), ("resp_len", "response_len", ".1f", 1), ("reward", "reward", ".3f", 1),
-        ("lp_diff", "logprob_diff", ".4f", 1), ("peak_MiB", "peak_mib", "d", 1),
+        ("lp_diff", "logprob_diff", ".4f", 1), ("ovh_%", "overhead_pct", ".1f", 1), ("peak_MiB", "peak_mib", "d", 1),
     ]
     widths = [max(len(h), 8) for h, *_ in columns]
     print("  ".join(h.rjust(w) for (h, *_), w in zip(columns, widths)))
