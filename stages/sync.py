@@ -1,9 +1,12 @@
 """Sync stage: push the updated policy weights into every generation engine, in place, and record the version each
 serves (one SYNC row per engine).
 
-The weights travel as safetensors bytes through Ray's object store (policy actor → engine actors, never through
-Prefect). `bring_engine_to` is also how generation, evaluation and run start make sure every engine serves the
-committed policy. With generation.enable_sleep_mode the engines wake their weights (not their KV cache) for it.
+The weights travel by `generation.weight_sync`: broadcast in buckets from trainer rank 0 over a group of its own
+(workers/weight_sync.py; gloo on CPU, NCCL on GPU), safetensors bytes through Ray's object store, or the checkpoint's
+HF export in storage; never through Prefect. After a broadcast or storage sync both sides' sums of a sample of
+tensors (and, for the broadcast, of all of them) must match, or the sync fails naming the engine and tensor.
+`bring_engine_to` is also how generation, evaluation and run start make sure every engine serves the committed
+policy. With generation.enable_sleep_mode the engines wake their weights (not their KV cache) for it.
 
 Run alone (a run whose workers are up in this process):  see flows/ppo.py; tests: tests/stages/test_sync.py
 """
@@ -17,11 +20,17 @@ from stages.common import (checkpoint_uri, commit, engines, fault_point, on_all_
                            trainer_group)
 
 
+SYNC_TIMEOUT_S = 900.0
+"""Bound on each wait for the trainers and engines during a sync (the sync group's own timeout is shorter)."""
+
+
 def bring_engine_to(config, store, run_uri: str, version: int, fault_stage: str | None = None) -> list[dict]:
     """Make every engine serve policy `version` (reloading the policy actor from its checkpoint if needed); one SYNC
     row per engine. Each engine reports its own version, so one that was restarted (version 0) is synced again while
-    the others are left alone; all engines behind get the same exported weights, concurrently. `fault_stage` names
-    the fault point between the export and the engines' update (`{fault_stage}.before_engine_update`)."""
+    the others are left alone; all engines behind get the same weights, concurrently, by `generation.weight_sync`'s
+    route (`object_store` instead of `storage` for version 0, which has no export in storage, and instead of
+    `broadcast` when engines hold GPU fractions; see GenerationConfig.weight_sync). `fault_stage` names
+    the fault point between the policy's side and the engines' update (`{fault_stage}.before_engine_update`)."""
     import ray
 
     from workers.engines import engine_name, engine_versions
@@ -39,20 +48,82 @@ def bring_engine_to(config, store, run_uri: str, version: int, fault_stage: str 
     policy = trainer_group(config, run_uri, "policy")
     ray.get(on_all_ranks(policy, "ensure_version", version, checkpoint_uri(store, version),
                          config.storage.storage_options))
-    # One export in the object store, read by every engine behind: rank 0's (every rank takes part in a ZeRO-3
-    # gather; the others return None).
-    weights, *others = on_all_ranks(policy, "export_weights")
-    if fault_stage is not None:
-        fault_point(f"{fault_stage}.before_engine_update", version)
-    results = ray.get([handles[i].update_weights.remote(weights, version) for i in behind])
-    ray.get(others)
+    route = config.generation.weight_sync
+    if route == "storage" and version == 0:
+        route = "object_store"
+    if route == "broadcast" and 0 < config.generation.num_gpus < 1:
+        route = "object_store"  # an engine may share trainer rank 0's GPU: NCCL refuses two ranks on one device
+    send = {"broadcast": _broadcast, "object_store": _via_object_store, "storage": _via_storage}[route]
+    results = send(config, store, policy, [handles[i] for i in behind], [rows[i]["engine"] for i in behind],
+                   version, fault_stage)
     seconds = time.perf_counter() - t0
     for i, result in zip(behind, results):
         if result["version"] != version:
             raise RuntimeError(f"{rows[i]['engine']} reports version {result['version']} after a sync to {version}")
-        rows[i].update(method="object_store", bytes=result["bytes"], seconds=seconds,
+        rows[i].update(method=route, bytes=result["bytes"], seconds=seconds,
                        checksum=float(result.get("checksum", float("nan"))))
     return rows
+
+
+def _via_object_store(config, store, policy, targets, names, version, fault_stage) -> list[dict]:
+    # One export in the object store, read by every engine behind: rank 0's (every rank takes part in a ZeRO-3
+    # gather; the others return None).
+    import ray
+
+    weights, *others = on_all_ranks(policy, "export_weights")
+    if fault_stage is not None:
+        fault_point(f"{fault_stage}.before_engine_update", version)
+    results = ray.get([e.update_weights.remote(weights, version) for e in targets], timeout=SYNC_TIMEOUT_S)
+    ray.get(others, timeout=SYNC_TIMEOUT_S)
+    return results
+
+
+def _via_storage(config, store, policy, targets, names, version, fault_stage) -> list[dict]:
+    # The engines read the HF export committed with the checkpoint (update wrote it); the trainer, which
+    # ensure_version put at `version`, gives the sums the engines' sample must match.
+    import ray
+
+    from workers.weight_sync import sample_names, verify
+
+    sample = sample_names(ray.get(policy[0].weight_sync_plan.remote(), timeout=SYNC_TIMEOUT_S), version)
+    sent = {"sample_sums": ray.get(on_all_ranks(policy, "weight_sums", sample), timeout=SYNC_TIMEOUT_S)[0]}
+    if fault_stage is not None:
+        fault_point(f"{fault_stage}.before_engine_update", version)
+    uri = f"{checkpoint_uri(store, version)}/hf"
+    results = ray.get([e.update_weights_from_uri.remote(uri, version, config.storage.storage_options, sample)
+                       for e in targets], timeout=SYNC_TIMEOUT_S)
+    for name, result in zip(names, results):
+        verify(sent, result, name)
+    return [{**r, "bytes": 0} for r in results]  # nothing was sent: the engines read storage
+
+
+def _broadcast(config, store, policy, targets, names, version, fault_stage) -> list[dict]:
+    # Trainer rank 0 and the engines behind form one group (workers/weight_sync.py), kept across syncs while the
+    # same engines are behind and every one of them still holds it (a restarted engine or trainer holds none, and
+    # the group is rebuilt). Sender and receivers block in the same broadcasts, so their calls go out together.
+    import ray
+
+    from workers.weight_sync import sample_names, verify
+
+    gen = config.generation
+    tp = gen.tensor_parallel_size
+    held = ray.get([e.sync_group_id.remote() for e in targets], timeout=SYNC_TIMEOUT_S)
+    reuse = held[0] if len(set(held)) == 1 else None
+    group = ray.get(policy[0].open_weight_sync.remote(names, reuse), timeout=SYNC_TIMEOUT_S)
+    plan = ray.get(policy[0].weight_sync_plan.remote(), timeout=SYNC_TIMEOUT_S)
+    spec = {**group, "world_size": 1 + len(targets) * tp, "plan": plan, "bucket_mb": gen.weight_sync_bucket_mb,
+            "sample": sample_names(plan, version)}
+    if fault_stage is not None:
+        fault_point(f"{fault_stage}.before_engine_update", version)
+    sending = on_all_ranks(policy, "broadcast_weights", spec)
+    receiving = [e.receive_weights.remote({**spec, "rank": 1 + j * tp}, version) for j, e in enumerate(targets)]
+    try:
+        results = ray.get(receiving, timeout=SYNC_TIMEOUT_S)
+    finally:
+        sent = ray.get(sending, timeout=SYNC_TIMEOUT_S)[0]  # a failed receiver fails the sender at its timeout
+    for name, result in zip(names, results):
+        verify(sent, result, name)
+    return [{**r, "bytes": sent["bytes"]} for r in results]
 
 
 def engine_recovery(config, store, run_uri: str, version: int, stage: str, iteration: int):

@@ -88,23 +88,27 @@ def get_group(run_uri: str, role: str, namespace: str, num_ranks: int) -> list:
 def start_workers(run_uri: str, config, timeout_s: float = 600.0) -> dict:
     """Create (or find) every actor the config needs and wait until all are ready. Returns {role: actor name}, the
     engines as `engine-{i}`. Engines (and, with generation.placement hybrid, the trainers) take their resources from
-    the run's placement group (workers/engines.py)."""
+    the run's placement group, trainer groups under standard placement from a second one (workers/engines.py)."""
     import ray
 
     from workers.config import deepspeed_overrides
-    from workers.engines import bundle_strategy, create_engines
+    from workers.engines import bundle_strategy, create_engines, placement_group
     from workers.trainer import CriticWorker, PolicyWorker, ReferenceWorker, group_address
 
     ns, seed, model = config.ray.namespace, config.seed, config.model
     # Dr. GRPO's seq-mean-token-sum-norm divides by a constant length: the response length limit.
     algo = {**config.algo.model_dump(), "norm_len": config.generation.max_new_tokens}
     engines, layout, pg = create_engines(run_uri, config, timeout_s)
+    if layout.trainer_group:  # standard placement with trainer groups: their own group, with ray.trainers' strategy
+        pg = placement_group(run_uri, layout, timeout_s, group="trainers")
 
     def options(role: str, trainer, rank: int = 0) -> dict:
         opts = {"name": actor_name(run_uri, role), "namespace": ns, "get_if_exists": True,
                 "num_cpus": trainer.num_cpus, "num_gpus": trainer.num_gpus}
-        if layout.trainer_bundles:  # hybrid, or trainer groups: rank r sits on its bundle of the run's group
+        if layout.trainer_bundles:  # hybrid, or trainer groups: rank r sits on its bundle of its group
             opts["scheduling_strategy"] = bundle_strategy(pg, layout.trainer_bundles[rank])
+        elif layout.trainer_custom:  # a single trainer, on a node with ray.trainers.resources
+            opts["resources"] = layout.trainer_custom
         return opts
 
     def group(role: str, cls, trainer, model_path: str, **kwargs) -> dict:

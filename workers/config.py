@@ -91,6 +91,20 @@ class GenerationConfig(BaseModel):
     offloaded to host memory), wake their weights only for the weight sync and their KV cache before sampling. Needs
     a GPU (`num_gpus` > 0); vLLM does nothing on CPU."""
 
+    weight_sync: Literal["broadcast", "object_store", "storage"] = "object_store"
+    """How the sync stage moves the new policy into the engines. `broadcast` (workers/weight_sync.py): trainer rank 0
+    sends it in buckets over a process group of its own spanning every engine worker (gloo on CPU, NCCL on GPU),
+    gathered bucket by bucket under ZeRO-3, and both sides' sums of every tensor and of a sample must match; with a
+    GPU fraction per engine (`0 < num_gpus < 1`, e.g. hybrid placement) an engine may share its GPU with trainer rank
+    0, which NCCL cannot put in one group, so those syncs go through the object store. `object_store`: one safetensors
+    export through Ray's object store, read by every engine. `storage`: the engines load the committed HF export of
+    the checkpoint from the run's storage (for engines that cannot join the group); a sample's sums are checked
+    against the trainer's."""
+
+    weight_sync_bucket_mb: float = Field(64.0, gt=0.0)
+    """Size of one broadcast (MiB) under `weight_sync: broadcast`: tensors are packed into flat buffers of at most
+    this size, one collective each (a larger tensor goes alone)."""
+
     max_engine_restarts: int = Field(3, ge=0)
     """Times Ray restarts an engine actor that died (OOM kill, segfault, lost node), per engine over the run. A
     restarted engine comes back from its constructor with the base weights; the stage sampling on it waits for it,
@@ -198,8 +212,8 @@ class TrainerConfig(BaseModel):
     """Data-parallel DeepSpeed ranks of this model (one Ray actor each, `{run}:{role}` for rank 0 and
     `{run}:{role}-rank{r}` for the others), meeting at rank 0. Every optimizer step is split over the ranks by
     micro-batch, so mini_batch_size must be a multiple of micro_batch_size x num_ranks. num_cpus / num_gpus are per
-    rank. Above 1 the ranks sit in the run's placement group (strategy PACK): bundles of their own under `placement:
-    standard`, rank r on engine bundle r under `placement: hybrid`."""
+    rank. Above 1 the ranks sit in a placement group: the trainers' own under `placement: standard` (strategy and
+    nodes from `ray.trainers`), rank r on engine bundle r under `placement: hybrid`."""
 
     offload: Literal["none", "optimizer", "optimizer_and_params"] = "none"
     """ZeRO-Offload: keep the optimizer states (and, under ZeRO-3, the parameters too) in host memory and step the
@@ -250,14 +264,58 @@ class TrainerConfig(BaseModel):
         return steps
 
 
+class GroupPlacement(BaseModel):
+    """Where one group of actors (the engines, or the trainers) may go in a Ray cluster of several nodes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """Ray placement-group strategy of the group's bundles: `PACK` on as few nodes as fit (best effort), `SPREAD` over
+    as many nodes as possible (best effort), `STRICT_PACK` all on one node, `STRICT_SPREAD` each bundle on a
+    different node (fails at once when there are more bundles than nodes). The engines' group has one bundle per
+    engine x tensor-parallel rank; the trainers' group, one per rank of the trainer groups (it exists only when a
+    trainer has num_ranks > 1: single trainers are scheduled one by one, wherever `resources` allow)."""
+
+    resources: dict[str, float] = Field(default_factory=dict)
+    """Custom Ray resources each bundle of the group (or each actor outside a group) asks for besides its CPUs and
+    GPUs, to pin the group to nodes started with them (`ray start --resources '{"engine_node": 8}'`). A small amount
+    (0.001) only selects nodes; a whole one per actor also limits how many share a node."""
+
+    @field_validator("resources")
+    @classmethod
+    def _custom_only(cls, resources: dict[str, float]) -> dict[str, float]:
+        if taken := sorted(k for k in resources if k in ("CPU", "GPU", "memory", "object_store_memory")):
+            raise ValueError(f"{', '.join(taken)} come from the num_cpus / num_gpus fields of generation, policy, "
+                             "critic and reward.model; name only custom resources here (e.g. engine_node: 0.001)")
+        if bad := sorted(k for k, v in resources.items() if not v > 0):
+            raise ValueError(f"{', '.join(bad)}: amounts must be > 0 (0.001 selects nodes with the resource)")
+        return resources
+
+
 class RayConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     address: str | None = None
-    """Existing Ray cluster to join ("auto", "ray://host:10001"); None starts a local one."""
+    """Existing Ray cluster to join: "auto" (the cluster `ray start` runs on this machine), "HOST:6379" (its head),
+    or "ray://host:10001" (Ray client). None starts a local one-node Ray in this process (never a stray cluster)."""
 
     num_cpus: int | None = None
     """CPUs of the local cluster; None uses every core."""
 
     namespace: str = "ppoflow"
     """Ray namespace of the named worker actors."""
+
+    engines: GroupPlacement = GroupPlacement()
+    """Placement of the generation engines' placement group (under `generation.placement: hybrid` the trainers share
+    its bundles, so this places them too; their `resources` are added to the bundles they share)."""
+
+    trainers: GroupPlacement = GroupPlacement()
+    """Placement of the policy, critic, reference and reward-model actors. Under `generation.placement: hybrid` the
+    engines' group holds them: its bundles that hold trainers also ask for these `resources`, and a `strategy` other
+    than PACK or ray.engines.strategy is refused (set ray.engines.strategy)."""
+
+    shared_filesystem: bool = False
+    """Declares that a local-path `storage.root` is on a filesystem every node of the cluster mounts at that same
+    path (NFS, Lustre, a CSI volume). A run on a Ray cluster of several nodes refuses a local root without it (each
+    node would write its own copy of the run); with it, a probe file written by the driver must be readable from a
+    Ray task on every node before any worker starts. Object stores (s3://...) need no declaration."""

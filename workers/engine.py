@@ -58,6 +58,15 @@ class Engine:
             self._wake_up(todo)
             self._sleeping -= set(todo)
 
+    def update_weights_from_uri(self, uri: str, version: int, storage_options: dict | None = None,
+                                sample: list[str] = ()) -> dict[str, Any]:
+        """The storage route of the weight sync: `update_weights_from_path` on an HF export in the run's storage
+        (an s3:// folder is downloaded to a local temporary folder on this engine's node first)."""
+        from storage.checkpoint import local_dir_for_read
+
+        with local_dir_for_read(uri, storage_options) as path:
+            return self.update_weights_from_path(path, version, sample)
+
     def sleeping(self) -> list[str]:
         """The SLEEP_TAGS currently freed; empty when the engine is fully awake."""
         return sorted(self._sleeping)

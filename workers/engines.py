@@ -4,14 +4,20 @@
 their resources from a placement group named after the run, so a driver that resumes the run in the same Ray job
 finds both by name; `workers.cluster.stop_workers` removes them.
 
-- `placement: standard`: the engines' own group, strategy PACK, one bundle per engine x tensor-parallel rank
+- `placement: standard`: the engines' own group, one bundle per engine x tensor-parallel rank
   (`{"GPU": generation.num_gpus, "CPU": generation.num_cpus}` on GPU configs — a whole GPU at num_gpus 1 —,
-  `{"CPU": generation.num_cpus}` on CPU ones). Single trainers are scheduled outside it; trainer groups (a role
-  with `num_ranks` > 1) get one more bundle per rank r, holding rank r of every group (the reference and the reward
-  model on rank 0's).
+  `{"CPU": generation.num_cpus}` on CPU ones). Single trainers are scheduled outside it, one by one; trainer groups
+  (a role with `num_ranks` > 1) get a second group, `{run}:placement-trainers`, with one bundle per rank r holding
+  rank r of every group (the reference and the reward model on rank 0's).
 - `placement: hybrid`: one group for engines and trainers. Same bundles, but bundle r also holds rank r of every
   trainer group (the reference and the reward model on bundle 0) with their fractional `num_gpus` (OpenRLHF's
   colocated "hybrid engine"): the policy's rank r and engine r take turns on one GPU.
+
+On a cluster of several nodes, `ray.engines` and `ray.trainers` place each group: its strategy (PACK, SPREAD,
+STRICT_PACK, STRICT_SPREAD) and custom resources that every bundle (or single trainer) asks for, so that engines and
+trainers land on the nodes started with those resources (docs/cluster.md). Two groups rather than one group with
+per-bundle resources, because a placement group has one strategy: engines SPREAD over the nodes and trainers PACKed
+on one need two.
 
 With tensor_parallel_size > 1 the engine actor sits on its first bundle holding no GPU itself, and vLLM's Ray
 executor starts one worker per rank on the engine's bundles: the actor captures the group for its child tasks and
@@ -34,19 +40,25 @@ from typing import Any
 class Layout:
     """Where a run's engines (and, in hybrid mode, its trainers) sit in its placement group."""
 
-    bundles: list[dict[str, float]]  # the placement group's bundles, in order
+    bundles: list[dict[str, float]]  # the engines' placement group's bundles, in order (hybrid: trainers' too)
     engine_bundles: list[list[int]]  # engine i -> its bundle indices, one per TP rank; the actor sits on the first
     engine_resources: dict[str, float]  # num_cpus / num_gpus of each engine actor (the TP workers take their own)
     worker_gpus: float  # GPUs of each vLLM TP worker (VLLM_RAY_PER_WORKER_GPUS); unused at tensor_parallel_size 1
-    trainer_bundles: list[int] = field(default_factory=list)  # trainer rank r -> its bundle; []: outside the group
+    trainer_bundles: list[int] = field(default_factory=list)  # trainer rank r -> its bundle; []: outside any group
     trainer_resources: dict[str, dict[str, float]] = field(default_factory=dict)  # role -> num_cpus / num_gpus
     trainer_ranks: dict[str, int] = field(default_factory=dict)  # role -> ranks (reference, reward: 1, on rank 0's)
+    strategy: str = "PACK"  # Ray strategy of `bundles` (ray.engines.strategy)
+    trainer_group: list[dict[str, float]] = field(default_factory=list)  # standard: the trainers' own group's
+    # bundles, which trainer_bundles index; []: the trainers sit in `bundles` (hybrid) or outside any group
+    trainer_strategy: str = "PACK"  # Ray strategy of trainer_group (ray.trainers.strategy)
+    trainer_custom: dict[str, float] = field(default_factory=dict)  # custom resources of each trainer actor
+    # scheduled outside any group (single trainers under standard: ray.trainers.resources)
 
 
 def plan_layout(config) -> Layout:
     """The placement group and each actor's share of it, from a RunConfig. Raises ValueError naming the fields when
     the hybrid bundle cannot hold the engine and trainers."""
-    gen = config.generation
+    gen, place = config.generation, config.ray
     tp, n = gen.tensor_parallel_size, gen.num_engines
     on_gpu = gen.num_gpus > 0
     engine_bundles = [[i * tp + r for r in range(tp)] for i in range(n)]
@@ -70,19 +82,25 @@ def plan_layout(config) -> Layout:
         # A bundle reserves what its engine (or TP worker) takes: the whole GPU at num_gpus 1; a fraction leaves the
         # rest of that GPU to the trainers outside the group, as the single-GPU configs (configs/gpu-0.5b.yaml) do.
         bundle = {"GPU": gen.num_gpus, "CPU": gen.num_cpus} if on_gpu else {"CPU": gen.num_cpus}
-        bundles = [dict(bundle) for _ in range(n * tp)]
-        if groups == 1:  # single trainers stay outside the group, scheduled wherever they fit
-            return Layout(bundles, engine_bundles, engine_resources, worker_gpus=gen.num_gpus)
-        # Model groups: one bundle per rank, holding rank r of every group (PACK keeps them on as few nodes as fit).
+        bundles = [{**bundle, **place.engines.resources} for _ in range(n * tp)]
+        if groups == 1:  # single trainers stay outside any group, scheduled one by one wherever they fit
+            return Layout(bundles, engine_bundles, engine_resources, worker_gpus=gen.num_gpus,
+                          strategy=place.engines.strategy, trainer_custom=dict(place.trainers.resources))
+        # Model groups: a group of their own, one bundle per rank holding rank r of every group.
+        trainer_group = []
         for r in range(groups):
             gpus = at_rank(r, "num_gpus")
-            bundles.append({"GPU": gpus, "CPU": at_rank(r, "num_cpus")} if gpus > 0 else
-                           {"CPU": at_rank(r, "num_cpus")})
+            trainer_group.append({**({"GPU": gpus, "CPU": at_rank(r, "num_cpus")} if gpus > 0 else
+                                     {"CPU": at_rank(r, "num_cpus")}), **place.trainers.resources})
         return Layout(bundles, engine_bundles, engine_resources, worker_gpus=gen.num_gpus,
-                      trainer_bundles=[n * tp + r for r in range(groups)], trainer_resources=resources,
-                      trainer_ranks=ranks)
+                      trainer_bundles=list(range(groups)), trainer_resources=resources, trainer_ranks=ranks,
+                      strategy=place.engines.strategy, trainer_group=trainer_group,
+                      trainer_strategy=place.trainers.strategy)
 
     # hybrid: rank r of every trainer group shares bundle r with the engine (or TP worker) there.
+    if place.trainers.strategy not in ("PACK", place.engines.strategy):
+        raise ValueError(f"ray.trainers.strategy: {place.trainers.strategy} cannot apply under generation.placement: "
+                         "hybrid, where the trainers share the engines' bundles; set ray.engines.strategy instead")
     field_of = {"reference": "policy.num_gpus", "reward": "reward.model.num_gpus"}
     gpu_users = {field_of.get(role, f"{role}.num_gpus"): r["num_gpus"]
                  for role, r in resources.items() if r["num_gpus"] > 0}
@@ -110,9 +128,14 @@ def plan_layout(config) -> Layout:
         bundle = {"GPU": 1.0} if on_gpu else {}
         if cpus > 0 or not on_gpu:
             bundle["CPU"] = cpus
+        # A shared bundle must sit on a node that has what both its engine and its trainers ask for.
+        custom = [place.engines.resources] + ([place.trainers.resources] if b < groups else [])
+        for key, amount in ((k, v) for asked in custom for k, v in asked.items()):
+            bundle[key] = bundle.get(key, 0.0) + amount
         bundles.append(bundle)
     return Layout(bundles, engine_bundles, engine_resources, worker_gpus=gen.num_gpus,
-                  trainer_bundles=list(range(groups)), trainer_resources=resources, trainer_ranks=ranks)
+                  trainer_bundles=list(range(groups)), trainer_resources=resources, trainer_ranks=ranks,
+                  strategy=place.engines.strategy)
 
 
 def cpu_binding(index: int, num_engines: int, cores: list[int]) -> str | None:
@@ -133,10 +156,12 @@ def engine_name(run_uri: str, index: int) -> str:
     return actor_name(run_uri, f"engine-{index}")
 
 
-def placement_group_name(run_uri: str) -> str:
+def placement_group_name(run_uri: str, group: str = "engines") -> str:
+    """`{run}:placement` holds the engines (and the trainers under hybrid); `{run}:placement-trainers` the trainer
+    groups under standard."""
     from workers.cluster import actor_name
 
-    return actor_name(run_uri, "placement")
+    return actor_name(run_uri, "placement" if group == "engines" else f"placement-{group}")
 
 
 def get_engines(run_uri: str, namespace: str, n: int | None = None) -> list:
@@ -192,43 +217,57 @@ def engine_versions(handles: list, timeout_s: float = ENGINE_RESTART_TIMEOUT_S) 
         time.sleep(0.2)
 
 
-def placement_group(run_uri: str, layout: Layout, timeout_s: float):
-    """The run's placement group: found by name (a resumed or retried driver), else created; waits until ready."""
+def placement_group(run_uri: str, layout: Layout, timeout_s: float, group: str = "engines"):
+    """One of the run's placement groups — `engines` (`layout.bundles`) or `trainers` (`layout.trainer_group`) —
+    found by name (a resumed or retried driver), else created with its strategy; waits until it is ready."""
     import ray
     from ray.util.placement_group import get_placement_group
 
-    name = placement_group_name(run_uri)
+    name = placement_group_name(run_uri, group)
+    bundles, strategy = ((layout.bundles, layout.strategy) if group == "engines" else
+                         (layout.trainer_group, layout.trainer_strategy))
     try:
         pg = get_placement_group(name)
-        if pg.bundle_specs != layout.bundles:
+        if pg.bundle_specs != bundles:
             raise RuntimeError(f"placement group {name} has bundles {pg.bundle_specs}, the config asks for "
-                               f"{layout.bundles}: stop the run's workers (or restart Ray) before changing "
-                               "generation.num_engines, tensor_parallel_size, placement or resources")
+                               f"{bundles}: stop the run's workers (or restart Ray) before changing "
+                               "generation.num_engines, tensor_parallel_size, placement, resources or ray.{engines,"
+                               "trainers}.resources")
     except ValueError:  # no group of that name
-        # A group larger than the whole cluster would wait the full timeout: say so now, naming what is short.
-        total = ray.cluster_resources()
-        short = {k: v for k in ("CPU", "GPU") if (v := sum(b.get(k, 0.0) for b in layout.bundles)) > total.get(k, 0)}
+        # A group the cluster can never hold would wait the full timeout: say so now, naming what is short.
+        total, need = ray.cluster_resources(), {}
+        for bundle in bundles:
+            for key, amount in bundle.items():
+                need[key] = need.get(key, 0.0) + amount
+        short = {k: v for k, v in need.items() if v > total.get(k, 0.0) + 1e-9}
         if short:
-            raise ValueError(f"the run's placement group needs {short} but the Ray cluster has only "
-                             f"{ {k: total.get(k, 0) for k in short} } in all (bundles {layout.bundles}); lower "
-                             "generation.num_engines, num_ranks or the num_cpus / num_gpus fields, or give Ray more "
-                             "(ray.num_cpus)")
-        pg = ray.util.placement_group(layout.bundles, strategy="PACK", name=name)
+            raise ValueError(f"the run's {group} placement group needs {short} but the Ray cluster has only "
+                             f"{ {k: total.get(k, 0) for k in short} } in all (bundles {bundles}); lower "
+                             "generation.num_engines, num_ranks or the num_cpus / num_gpus fields, give Ray more "
+                             f"(ray.num_cpus), or start nodes with the custom resources ray.{group}.resources names")
+        nodes = sum(1 for node in ray.nodes() if node["Alive"])
+        if strategy == "STRICT_SPREAD" and len(bundles) > nodes:
+            raise ValueError(f"ray.{group}.strategy: STRICT_SPREAD puts each of the {len(bundles)} bundles of the "
+                             f"run's {group} group on its own node, but the cluster has {nodes}; use SPREAD, or "
+                             "fewer engines / ranks")
+        pg = ray.util.placement_group(bundles, strategy=strategy, name=name)
     if not pg.wait(timeout_seconds=timeout_s):
-        raise TimeoutError(f"placement group {name} ({layout.bundles}) not ready after {timeout_s:.0f} s: the cluster "
-                           f"has {ray.available_resources()} free; lower generation.num_engines or the num_cpus / "
-                           "num_gpus fields")
+        raise TimeoutError(f"placement group {name} ({bundles}, {strategy}) not ready after {timeout_s:.0f} s: the "
+                           f"cluster has {ray.available_resources()} free; lower generation.num_engines or the "
+                           f"num_cpus / num_gpus fields, or relax ray.{group} (strategy, resources)")
     return pg
 
 
 def remove_placement_group(run_uri: str) -> None:
+    """Remove the run's placement groups (engines' and trainers'), those that exist."""
     import ray
     from ray.util.placement_group import get_placement_group
 
-    try:
-        ray.util.remove_placement_group(get_placement_group(placement_group_name(run_uri)))
-    except ValueError:
-        pass
+    for group in ("engines", "trainers"):
+        try:
+            ray.util.remove_placement_group(get_placement_group(placement_group_name(run_uri, group)))
+        except ValueError:
+            pass
 
 
 def bundle_strategy(pg, bundle: int):
@@ -284,5 +323,8 @@ if __name__ == "__main__":
     from stages.config import load_config
 
     layout = plan_layout(load_config(sys.argv[1], sys.argv[2:]))
-    print(f"bundles: {layout.bundles}\nengines: {layout.engine_bundles} each {layout.engine_resources}\n"
-          f"trainers: ranks {layout.trainer_ranks} on bundles {layout.trainer_bundles} {layout.trainer_resources}")
+    print(f"bundles ({layout.strategy}): {layout.bundles}\n"
+          f"engines: {layout.engine_bundles} each {layout.engine_resources}\n"
+          f"trainers: ranks {layout.trainer_ranks} on bundles {layout.trainer_bundles} {layout.trainer_resources}"
+          + (f" of their own group ({layout.trainer_strategy}): {layout.trainer_group}" if layout.trainer_group else "")
+          + (f"; each asks for {layout.trainer_custom}" if layout.trainer_custom else ""))

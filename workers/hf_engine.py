@@ -198,8 +198,9 @@ class HFEngine(Engine):
         result = self._load(state_dict.keys(), iter(state_dict.items()), version, started)
         return {**result, "bytes": len(weights)}
 
-    def update_weights_from_path(self, path: str, version: int) -> dict[str, Any]:
-        """Like `update_weights`, from a local folder of HF safetensors (e.g. one written by `save_pretrained`)."""
+    def update_weights_from_path(self, path: str, version: int, sample: list[str] = ()) -> dict[str, Any]:
+        """Like `update_weights`, from a local folder of HF safetensors (e.g. one written by `save_pretrained`);
+        `sample_sums` holds the float64 sums of the tensors named in `sample`."""
         from pathlib import Path
 
         from safetensors import safe_open
@@ -219,12 +220,45 @@ class HFEngine(Engine):
                     for name in f.keys():
                         yield name, f.get_tensor(name)
 
-        return self._load(names, tensors(), version, started)
+        return self._load(names, tensors(), version, started, sample)
+
+    def receive_weights(self, spec: dict[str, Any], version: int) -> dict[str, Any]:
+        """Receive the policy that trainer rank 0 broadcasts (workers/weight_sync.py; NCCL when this engine has a
+        GPU, gloo otherwise) and serve it as `version`; `spec` as in `VLLMEngine.receive_weights`. Joins the group on
+        first use and keeps it until a sync names another. Returns `update_weights`' dict plus `sample_sums`."""
+        from workers.weight_sync import SyncGroup
+
+        self._check_awake("weights")  # before joining: the sender would wait for a receiver that gave up
+        started = time.perf_counter()
+        group = getattr(self, "_sync", None)
+        if group is None or group.group_id != spec["id"]:
+            if group is not None:
+                group.close()
+            self._sync = group = SyncGroup(spec["id"], spec["host"], spec["port"], spec["rank"],
+                                           spec["world_size"], self._device)
+        names = [e["name"] for e in spec["plan"]]
+        sampled: dict[str, float] = {}
+        try:
+            result = self._load(names, group.receive(spec["plan"], spec["bucket_mb"], spec["sample"], sampled),
+                                version, started)
+        except Exception:  # a broken group is never reused: the next sync builds a new one
+            group.close()
+            self._sync = None
+            raise
+        return {**result, "sample_sums": sampled}
+
+    def sync_group_id(self) -> str | None:
+        """The weight-sync group this engine belongs to, or None (a restarted engine holds none)."""
+        group = getattr(self, "_sync", None)
+        return group.group_id if group is not None else None
 
     def _load(self, names: Iterable[str], named_tensors: Iterator[tuple[str, torch.Tensor]], version: int,
-              started: float) -> dict[str, Any]:
-        """Copy `named_tensors` (whose names are `names`) into the model's parameters; the update's result dict."""
+              started: float, sample: list[str] = ()) -> dict[str, Any]:
+        """Copy `named_tensors` (whose names are `names`) into the model's parameters; the update's result dict,
+        with the sums of the `sample` tensors."""
         import torch
+
+        from workers.weight_sync import tensor_sum
 
         self._check_awake("weights")
         # Every name is checked before anything is copied: a half-loaded model would mix two policies.
@@ -236,19 +270,24 @@ class HFEngine(Engine):
             raise ValueError(f"update_weights: the state dict does not match the model; unknown names "
                              f"{unknown[:5]}, missing names {absent[:5]} (send every parameter, with HF names)")
 
+        sampled, wanted = {}, set(sample)
+
         def copied() -> Iterator[torch.Tensor]:
             for name, tensor in named_tensors:
                 if tensor.shape != targets[name].shape:  # copy_ would broadcast a wrong shape silently
                     raise ValueError(f"update_weights: {name} has shape {tuple(tensor.shape)}, the model's "
                                      f"{tuple(targets[name].shape)}")
                 targets[name].copy_(tensor)  # casts to the engine's dtype and device
+                if name in wanted:
+                    sampled[name] = tensor_sum(tensor)
                 yield tensor
 
         with torch.no_grad():
             checksum = state_dict_checksum(copied())  # sums each tensor as it streams past: no second model copy
         self._version = version
         return {"version": version, "seconds": time.perf_counter() - started, "checksum": checksum,
-                "engine_checksum": state_dict_checksum(p.detach() for p in self._model.parameters())}
+                "engine_checksum": state_dict_checksum(p.detach() for p in self._model.parameters()),
+                "sample_sums": sampled}
 
     def _sleep(self) -> None:
         # The KV cache lives only inside a generate call, so sleeping frees the weights: moved to host memory, and

@@ -516,6 +516,95 @@ class PolicyWorker(_DeepSpeedWorker):
         sd = self._full_state_dict()
         return save(sd) if sd is not None else None
 
+    # ---- weight sync (workers/weight_sync.py; driven by stages/sync.py) ----------------------------------------
+    def weight_sync_plan(self) -> list[dict]:
+        """The sync plan: name, shape and dtype of every tensor the engines load, in order (any rank)."""
+        from workers.weight_sync import plan_of
+
+        return plan_of({name: (tuple(getattr(p, "ds_shape", p.shape)), p.dtype)
+                        for name, p in self._sync_tensors().items()})
+
+    def weight_sums(self, names: list[str]) -> dict[str, float]:
+        """Float64 sums of the named tensors of the current weights, what an engine reports for the same names
+        after a sync. Every rank must call it (under ZeRO-3 the tensors are gathered)."""
+        import deepspeed
+
+        from workers.weight_sync import tensor_sum
+
+        named = self._sync_tensors()
+        params = [named[n] for n in names]
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            return {n: tensor_sum(p.detach()) for n, p in zip(names, params, strict=True)}
+
+    def open_weight_sync(self, members: list, reuse_id: str | None) -> dict:
+        """Rank 0: the weight-sync group to send through, `{"id", "members", "host", "port"}`. The group it holds
+        when its id is `reuse_id` (the id every receiver reports) and its receivers are `members`; otherwise a new
+        one: the old group is closed and this rank hosts the new group's store on a free port."""
+        import uuid
+
+        import ray
+
+        from workers.weight_sync import host_store
+
+        info = getattr(self, "_sync_info", None)
+        if info is not None and info["id"] == reuse_id and info["members"] == members:
+            return dict(info)
+        self._close_weight_sync()
+        host = ray.util.get_node_ip_address()
+        self._sync_store = host_store(host)
+        self._sync_info = {"id": uuid.uuid4().hex[:12], "members": members, "host": host,
+                           "port": self._sync_store.port}
+        return dict(self._sync_info)
+
+    def broadcast_weights(self, spec: dict) -> dict | None:
+        """Send the current weights to the group `spec` describes (`open_weight_sync`'s answer plus "world_size",
+        "plan", "bucket_mb", "sample"), bucket by bucket. Every rank must call it: under ZeRO-3 each bucket's
+        parameters are gathered from all ranks, and only rank 0, the group's root, sends. Rank 0 returns `{"bytes",
+        "checksum", "sample_sums", "seconds"}` of what it sent; the others None. A failed send closes the group, so
+        the next sync builds a new one rather than reuse a broken one."""
+        import deepspeed
+
+        from workers.weight_sync import SyncGroup, buckets
+
+        t0 = time.perf_counter()
+        named = self._sync_tensors()
+
+        def tensors_of(entries: list[dict]) -> list:
+            params = [named[e["name"]] for e in entries]
+            # A no-op outside ZeRO-3. Copies, because the gathered parameters are released when the block ends.
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                return [p.detach().clone() for p in params]
+
+        if self.rank != 0:
+            if self.cfg["zero_stage"] == 3:
+                for entries in buckets(spec["plan"], spec["bucket_mb"]):
+                    tensors_of(entries)
+            return None
+        try:
+            if getattr(self, "_sync", None) is None or self._sync.group_id != spec["id"]:
+                self._sync = SyncGroup(spec["id"], spec["host"], spec["port"], 0, spec["world_size"], self.device,
+                                       store=self._sync_store)
+            sent = self._sync.send(spec["plan"], spec["bucket_mb"], spec["sample"], tensors_of)
+        except Exception:
+            self._close_weight_sync()
+            raise
+        return {**sent, "seconds": time.perf_counter() - t0}
+
+    def _close_weight_sync(self) -> None:
+        if getattr(self, "_sync", None) is not None:
+            self._sync.close()
+        self._sync = self._sync_store = self._sync_info = None
+
+    def _sync_tensors(self) -> dict:
+        """The parameters and persistent buffers the engines load, by HF name, each tensor once: a tied lm_head is
+        left out: the engines tie it to the embedding themselves."""
+        seen, out = set(), {}
+        for name, tensor in self.engine.module.state_dict(keep_vars=True).items():
+            if id(tensor) not in seen:
+                seen.add(id(tensor))
+                out[name] = tensor
+        return out
+
     def export_hf(self, checkpoint_uri: str, storage_options: dict | None = None) -> float:
         """HF folder (config, tokenizer, safetensors) of the current policy: `from_pretrained` loads it. Rank 0
         writes it; every rank of a group must call (the ZeRO-3 gather is collective)."""

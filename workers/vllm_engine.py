@@ -3,7 +3,8 @@
 `VLLMEngine` is a plain class: `create_engine_actor` wraps it with `ray.remote` and names it, so Prefect tasks can find
 it by name (`ray.get_actor(name, namespace=...)`) across PPO iterations. Everything that goes in or out is plain Python
 (lists, numbers, str, bytes), so callers need neither torch nor vLLM. The policy weights are swapped in place after
-each training step (`update_weights`), through the worker extension in `workers/vllm_ext.py`. A run's engines are
+each training step (`update_weights`, `update_weights_from_uri`, or `receive_weights` for the broadcast of
+`workers/weight_sync.py`), through the worker extension in `workers/vllm_ext.py`. A run's engines are
 created by `workers/engines.py` (placement group, seeds, tensor parallelism); sleep mode frees GPU memory between
 samplings (`Engine.sleep` / `wake_up`, vLLM's `LLM.sleep(level=1)` and `wake_up(tags)`; nothing to free on CPU).
 
@@ -173,12 +174,30 @@ class VLLMEngine(Engine):
         sums = self._llm.collective_rpc("ppoflow_load_weights", args=(weights,))[0]
         return {**self._finish_update(version, started, sums), "bytes": len(weights)}
 
-    def update_weights_from_path(self, path: str, version: int) -> dict[str, Any]:
-        """Like `update_weights`, from a local folder of HF safetensors (e.g. one written by `save_pretrained`)."""
+    def update_weights_from_path(self, path: str, version: int, sample: list[str] = ()) -> dict[str, Any]:
+        """Like `update_weights`, from a local folder of HF safetensors (e.g. one written by `save_pretrained`);
+        `sample_sums` holds the float64 sums of the tensors named in `sample`."""
         self._check_awake("weights")
         started = time.perf_counter()
-        sums = self._llm.collective_rpc("ppoflow_load_weights_from_path", args=(path,))[0]
+        sums = self._llm.collective_rpc("ppoflow_load_weights_from_path", args=(path, list(sample)))[0]
         return self._finish_update(version, started, sums)
+
+    def receive_weights(self, spec: dict[str, Any], version: int) -> dict[str, Any]:
+        """Receive the policy that trainer rank 0 broadcasts (workers/weight_sync.py) and serve it as `version`.
+
+        Every vLLM worker (one per tensor-parallel rank) joins the sync group described by `spec` and receives the
+        full tensors; call it while the trainer sends (`PolicyWorker.broadcast_weights`), since both block until the
+        last bucket. Returns `update_weights`' dict plus `sample_sums`, as worker 0 saw them."""
+        self._check_awake("weights")
+        started = time.perf_counter()
+        sums = self._llm.collective_rpc("ppoflow_receive_weights", args=(spec,))[0]
+        return self._finish_update(version, started, sums)
+
+    def sync_group_id(self) -> str | None:
+        """The weight-sync group every worker of this engine belongs to, or None (a restarted engine, or workers
+        that disagree): the sync then builds a new group."""
+        ids = set(self._llm.collective_rpc("ppoflow_sync_group_id"))
+        return ids.pop() if len(ids) == 1 else None
 
     def _finish_update(self, version: int, started: float, sums: dict[str, float]) -> dict[str, Any]:
         # Cached KV blocks were computed by the old weights; reusing them would mix two policies in one sample.

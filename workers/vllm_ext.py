@@ -46,8 +46,9 @@ class WeightSyncExtension:
 
         return self._ppoflow_reload(iter(load(payload).items()))
 
-    def ppoflow_load_weights_from_path(self, path: str) -> dict[str, float]:
-        """Load every `*.safetensors` file of a local HF model folder; return both checksums."""
+    def ppoflow_load_weights_from_path(self, path: str, sample: list[str] = ()) -> dict:
+        """Load every `*.safetensors` file of a local HF model folder; return both checksums and the sums of the
+        `sample` tensors (`sample_sums`)."""
         from pathlib import Path
 
         from safetensors import safe_open
@@ -62,7 +63,38 @@ class WeightSyncExtension:
                     for name in f.keys():
                         yield name, f.get_tensor(name)
 
-        return self._ppoflow_reload(tensors())
+        return self._ppoflow_reload(tensors(), sample)
+
+    def ppoflow_receive_weights(self, spec: dict) -> dict:
+        """Receive the policy broadcast by trainer rank 0 (workers/weight_sync.py) and load it as it arrives.
+
+        `spec`: the group (`id`, `host`, `port`, `world_size`), this engine's first group `rank` (tensor-parallel
+        worker t is `rank + t`: each worker receives the full tensors and reload_weights shards them), the `plan`,
+        `bucket_mb` and the `sample` names. Joins the group on first use and keeps it for the next syncs; a new group
+        id replaces it. Returns both checksums and `sample_sums`."""
+        from workers.weight_sync import SyncGroup
+
+        group = getattr(self, "_ppoflow_sync", None)
+        if group is None or group.group_id != spec["id"]:
+            if group is not None:
+                group.close()
+            self._ppoflow_sync = None
+            group = SyncGroup(spec["id"], spec["host"], spec["port"], spec["rank"] + self.rank, spec["world_size"],
+                              self.device)
+            self._ppoflow_sync = group
+        sampled: dict[str, float] = {}
+        try:
+            result = self._ppoflow_reload(group.receive(spec["plan"], spec["bucket_mb"], spec["sample"], sampled))
+        except Exception:  # a broken group is never reused: the next sync builds a new one
+            group.close()
+            self._ppoflow_sync = None
+            raise
+        return {**result, "sample_sums": sampled}
+
+    def ppoflow_sync_group_id(self) -> str | None:
+        """The id of the weight-sync group this worker belongs to, or None (a new process holds none)."""
+        group = getattr(self, "_ppoflow_sync", None)
+        return group.group_id if group is not None else None
 
     def ppoflow_engine_checksum(self) -> float:
         """`state_dict_checksum` of the parameters as vLLM holds them.
@@ -73,20 +105,22 @@ class WeightSyncExtension:
         """
         return state_dict_checksum(p.detach() for p in self.model_runner.get_model().parameters())
 
-    def _ppoflow_reload(self, named_tensors: Iterator[tuple[str, torch.Tensor]]) -> dict[str, float]:
+    def _ppoflow_reload(self, named_tensors: Iterator[tuple[str, torch.Tensor]], sample: list[str] = ()) -> dict:
         # model_runner.reload_weights, not model.load_weights: the latter fails on CPU because the linear weights
         # were repacked at startup. reload_weights takes HF names and redoes vLLM's fusing (qkv, gate_up) and packing.
         # Sum each tensor as it streams past so the path route never holds a second copy of the model.
-        sums = []
+        sums, sampled, wanted = [], {}, set(sample)
 
         def summed() -> Iterator[tuple[str, torch.Tensor]]:
             for name, tensor in named_tensors:
                 sums.append(_float64_sum(tensor))
+                if name in wanted:
+                    sampled[name] = sums[-1]
                 yield name, tensor
 
         self.model_runner.reload_weights(weights_iterator=summed())
         self._ppoflow_repack_embedding_matmuls()
-        return {"checksum": math.fsum(sums), "engine_checksum": self.ppoflow_engine_checksum()}
+        return {"checksum": math.fsum(sums), "engine_checksum": self.ppoflow_engine_checksum(), "sample_sums": sampled}
 
     def _ppoflow_repack_embedding_matmuls(self) -> None:
         # vLLM bug workaround (0.32, CPU): a tied lm_head shares embed_tokens' weight, but on CPU its logits matmul

