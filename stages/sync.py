@@ -29,7 +29,8 @@ def bring_engine_to(config, store, run_uri: str, version: int, fault_stage: str 
     row per engine. Each engine reports its own version, so one that was restarted (version 0) is synced again while
     the others are left alone; all engines behind get the same weights, concurrently, by `generation.weight_sync`'s
     route (`object_store` instead of `storage` for version 0, which has no export in storage, and instead of
-    `broadcast` when engines hold GPU fractions; see GenerationConfig.weight_sync). `fault_stage` names
+    `broadcast` when engines hold GPU fractions, or `ipc` from the policy rank on the engine's GPU; see
+    GenerationConfig.weight_sync). `fault_stage` names
     the fault point between the policy's side and the engines' update (`{fault_stage}.before_engine_update`)."""
     import ray
 
@@ -51,11 +52,16 @@ def bring_engine_to(config, store, run_uri: str, version: int, fault_stage: str 
     route = config.generation.weight_sync
     if route == "storage" and version == 0:
         route = "object_store"
-    if route == "broadcast" and 0 < config.generation.num_gpus < 1:
-        route = "object_store"  # an engine may share trainer rank 0's GPU: NCCL refuses two ranks on one device
-    send = {"broadcast": _broadcast, "object_store": _via_object_store, "storage": _via_storage}[route]
-    results = send(config, store, policy, [handles[i] for i in behind], [rows[i]["engine"] for i in behind],
-                   version, fault_stage)
+    gen = config.generation
+    if route == "broadcast" and 0 < gen.num_gpus < 1:  # an engine may share trainer rank 0's GPU: no NCCL group
+        colocated = gen.placement == "hybrid" and gen.backend == "hf" and gen.num_engines == config.policy.num_ranks
+        route = "ipc" if colocated else "object_store"
+    targets, names = [handles[i] for i in behind], [rows[i]["engine"] for i in behind]
+    if route == "ipc":
+        results = _via_ipc(config, policy, targets, behind, names, version, fault_stage)
+    else:
+        send = {"broadcast": _broadcast, "object_store": _via_object_store, "storage": _via_storage}[route]
+        results = send(config, store, policy, targets, names, version, fault_stage)
     seconds = time.perf_counter() - t0
     for i, result in zip(behind, results):
         if result["version"] != version:
@@ -95,6 +101,30 @@ def _via_storage(config, store, policy, targets, names, version, fault_stage) ->
     for name, result in zip(names, results):
         verify(sent, result, name)
     return [{**r, "bytes": 0} for r in results]  # nothing was sent: the engines read storage
+
+
+def _via_ipc(config, policy, targets, indices, names, version, fault_stage) -> list[dict]:
+    # Hybrid placement on GPUs: engine i shares GPU i with policy rank i, which copies the weights into bucket buffers
+    # of its own (every rank holds them whole, or gathers them under ZeRO-3) and hands the engine their CUDA IPC
+    # handles: a device-to-device copy in the engine, no transfer, no NCCL group (it refuses two ranks on one GPU).
+    import ray
+
+    from workers.weight_sync import sample_names, verify
+
+    bucket_mb = config.generation.weight_sync_bucket_mb
+    plan = ray.get(policy[0].weight_sync_plan.remote(), timeout=SYNC_TIMEOUT_S)
+    sample = sample_names(plan, version)
+    shared = ray.get(on_all_ranks(policy, "share_weights", plan, bucket_mb, sample), timeout=SYNC_TIMEOUT_S)
+    try:
+        if fault_stage is not None:
+            fault_point(f"{fault_stage}.before_engine_update", version)
+        results = ray.get([e.receive_shared_weights.remote(shared[i], plan, bucket_mb, sample, version)
+                           for e, i in zip(targets, indices)], timeout=SYNC_TIMEOUT_S)
+    finally:
+        ray.get(on_all_ranks(policy, "release_shared_weights"), timeout=SYNC_TIMEOUT_S)
+    for name, i, result in zip(names, indices, results):
+        verify(shared[i], result, name)
+    return [{**r, "bytes": shared[i]["bytes"]} for i, r in zip(indices, results)]
 
 
 def _broadcast(config, store, policy, targets, names, version, fault_stage) -> list[dict]:

@@ -62,7 +62,7 @@ SYNC = pa.schema(
     [
         pa.field("engine", pa.string()),  # engine actor name
         pa.field("policy_version", pa.int64()),  # version the engine serves after the sync
-        pa.field("method", pa.string()),  # how: "broadcast", "object_store", "storage" or "already_current"
+        pa.field("method", pa.string()),  # how: "broadcast", "ipc", "object_store", "storage" or "already_current"
         pa.field("bytes", pa.int64()),  # size of the weights sent
         pa.field("seconds", pa.float64()),  # wall time of the transfer and in-place load
         pa.field("checksum", pa.float64()),  # engine-side checksum of the loaded weights (see workers.vllm_engine)

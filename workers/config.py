@@ -96,7 +96,9 @@ class GenerationConfig(BaseModel):
     sends it in buckets over a process group of its own spanning every engine worker (gloo on CPU, NCCL on GPU),
     gathered bucket by bucket under ZeRO-3, and both sides' sums of every tensor and of a sample must match; with a
     GPU fraction per engine (`0 < num_gpus < 1`, e.g. hybrid placement) an engine may share its GPU with trainer rank
-    0, which NCCL cannot put in one group, so those syncs go through the object store. `object_store`: one safetensors
+    0, which NCCL cannot put in one group: under hybrid placement with HF engines, one per policy rank, engine i then
+    loads the weights straight from the GPU memory of policy rank i (CUDA IPC handles of its bucket buffers, method
+    `ipc`), otherwise those syncs go through the object store. `object_store`: one safetensors
     export through Ray's object store, read by every engine. `storage`: the engines load the committed HF export of
     the checkpoint from the run's storage (for engines that cannot join the group); a sample's sums are checked
     against the trainer's."""

@@ -247,6 +247,29 @@ class HFEngine(Engine):
             raise
         return {**result, "sample_sums": sampled}
 
+    def receive_shared_weights(self, shared: dict[str, Any], plan: list[dict], bucket_mb: float, sample: list[str],
+                               version: int) -> dict[str, Any]:
+        """CUDA IPC route: load the weights that the trainer rank on this engine's GPU holds in bucket buffers
+        (`PolicyWorker.share_weights`' answer `shared`), copying straight from its memory, and serve them as
+        `version`. Returns `update_weights`' dict plus `sample_sums`."""
+        import torch
+
+        from workers.weight_sync import buckets, unpack
+
+        self._check_awake("weights")
+        started = time.perf_counter()
+        device = torch.cuda.current_device()
+
+        def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+            for (rebuild, args), entries in zip(shared["handles"], buckets(plan, bucket_mb), strict=True):
+                # The handle names the sender's device index; both processes see the one GPU, maybe numbered
+                # differently (each actor's CUDA_VISIBLE_DEVICES), so open it on this process's current device.
+                yield from unpack(rebuild(*args[:6], device, *args[7:]), entries)
+
+        result = self._load([e["name"] for e in plan], tensors(), version, started, sample)
+        torch.cuda.synchronize()  # done reading the trainer's buffers before it frees them
+        return result
+
     def sync_group_id(self) -> str | None:
         """The weight-sync group this engine belongs to, or None (a restarted engine holds none)."""
         group = getattr(self, "_sync", None)

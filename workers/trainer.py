@@ -590,6 +590,41 @@ class PolicyWorker(_DeepSpeedWorker):
             raise
         return {**sent, "seconds": time.perf_counter() - t0}
 
+    def share_weights(self, plan: list[dict], bucket_mb: float, sample: list[str]) -> dict:
+        """CUDA IPC route, for the engine that shares this rank's GPU (hybrid placement): copy the weights into one
+        GPU buffer per bucket of `plan`, keep the buffers until `release_shared_weights`, and return their IPC
+        handles with the sums of what they hold (`{"handles", "bytes", "checksum", "sample_sums"}`). Every rank
+        calls it and serves its own engine (under ZeRO-3 each bucket is gathered by all ranks)."""
+        import deepspeed
+        import torch
+        from torch.multiprocessing.reductions import reduce_tensor
+
+        from workers.weight_sync import buckets, pack, tensor_sum, unpack
+
+        named = self._sync_tensors()
+        wanted, sums, sampled, sent = set(sample), [], {}, 0
+        self._shared = []
+        for entries in buckets(plan, bucket_mb):
+            params = [named[e["name"]] for e in entries]
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                flat = pack([p.detach() for p in params])  # a copy: it outlives the gathered parameters
+            for name, tensor in unpack(flat, entries):
+                sums.append(tensor_sum(tensor))
+                if name in wanted:
+                    sampled[name] = sums[-1]
+            self._shared.append(flat)
+            sent += flat.numel() * flat.element_size()
+        torch.cuda.synchronize()  # the engine reads the buffers from its process: the copies must have landed
+        return {"handles": [reduce_tensor(flat) for flat in self._shared], "bytes": sent,
+                "checksum": math.fsum(sums), "sample_sums": sampled}
+
+    def release_shared_weights(self) -> None:
+        """Free the buffers `share_weights` kept (after every engine has loaded them)."""
+        import torch
+
+        self._shared = None
+        torch.cuda.empty_cache()
+
     def _close_weight_sync(self) -> None:
         if getattr(self, "_sync", None) is not None:
             self._sync.close()
