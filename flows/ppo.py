@@ -8,7 +8,7 @@ Run alone:  python -m flows.ppo configs/quickstart.yaml   (or `ppoflow train --c
 
 import sys
 
-from prefect import flow, get_run_logger
+from prefect import flow
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
 from stages.advantages import advantages_task
@@ -24,18 +24,17 @@ from stages.update import update_task
 
 @flow(name="ppo-iteration", flow_run_name="iteration-{iteration}")
 def ppo_iteration(config: RunConfig, run_uri: str, iteration: int) -> dict:
+    """One iteration's stages, each committed before the next starts; returns sync's manifest. ppo_train runs it as
+    a subflow or inline (`flow.iteration_subflows`) and reports it while the next iteration runs."""
     retry = {"retries": config.flow.retries, "retry_delay_seconds": config.flow.retry_delay_s}
     generate_task.with_options(**retry)(config, run_uri, iteration)
     score_task.with_options(**retry)(config, run_uri, iteration)
     advantages_task.with_options(**retry)(config, run_uri, iteration)
     update_task.with_options(**retry)(config, run_uri, iteration)
-    sync_task.with_options(**retry)(config, run_uri, iteration)
+    manifest = sync_task.with_options(**retry)(config, run_uri, iteration)
     if due(config, iteration):
         evaluate_task.with_options(**retry)(config, run_uri, iteration)
-    row = report_task(config, run_uri, iteration)  # artifacts in the UI + the experiment tracker, from storage
-    get_run_logger().info("iteration %d: reward %.3f  kl %.4f", iteration, row.get("rollout/reward_mean", float("nan")),
-                          row.get("rollout/kl", float("nan")))
-    return row
+    return manifest
 
 
 @flow(name="ppo-train")
@@ -48,6 +47,7 @@ def ppo_train(config: RunConfig | None = None, config_path: str | None = None, o
     config = load_config(config_path, list(overrides or []) + extra, base=base)
 
     run = open_run_task(config)
+    report = None  # the report of the last iteration, running in a thread while the next iteration runs
     try:
         start_workers_task(config, run["run_uri"])
         if due(config, 0):  # the starting policy's score: the baseline every later evaluation compares with
@@ -56,13 +56,25 @@ def ppo_train(config: RunConfig | None = None, config_path: str | None = None, o
             if due(config, last):
                 evaluate_task(config, run["run_uri"], last)
             report_task(config, run["run_uri"], last)  # re-reporting is harmless
-        # No heartbeat of their own for the iteration subflows: this flow run's heartbeat already tells that the
-        # process lives, and Prefect joins a flow's heartbeat thread (asleep in 1 s steps) as the flow ends, which
-        # cost each iteration 0.5 s on average (bench/RESULTS.md, "Orchestration overhead").
+        # Inline, an iteration's tasks run in this flow run: a subflow costs ~0.3 s of Prefect API calls per
+        # iteration. A subflow gets no heartbeat of its own: this flow run's already tells that the process lives,
+        # and Prefect joins a flow's heartbeat thread (asleep in 1 s steps) as the flow ends, ~0.5 s per iteration.
+        # (bench/RESULTS.md, "Orchestration overhead").
+        iterate = ppo_iteration if config.flow.iteration_subflows else ppo_iteration.fn
         with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
             for iteration in range(run["first_iteration"], config.iterations + 1):
-                ppo_iteration(config, run["run_uri"], iteration)
+                iterate(config, run["run_uri"], iteration)
+                # The report only reads what the iteration committed: it runs beside the next iteration (its
+                # artifacts and tracker calls took ~0.15 s of every iteration). One at a time, in order; a failed
+                # report fails the run here, after the iteration it would have delayed.
+                if report is not None:
+                    report.result()
+                report = report_task.submit(config, run["run_uri"], iteration)
+            if report is not None:
+                report.result()
     finally:
+        if report is not None:
+            report.wait()  # the tracker must not be closed under a report still writing to it
         close_run_task(config, run["run_uri"])
     return run
 

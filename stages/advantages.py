@@ -128,6 +128,6 @@ def advantages(config, run_uri: str, iteration: int) -> dict:
     return marker
 
 
-@task(name="advantages", cache_policy=NO_CACHE)
+@task(name="advantages", task_run_name="advantages-{iteration}", cache_policy=NO_CACHE)
 def advantages_task(config, run_uri: str, iteration: int) -> dict:
     return advantages(config, run_uri, iteration)

@@ -255,6 +255,11 @@ class FlowConfig(BaseModel):
     retry_delay_s: float = Field(2.0, ge=0.0)
     """Seconds between retries."""
 
+    iteration_subflows: bool = True
+    """Run each iteration as a subflow run (`iteration-N`: its own state, duration and logs in the UI), or inline in
+    the training flow run (false: its tasks are still named `generate-N`, `score-N`, ...). A subflow costs ~0.3 s of
+    Prefect API calls per iteration: nothing against a GPU iteration of minutes, ~8% of the CPU quickstart's 4 s."""
+
 
 OPERATIONAL_FIELDS = ("run_id", "iterations", "ray", "flow", "eval", "tracking")
 """Fields a resumed run may change: they don't change what the run computes."""

@@ -74,6 +74,6 @@ def evaluate(config, run_uri: str, iteration: int) -> dict:
                   metrics, policy_version=iteration)
 
 
-@task(name="evaluate", cache_policy=NO_CACHE)
+@task(name="evaluate", task_run_name="evaluate-{iteration}", cache_policy=NO_CACHE)
 def evaluate_task(config, run_uri: str, iteration: int) -> dict:
     return evaluate(config, run_uri, iteration)

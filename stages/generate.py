@@ -199,6 +199,6 @@ def sleep_engines(config, run_uri: str) -> None:
         ray.get([e.sleep.remote() for e in engines(config, run_uri)])
 
 
-@task(name="generate", cache_policy=NO_CACHE)
+@task(name="generate", task_run_name="generate-{iteration}", cache_policy=NO_CACHE)
 def generate_task(config, run_uri: str, iteration: int) -> dict:
     return generate(config, run_uri, iteration)

@@ -17,7 +17,7 @@ import re
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from stages.common import iteration_summary, store_of
+from stages.common import iteration_summary, logger, store_of
 
 COLUMNS = {  # artifact column → metric of iteration_summary
     "reward": "rollout/reward_mean", "kl": "rollout/kl", "response_len": "rollout/response_len",
@@ -73,6 +73,8 @@ def report(config, run_uri: str, iteration: int, samples: int = 8) -> dict:
     progress = 100.0 * len(table) / config.iterations
     create_progress_artifact(progress, key=f"{key}-progress",
                              description=f"run {store.run_id}: {len(table)}/{config.iterations} iterations committed")
+    logger().info("iteration %d: reward %.3f  kl %.4f", iteration, summary.get("rollout/reward_mean", float("nan")),
+                  summary.get("rollout/kl", float("nan")))
     return summary
 
 
@@ -84,6 +86,6 @@ def close_report(run_uri: str) -> None:
     close_run_tracker(run_uri)
 
 
-@task(name="report", cache_policy=NO_CACHE)
+@task(name="report", task_run_name="report-{iteration}", cache_policy=NO_CACHE)
 def report_task(config, run_uri: str, iteration: int) -> dict:
     return report(config, run_uri, iteration)

@@ -220,6 +220,7 @@ def _retry_unless_gate(task, task_run, state) -> bool:
     return not isinstance(state.data, LogprobGateError)
 
 
-@task(name="score", cache_policy=NO_CACHE, retry_condition_fn=_retry_unless_gate)
+@task(name="score", task_run_name="score-{iteration}", cache_policy=NO_CACHE,
+      retry_condition_fn=_retry_unless_gate)
 def score_task(config, run_uri: str, iteration: int) -> dict:
     return score(config, run_uri, iteration)

@@ -202,6 +202,6 @@ def sync(config, run_uri: str, iteration: int) -> dict:
     return marker
 
 
-@task(name="sync", cache_policy=NO_CACHE)
+@task(name="sync", task_run_name="sync-{iteration}", cache_policy=NO_CACHE)
 def sync_task(config, run_uri: str, iteration: int) -> dict:
     return sync(config, run_uri, iteration)

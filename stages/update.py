@@ -68,6 +68,6 @@ def update(config, run_uri: str, iteration: int) -> dict:
     return marker
 
 
-@task(name="update", cache_policy=NO_CACHE)
+@task(name="update", task_run_name="update-{iteration}", cache_policy=NO_CACHE)
 def update_task(config, run_uri: str, iteration: int) -> dict:
     return update(config, run_uri, iteration)

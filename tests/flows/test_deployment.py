@@ -89,17 +89,17 @@ def test_deployment_run_trains_and_reports(prefect_api, tmp_path, tiny_model_dir
 def test_killed_flow_run_is_retried_without_recomputing_committed_stages(prefect_api, tmp_path, tiny_model_dir,
                                                                            prompts_dir, test_scale):
     # The fault fires once (PPOFLOW_FAULTS_ONCE_DIR): the retried flow run inherits the same job variables.
-    env = {"PPOFLOW_FAULTS": "update.after_train@2=kill", "PPOFLOW_FAULTS_ONCE_DIR": str(tmp_path / "faults")}
+    env = {"PPOFLOW_FAULTS": "update.after_train@1=kill", "PPOFLOW_FAULTS_ONCE_DIR": str(tmp_path / "faults")}
     # The HF engine starts in seconds (vLLM: ~40 s per attempt); the test above runs the deployment on vLLM.
-    overrides = _overrides(tmp_path, tiny_model_dir, prompts_dir, test_scale, 2, "generation.backend=hf")
+    overrides = _overrides(tmp_path, tiny_model_dir, prompts_dir, test_scale, 1, "generation.backend=hf")
     first = _prefect(prefect_api, "deployment", "run", "ppo-train/quickstart", "-p", "run_id=killed",
                      "-p", f"overrides={overrides}",
                      "--job-variable", f"env={json.dumps(env)}", "--watch")
     assert first.returncode != 0 and "Crashed" in first.stdout, first.stdout[-3000:] + first.stderr[-3000:]
     flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", first.stdout).group(1)
     run = tmp_path / "runs" / "killed"
-    assert (run / "iter-000002" / "advantages" / "_SUCCESS.json").exists()
-    assert not (run / "iter-000002" / "update" / "_SUCCESS.json").exists()
+    assert (run / "iter-000001" / "advantages" / "_SUCCESS.json").exists()
+    assert not (run / "iter-000001" / "update" / "_SUCCESS.json").exists()
     before = {p: p.read_bytes() for p in run.glob("iter-*/*/_SUCCESS.json")}
 
     retry = _prefect(prefect_api, "flow-run", "retry", flow_run_id, timeout=120)
@@ -113,15 +113,14 @@ def test_killed_flow_run_is_retried_without_recomputing_committed_stages(prefect
         time.sleep(5)
     assert state == "COMPLETED"
 
-    for n in (1, 2):
-        for stage in ("generate", "score", "advantages", "update", "sync"):
-            assert (run / f"iter-{n:06d}" / stage / "_SUCCESS.json").exists()
+    for stage in ("generate", "score", "advantages", "update", "sync"):
+        assert (run / "iter-000001" / stage / "_SUCCESS.json").exists()
     for path, data in before.items():
         assert path.read_bytes() == data  # nothing committed was rewritten
     ran = [(e["stage"], e.get("iteration")) for e in _events(run) if e["action"] == "ran"]
-    expected = {(s, n) for s in ("generate", "score", "advantages", "update", "sync") for n in (1, 2)}
-    assert sorted(ran) == sorted(expected | {("eval", n) for n in (0, 1, 2)})  # each exactly once over both attempts
+    expected = {(s, 1) for s in ("generate", "score", "advantages", "update", "sync")}
+    assert sorted(ran) == sorted(expected | {("eval", n) for n in (0, 1)})  # each exactly once over both attempts
     resumed = [e for e in _events(run) if e["pid"] != _events(run)[0]["pid"]]
-    assert {(e["stage"], e["action"]) for e in resumed if e.get("iteration") == 2} == {
+    assert {(e["stage"], e["action"]) for e in resumed if e.get("iteration") == 1} == {
         ("generate", "skipped"), ("score", "skipped"), ("advantages", "skipped"), ("update", "ran"), ("sync", "ran"),
         ("eval", "ran")}

@@ -14,15 +14,40 @@ EXPERIENCE_COLUMNS = {"prompt", "response", "prompt_ids", "response_ids", "engin
                       "ref_logprobs", "values", "reward", "advantages", "returns"}
 
 
-def _actions(run: Path, pid_filter=None) -> list[tuple]:
-    events = [json.loads(p.read_text()) for p in sorted((run / "events").iterdir())]
-    return [(e["stage"], e.get("iteration"), e["action"]) for e in events if pid_filter is None or pid_filter(e)]
+def _runs_under(flow_run_id) -> tuple[dict, dict]:
+    """{task run name: (start, end)} of a flow run, and {child flow run name: its id}, from the Prefect API (task
+    runs are recorded from their events, a moment after they end)."""
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterParentFlowRunId
+
+    with get_client(sync_client=True) as client:
+        for _ in range(50):
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            tasks = {r.name: (r.start_time, r.end_time) for r in runs}
+            if tasks and all(r.state_name == "Completed" for r in runs):
+                break
+            time.sleep(0.2)
+        children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id])))
+    return tasks, {r.name: r.id for r in children}
 
 
-def test_gae_run_commits_every_stage_then_resume_rewrites_only_the_uncommitted(make_config, tmp_path):
+def test_gae_run_commits_every_stage(make_config):
+    # Resume after a crash at every point of a run: tests/flows/test_fault_harness.py.
     config = make_config("run_id=gae", "iterations=2")
-    result = ppo_train(config=config)
+    assert not config.flow.iteration_subflows  # the quickstart's: iterations inline in the training flow run
+    state = ppo_train(config=config, return_state=True)
+    result = state.result()
     run = Path(result["run_uri"])
+    tasks, children = _runs_under(state.state_details.flow_run_id)
+    assert children == {}
+    stages = ("generate", "score", "advantages", "update", "sync", "evaluate", "report")
+    assert {f"{s}-{n}" for s in stages for n in (1, 2)} <= set(tasks), sorted(tasks)
+    # Iteration 1's report ran beside iteration 2: it started after iteration 1's sync and before iteration 2's
+    # generate ended.
+    assert tasks["sync-1"][1] <= tasks["report-1"][0] < tasks["generate-2"][1]
     assert result["first_iteration"] == 1 and not result["resumed"]
 
     for n in (1, 2):
@@ -57,24 +82,18 @@ def test_gae_run_commits_every_stage_then_resume_rewrites_only_the_uncommitted(m
 
     AutoModelForCausalLM.from_pretrained(run / "checkpoints" / "iter-000002" / "hf")  # the export is a real HF model
 
-    # A partial write: the sync of iteration 2 lost its marker and left a stray part file behind.
-    sync_dir = run / "iter-000002" / "sync"
-    (sync_dir / "_SUCCESS.json").unlink()
-    (sync_dir / "part-00009.parquet").write_bytes(b"torn")
-    n_events = len(list((run / "events").iterdir()))
-    result = ppo_train(config=config)
-    assert result["resumed"] and result["first_iteration"] == 2
-    actions = _actions(run)[n_events:]
-    assert ("sync", 2, "ran") in actions
-    assert [a for a in actions if a[2] == "ran" and a[0] != "sync"] == []
-    assert sorted(p.name for p in sync_dir.iterdir()) == ["_SUCCESS.json", "part-00000.parquet"]
-
 
 def test_grpo_run_has_no_critic(make_config):
     # the HF engine: starts in seconds, and the engine has no part in what this test checks
     config = make_config("run_id=grpo", "iterations=1", "algo.estimator=group_norm", "algo.kl_in_reward=false",
-                         "algo.kl_estimator=k3", "generation.backend=hf")
-    run = Path(ppo_train(config=config)["run_uri"])
+                         "algo.kl_estimator=k3", "generation.backend=hf", "flow.iteration_subflows=true")
+    state = ppo_train(config=config, return_state=True)
+    run = Path(state.result()["run_uri"])
+    # With iteration_subflows each iteration is a child flow run holding its stages; the report stays in the parent.
+    tasks, children = _runs_under(state.state_details.flow_run_id)
+    assert set(children) == {"iteration-1"} and "report-1" in tasks and "generate-1" not in tasks
+    inner, _ = _runs_under(children["iteration-1"])
+    assert {"generate-1", "score-1", "advantages-1", "update-1", "sync-1", "evaluate-1"} == set(inner)
     table = pq.read_table(run / "iter-000001" / "advantages" / "part-00000.parquet")
     assert table.column("values").null_count == table.num_rows
     assert not (run / "checkpoints" / "iter-000001" / "critic").exists()
