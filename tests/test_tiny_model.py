@@ -128,8 +128,8 @@ _VLLM_SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.slow
-def test_vllm_greedy_matches_hf_greedy_and_stops_at_im_end(tmp_path):
-    model_dir = tiny_model.make_tiny_model(str(tmp_path / "model"), seed=0, log=print)
+def test_vllm_greedy_matches_hf_greedy_and_stops_at_im_end(tmp_path, sft_model_dir):
+    model_dir = sft_model_dir  # the SFT'd model: it answers and stops, so both must stop at <|im_end|>
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     prompts = [_templated(tokenizer, row["prompt"]) for row in arith.make_prompts(8, seed=123)]
