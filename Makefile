@@ -9,7 +9,7 @@ PPOFLOW := $(VENV)/bin/ppoflow
 
 setup: $(VENV)/.installed
 
-# uv installs what pip would, faster (a cold cache: 1 min 50 s with bytecode compiled, pip ~3.5 min). It does not read pip's
+# uv installs what pip would, faster (cold cache: 1 min 50 s, bytecode compiled; pip ~3.5 min). It doesn't read pip's
 # configuration, so pip's find-links, extra index URLs and constraints (a machine's local wheels and package mirrors)
 # are handed over, and it picks the best version over all of them as pip does. --compile-bytecode, as pip does: where
 # PYTHONDONTWRITEBYTECODE is set (CI machines) every process would otherwise compile torch, transformers and vLLM
