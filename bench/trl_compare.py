@@ -49,7 +49,7 @@ def run_ppoflow(backend: str, iterations: int, root: str, model: str, max_new_to
     from storage.run import RunStore
 
     sets = [f"iterations={iterations}", "eval.prompts=null", f"storage.root={root}", f"generation.backend={backend}",
-            f"model.path={model}",
+            f"model.path={model}", *(["generation.num_threads=2"] if backend == "hf" else []),
             "algo.estimator=group_norm", "algo.kl_in_reward=false", "algo.kl_estimator=k3", f"algo.kl_coef={BETA}",
             f"policy.lr={LR}", f"policy.mini_batch_size={MINI_BATCH}", f"policy.micro_batch_size={MINI_BATCH}",
             f"data.prompts_per_iteration={PROMPTS_PER_ITERATION}", f"generation.n_samples_per_prompt={GROUP}",

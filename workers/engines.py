@@ -302,7 +302,7 @@ def create_engines(run_uri: str, config, timeout_s: float = 600.0) -> tuple[list
 
             from workers.hf_engine import HFEngine
 
-            handles.append(ray.remote(HFEngine).options(**options).remote(**common))
+            handles.append(ray.remote(HFEngine).options(**options).remote(**common, num_threads=gen.num_threads))
         else:
             import ray
 

@@ -278,6 +278,31 @@ def test_actor_serves_the_same_samples_and_updates(ray_session, tiny_model_dir, 
         ray.kill(actor)
 
 
+def _torch_threads(self) -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+@pytest.mark.slow
+def test_run_factory_gives_hf_engines_generation_num_threads(ray_session, make_config, tmp_path):
+    import ray
+
+    from workers.engines import create_engines, get_engines, remove_placement_group
+
+    for threads, expected in ((None, 1), (2, 2)):  # None: Ray's one thread for a 0.5-CPU actor
+        config = make_config("generation.backend=hf", "generation.num_cpus=0.5", "ray.namespace=ppoflow-tests",
+                             f"generation.num_threads={'null' if threads is None else threads}")
+        run_uri = str(tmp_path / f"threads-{threads}")
+        handles, _, _ = create_engines(run_uri, config)
+        try:
+            assert ray.get(handles[0].__ray_call__.remote(_torch_threads), timeout=300) == expected
+        finally:
+            for h in get_engines(run_uri, "ppoflow-tests"):
+                ray.kill(h)
+            remove_placement_group(run_uri)
+
+
 @pytest.mark.gpu
 def test_sleep_frees_the_gpu_and_wake_up_restores_the_engine(tiny_model_dir, prompts):
     """Sleep mode as the stages use it (generation.enable_sleep_mode): sleep after sampling, wake the weights for a
