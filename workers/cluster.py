@@ -22,9 +22,19 @@ def worker_env() -> dict[str, str]:
 
     Several actors share the cores (engine, policy, critic, reference), each with its own OpenMP pool. With the
     default wait policy an idle pool spins, taking the cores from the actor that works: on the 2-core quickstart
-    this made the score and update stages 7x slower. An OMP_WAIT_POLICY set in the environment is kept.
+    this made the score and update stages 7x slower. OMP_WAIT_POLICY and GOMP_SPINCOUNT set in the driver's
+    environment are passed on (the latter then stands for SPIN_ENV too).
     """
-    return {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    return {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
+            **{k: v for k, v in os.environ.items() if k == "GOMP_SPINCOUNT"}}
+
+
+# What lets an actor's OpenMP threads spin between ops (libgomp's default wait: ~3 ms, then they sleep), overriding the
+# PASSIVE policy of worker_env: for an actor whose several threads compute while no other actor does on its cores
+# (the engines; on CPU the trainers, which run one thread each beside other models). Waking sleeping threads for each
+# op made generation 1.4-1.7x slower and the 6M policy's update ~1.2x (bench/RESULTS.md). GOMP_SPINCOUNT=0 in the
+# driver's environment keeps every actor's threads sleeping (for runs that share their cores with other work).
+SPIN_ENV = {} if "GOMP_SPINCOUNT" in os.environ else {"GOMP_SPINCOUNT": "300000"}
 
 
 def connect(address: str | None, num_cpus: int | None, namespace: str) -> None:
@@ -109,6 +119,10 @@ def start_workers(run_uri: str, config, timeout_s: float = 600.0) -> dict:
             opts["scheduling_strategy"] = bundle_strategy(pg, layout.trainer_bundles[rank])
         elif layout.trainer_custom:  # a single trainer, on a node with ray.trainers.resources
             opts["resources"] = layout.trainer_custom
+        # On CPU a model computes with several threads only while it works alone (stages/common.py: threads_each);
+        # not so the ranks of a group, which compute at once, nor the reward model (its own num_threads).
+        if trainer.num_gpus == 0 and getattr(trainer, "num_ranks", 1) == 1 and role != "reward":
+            opts["runtime_env"] = {"env_vars": SPIN_ENV}
         return opts
 
     def group(role: str, cls, trainer, model_path: str, **kwargs) -> dict:

@@ -282,10 +282,17 @@ def bundle_strategy(pg, bundle: int):
 def create_engines(run_uri: str, config, timeout_s: float = 600.0) -> tuple[list, Layout, Any]:
     """Start (or find) the run's engine actors in their placement group. Returns (handles, layout, placement group);
     the handles are not awaited: `ray.get([e.ready.remote() for e in handles])` does that."""
+    from workers.cluster import SPIN_ENV
+
     layout = plan_layout(config)
     pg = placement_group(run_uri, layout, timeout_s)
     gen, model, ns = config.generation, config.model, config.ray.namespace
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    # Generation is the only work in its stage: an engine's threads spin between the many small ops of a decode step
+    # (SPIN_ENV). Not where HF engines may share cores (several, each with more threads than its num_cpus): one's
+    # spinning would take the cores another computes on. vLLM binds each engine's threads to cores of its own.
+    shares_cores = gen.backend == "hf" and gen.num_engines > 1 and (gen.num_threads or 1) > max(gen.num_cpus, 1)
+    spin = {} if shares_cores else SPIN_ENV
     handles = []
     for i, bundles in enumerate(layout.engine_bundles):
         # A dead engine is restarted by Ray (its constructor again: base weights, version 0, on its bundle), but no
@@ -294,7 +301,8 @@ def create_engines(run_uri: str, config, timeout_s: float = 600.0) -> tuple[list
         # (stages/common.py:generate_on_engines); a stage whose sync met the death fails, and its task retry syncs.
         options = {"name": engine_name(run_uri, i), "namespace": ns, "get_if_exists": True,
                    "max_restarts": gen.max_engine_restarts, "max_task_retries": 0,
-                   "scheduling_strategy": bundle_strategy(pg, bundles[0]), **layout.engine_resources}
+                   "scheduling_strategy": bundle_strategy(pg, bundles[0]), **layout.engine_resources,
+                   "runtime_env": {"env_vars": spin}}
         common = {"model_path": model.path, "seed": config.seed + i, "dtype": model.dtype,
                   "max_model_len": gen.max_model_len}
         if gen.backend == "hf":

@@ -141,8 +141,8 @@ class Background:
 
 class RayHead(Background):
     """`ray start --head` on loopback: the drivers of one chain join it (ray.address), so no process pays a Ray
-    start-up. Actors inherit its environment: OMP_WAIT_POLICY=PASSIVE keeps idle torch threads from spinning on the
-    2 cores (the same for the reference and the faulted runs, so the arithmetic is the same)."""
+    start-up. Actors inherit its environment: OMP_WAIT_POLICY=PASSIVE and GOMP_SPINCOUNT=0 keep idle torch threads
+    from spinning on the 2 cores (the same for the reference and the faulted runs, so the arithmetic is the same)."""
 
     INFRA = ("ray::IDLE", "ray::DashboardAgent", "ray::RuntimeEnvAgent")
 
@@ -305,7 +305,9 @@ def test_sigkill_at_every_fault_point_then_resume(tmp_path, tiny_model_dir, prom
                  "--set", "generation.backend=hf", "--set", "storage.rows_per_part=8",  # 32-row tables: 4 part files
                  *(a for s in test_scale for a in ("--set", s))]
     # RAY_AUTH_MODE: a `ray start` head would make a token that the drivers lack; these heads listen on loopback.
-    env = {**os.environ, **prefect_server, "RAY_AUTH_MODE": "disabled", "OMP_WAIT_POLICY": "PASSIVE"}
+    # GOMP_SPINCOUNT=0: the chains and the reference run side by side, so no actor has the cores to itself.
+    env = {**os.environ, **prefect_server, "RAY_AUTH_MODE": "disabled", "OMP_WAIT_POLICY": "PASSIVE",
+           "GOMP_SPINCOUNT": "0"}
     for var in ("PPOFLOW_FAULTS", "PPOFLOW_FAULTS_ONCE_DIR"):
         env.pop(var, None)
 

@@ -278,25 +278,34 @@ def test_actor_serves_the_same_samples_and_updates(ray_session, tiny_model_dir, 
         ray.kill(actor)
 
 
-def _torch_threads(self) -> int:
+def _threads_and_openmp_env(self) -> tuple[int, str | None, str | None]:
+    import os
+
     import torch
 
-    return torch.get_num_threads()
+    return torch.get_num_threads(), os.environ.get("OMP_WAIT_POLICY"), os.environ.get("GOMP_SPINCOUNT")
 
 
 @pytest.mark.slow
-def test_run_factory_gives_hf_engines_generation_num_threads(ray_session, make_config, tmp_path):
+def test_run_factory_gives_hf_engines_generation_num_threads_and_spinning_threads(ray_session, make_config, tmp_path):
+    """Threads as generation.num_threads says; OpenMP threads that spin between ops (GOMP_SPINCOUNT overrides the
+    PASSIVE policy the job gives every actor), since generation runs alone in its stage; but not where two engines
+    have more threads than CPUs and may share cores."""
     import ray
 
     from workers.engines import create_engines, get_engines, remove_placement_group
 
-    for threads, expected in ((None, 1), (2, 2)):  # None: Ray's one thread for a 0.5-CPU actor
+    # None: Ray's one thread for a 0.5-CPU actor.
+    for threads, engines, expected in ((None, 1, (1, "300000")), (2, 1, (2, "300000")), (2, 2, (2, None))):
         config = make_config("generation.backend=hf", "generation.num_cpus=0.5", "ray.namespace=ppoflow-tests",
-                             f"generation.num_threads={'null' if threads is None else threads}")
-        run_uri = str(tmp_path / f"threads-{threads}")
+                             f"generation.num_threads={'null' if threads is None else threads}",
+                             f"generation.num_engines={engines}")
+        run_uri = str(tmp_path / f"threads-{threads}-{engines}")
         handles, _, _ = create_engines(run_uri, config)
         try:
-            assert ray.get(handles[0].__ray_call__.remote(_torch_threads), timeout=300) == expected
+            for handle in handles:
+                got = ray.get(handle.__ray_call__.remote(_threads_and_openmp_env), timeout=300)
+                assert got == (expected[0], "PASSIVE", expected[1])
         finally:
             for h in get_engines(run_uri, "ppoflow-tests"):
                 ray.kill(h)

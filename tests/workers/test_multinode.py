@@ -182,9 +182,9 @@ def cluster(tmp_path_factory, reap_session):
                                   stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     temp = tempfile.mkdtemp(prefix="ppf-ray-")  # short: Ray's socket paths live under it
     # RAY_AUTH_MODE: `ray start` would make a token that the drivers lack; these nodes listen on loopback.
-    # OMP_WAIT_POLICY: idle torch threads of the actors must not spin on the 2 cores.
+    # OMP_WAIT_POLICY, GOMP_SPINCOUNT: the nodes share the 2 cores, so no actor's threads may spin on them.
     env = {**os.environ, "PREFECT_API_URL": api, "PREFECT_HOME": str(logs / "prefect-client"),
-           "RAY_AUTH_MODE": "disabled", "OMP_WAIT_POLICY": "PASSIVE"}
+           "RAY_AUTH_MODE": "disabled", "OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "0"}
     port = _free_port()
     nodes = []
     try:
