@@ -67,6 +67,17 @@ def on_all_ranks(group: list, method: str, *args) -> list:
     return [getattr(rank, method).remote(*args) for rank in group]
 
 
+def threads_each(config, trainer, working: int) -> int | None:
+    """Torch threads for one of `working` models computing at once (a stage's policy, reference, critic, reward
+    model), `trainer` its config section: on CPU they share the cores, so each takes its share of its num_threads,
+    at least one; None (its num_threads) on GPUs or when it works alone. Measured on 2 cores: scoring the 6M model
+    with policy and reference at one thread each took 4.5-5.3 s, at two each (PASSIVE) 6.9-7.0 s (bench/RESULTS.md).
+    """
+    if config.policy.num_gpus > 0 or working <= 1:
+        return None
+    return max(1, trainer.num_threads // working)
+
+
 def engines(config, run_uri: str) -> list:
     """The run's generation engines, in index order (generation.num_engines of them)."""
     from workers.engines import get_engines

@@ -22,7 +22,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from stages.common import (actor, checkpoint_uri, commit, fault_point, on_all_ranks, skip_if_committed, store_of,
-                           trainer_group)
+                           threads_each, trainer_group)
 
 
 class RewardError(ValueError):
@@ -168,14 +168,17 @@ def score(config, run_uri: str, iteration: int) -> dict:
     version, ckpt, opts = iteration - 1, checkpoint_uri(store, iteration - 1), config.storage.storage_options
 
     # Each column's ObjectRefs, one per rank of the group that computes it: every rank returns the whole column.
+    # The models work at once: on CPU each on its share of the threads.
+    working = 2 + config.uses_critic + (config.reward.model is not None)
     policy = trainer_group(config, run_uri, "policy")
     ray.get(on_all_ranks(policy, "ensure_version", version, ckpt, opts))
-    pending = {"old_logprobs": on_all_ranks(policy, "logprobs", tokens),
-               "ref_logprobs": [actor(config, run_uri, "reference").logprobs.remote(tokens)]}
+    threads = threads_each(config, config.policy, working)
+    pending = {"old_logprobs": on_all_ranks(policy, "logprobs", tokens, threads),
+               "ref_logprobs": [actor(config, run_uri, "reference").logprobs.remote(tokens, threads)]}
     if config.uses_critic:
         critic = trainer_group(config, run_uri, "critic")
         ray.get(on_all_ranks(critic, "ensure_version", version, ckpt, opts))
-        pending["values"] = on_all_ranks(critic, "values", tokens)
+        pending["values"] = on_all_ranks(critic, "values", tokens, threads_each(config, config.critic, working))
     # Rule function and remote endpoint run here, the reward model in its actor, all while the trainers work.
     reward_model = actor(config, run_uri, "reward") if config.reward.model is not None else None
     by_source = rewards_by_source(config.reward, rollout, reward_model)

@@ -13,7 +13,8 @@ import time
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from stages.common import checkpoint_uri, commit, fault_point, on_all_ranks, skip_if_committed, store_of, trainer_group
+from stages.common import (checkpoint_uri, commit, fault_point, on_all_ranks, skip_if_committed, store_of, threads_each,
+                           trainer_group)
 
 
 def update(config, run_uri: str, iteration: int) -> dict:
@@ -40,7 +41,10 @@ def update(config, run_uri: str, iteration: int) -> dict:
     kl_coef = store.stage_marker(iteration, "advantages")["state"]["kl_coef"]
     train_started = time.perf_counter()
     # Every rank returns the metrics of the whole optimizer steps: rank 0's stand for the group.
-    trained = {role: on_all_ranks(g, "train", experience, iteration, seed, kl_coef) for role, g in groups.items()}
+    # Policy and critic train at once: on CPU each on its share of the threads.
+    trained = {role: on_all_ranks(g, "train", experience, iteration, seed, kl_coef,
+                                  threads_each(config, getattr(config, role), len(groups)))
+               for role, g in groups.items()}
     results = [ray.get(refs)[0] for refs in trained.values()]
     train_s = time.perf_counter() - train_started
     fault_point("update.after_train", iteration)

@@ -163,6 +163,15 @@ def _rows(values, mask) -> list[list[float]]:
     return [row[m].tolist() for row, m in zip(values, mask)]
 
 
+def _use_threads(threads: int | None, configured: int) -> None:
+    """Torch threads for one call: the stage's share when several models compute at once on CPU (stages/common.py:
+    threads_each), else the configured count. With one thread a call runs no OpenMP team, so an actor whose threads
+    may spin (workers/cluster.py: SPIN_ENV) takes no core from the models beside it."""
+    import torch
+
+    torch.set_num_threads(threads or configured)
+
+
 def _micro_batches(indices: np.ndarray, size: int):
     return [indices[i : i + size] for i in range(0, len(indices), size)]
 
@@ -426,10 +435,12 @@ class PolicyWorker(_DeepSpeedWorker):
     def _checkpointed_module(model):
         return model
 
-    def logprobs(self, table) -> list[list[float]]:
+    def logprobs(self, table, threads: int | None = None) -> list[list[float]]:
         """log π(a_t|s_t) of the current weights for every response token of `table`'s samples (every rank: the
-        whole table in, the whole list out)."""
+        whole table in, the whole list out). `threads`: torch threads for this call (None: policy.num_threads)."""
         import torch
+
+        _use_threads(threads, self.cfg["num_threads"])
 
         def compute(indices) -> list:
             out = []
@@ -444,12 +455,15 @@ class PolicyWorker(_DeepSpeedWorker):
         with torch.no_grad():
             return self._sharded(table.num_rows, compute)
 
-    def train(self, table, new_version: int, seed: int, kl_coef: float) -> list[dict]:
+    def train(self, table, new_version: int, seed: int, kl_coef: float, threads: int | None = None) -> list[dict]:
         """PPO policy update on an experience table; returns one metrics dict per optimizer step.
 
-        `kl_coef` is the β the advantages stage used (it changes under the adaptive controller)."""
+        `kl_coef` is the β the advantages stage used (it changes under the adaptive controller); `threads`: torch
+        threads for this call (None: policy.num_threads)."""
         from algorithms.kl import kl_estimate
         from algorithms.losses import aggregate, importance_weights, policy_loss
+
+        _use_threads(threads, self.cfg["num_threads"])
 
         self.engine.train()
         self.dirty = True
@@ -690,9 +704,12 @@ class CriticWorker(_DeepSpeedWorker):
     def _checkpointed_module(model):
         return model.body  # the transformer; the value head is one linear layer
 
-    def values(self, table) -> list[list[float]]:
-        """V(s_t) before every response token (every rank: the whole table in, the whole list out)."""
+    def values(self, table, threads: int | None = None) -> list[list[float]]:
+        """V(s_t) before every response token (every rank: the whole table in, the whole list out). `threads`: torch
+        threads for this call (None: critic.num_threads)."""
         import torch
+
+        _use_threads(threads, self.cfg["num_threads"])
 
         def compute(indices) -> list:
             out = []
@@ -707,9 +724,12 @@ class CriticWorker(_DeepSpeedWorker):
         with torch.no_grad():
             return self._sharded(table.num_rows, compute)
 
-    def train(self, table, new_version: int, seed: int, kl_coef: float = 0.0) -> list[dict]:
-        """Clipped value regression onto the experience's returns; one metrics dict per optimizer step."""
+    def train(self, table, new_version: int, seed: int, kl_coef: float = 0.0, threads: int | None = None) -> list[dict]:
+        """Clipped value regression onto the experience's returns; one metrics dict per optimizer step. `threads`:
+        torch threads for this call (None: critic.num_threads)."""
         from algorithms.losses import value_loss
+
+        _use_threads(threads, self.cfg["num_threads"])
 
         self.engine.train()
         self.dirty = True
@@ -749,14 +769,18 @@ class ReferenceWorker:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         torch.set_num_threads(num_threads)
+        self.num_threads = num_threads
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.pad_id = AutoTokenizer.from_pretrained(model_path).pad_token_id
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=_torch_dtype(dtype)).to(self.device).eval()
         self.micro_batch_size = micro_batch_size
 
-    def logprobs(self, table) -> list[list[float]]:
+    def logprobs(self, table, threads: int | None = None) -> list[list[float]]:
+        """log π_ref(a_t|s_t) for every response token; `threads`: torch threads for this call (None: the
+        constructor's)."""
         import torch
 
+        _use_threads(threads, self.num_threads)
         out = []
         with torch.no_grad():
             for idx in _micro_batches(np.arange(table.num_rows), self.micro_batch_size):

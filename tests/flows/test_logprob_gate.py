@@ -21,6 +21,12 @@ def _committed_files(run: Path) -> dict[str, str]:
             if p.is_file() and p.relative_to(run).parts[0] not in ("events", "_LOCK.json")}
 
 
+def _spin_count(self) -> str | None:
+    import os
+
+    return os.environ.get("GOMP_SPINCOUNT")
+
+
 def test_skipped_sync_is_caught_by_the_gate_and_a_real_sync_passes_it(make_config):
     import ray
 
@@ -43,6 +49,9 @@ def test_skipped_sync_is_caught_by_the_gate_and_a_real_sync_passes_it(make_confi
     try:
         start_workers(config, run_uri)
         (engine,), policy = engines(config, run_uri), actor(config, run_uri, "policy")
+        # On CPU the stages call one model at a time, so every model's threads spin between ops (workers/cluster.py).
+        for role in ("engine-0", "policy", "reference", "critic"):
+            assert ray.get(actor(config, run_uri, role).__ray_call__.remote(_spin_count)) == "300000", role
 
         generate(config, run_uri, 1)
         scored = score(config, run_uri, 1)  # the engine serves the base model it loaded: no sync involved yet

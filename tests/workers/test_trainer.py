@@ -1,5 +1,5 @@
 """The trainers' parts that need no DeepSpeed (workers/trainer.py): device placement of batch tensors, checked
-without a GPU; the LR schedule; how a model group splits the batches over its ranks.
+without a GPU; the LR schedule; how a model group splits the batches over its ranks; the threads of one call.
 
 The "meta" device stands in for cuda: a helper that builds a tensor on the CPU instead of the requested (the model's)
 device shows up here, where on a GPU it would fail inside a loss with a device mismatch. Groups on real DeepSpeed:
@@ -97,3 +97,22 @@ def test_each_rank_takes_every_nth_micro_batch_of_a_step():
     # A ragged last step would give the ranks different numbers of micro-batches (a hang under ZeRO-3): refused.
     with pytest.raises(ValueError, match=r"40 experience rows .* policy.mini_batch_size \(16\)"):
         next(_split_only_worker(1, 2)._optimizer_steps(40, seed=5))
+
+
+def test_a_call_runs_on_the_threads_it_is_given_and_computes_the_same(tiny_model_dir):
+    """`threads` (a stage's share when models compute at once on CPU) holds for the call; None is the configured
+    count. The logprobs do not depend on it."""
+    import pyarrow as pa
+
+    before = torch.get_num_threads()
+    try:
+        ref = trainer.ReferenceWorker(tiny_model_dir, "float32", 4, 2)
+        table = pa.table({"prompt_ids": [[5, 6, 7], [8, 9]], "response_ids": [[10, 11], [12, 13, 14]]})
+        shared = ref.logprobs(table, threads=1)
+        assert torch.get_num_threads() == 1
+        alone = ref.logprobs(table)
+        assert torch.get_num_threads() == 2
+        for a, b in zip(shared, alone):
+            assert a == pytest.approx(b, abs=1e-6)
+    finally:
+        torch.set_num_threads(before)
