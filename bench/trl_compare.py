@@ -166,12 +166,13 @@ def main() -> None:
     print(f"\nmodel {args.model}: {samples} samples ({PROMPTS_PER_ITERATION} prompts x {GROUP}), <= "
           f"{args.max_new_tokens} new tokens, "
           f"{samples // MINI_BATCH} optimizer steps per iteration; mean over iterations 2..{args.iterations}")
-    print(f"{'system':<28} {'engine':<12} {'s/iteration':>11} {'s/opt step':>10} {'samples/s':>9} "
+    print(f"{'system':<28} {'engine':<12} {'s/iteration':>11} {'min-max':>11} {'s/opt step':>10} {'samples/s':>9} "
           f"{'TRL / this':>10} {'process wall s':>14}")
     for r in results:
         mean = sum(r["iterations"]) / len(r["iterations"])
         ratio = f"{trl_s / mean:.2f}x" if trl_s else "-"
-        print(f"{r['system']:<28} {r['engine']:<12} {mean:>11.2f} {mean / (samples // MINI_BATCH):>10.2f} "
+        spread = f"{min(r['iterations']):.2f}-{max(r['iterations']):.2f}"
+        print(f"{r['system']:<28} {r['engine']:<12} {mean:>11.2f} {spread:>11} {mean / (samples // MINI_BATCH):>10.2f} "
               f"{samples / mean:>9.0f} {ratio:>10} {r['wall']:>14.0f}")
 
 
