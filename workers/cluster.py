@@ -25,8 +25,10 @@ def worker_env() -> dict[str, str]:
     this made the score and update stages 7x slower. OMP_WAIT_POLICY and GOMP_SPINCOUNT set in the driver's
     environment are passed on (the latter then stands for SPIN_ENV too).
     """
-    return {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
-            **{k: v for k, v in os.environ.items() if k == "GOMP_SPINCOUNT"}}
+    env = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    if "GOMP_SPINCOUNT" in os.environ:
+        env["GOMP_SPINCOUNT"] = os.environ["GOMP_SPINCOUNT"]
+    return env
 
 
 # What lets an actor's OpenMP threads spin between ops (libgomp's default wait: ~3 ms, then they sleep), overriding the

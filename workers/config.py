@@ -195,8 +195,9 @@ class TrainerConfig(BaseModel):
 
     num_threads: int = Field(2, ge=1)
     """torch intra-op threads in the actor (the reference model uses the policy's). Stages run one at a time, so each
-    may use every core; on CPU, models that compute at once in a stage (score: policy, reference, critic, reward
-    model; update: policy and critic) take num_threads // their number each, at least one."""
+    may use every core; on CPU, models that compute at once in a stage (score: policy, reference, critic and the
+    reward model, which keeps its own threads; update: policy and critic) take num_threads // their number each, at
+    least one."""
 
     lr_warmup_steps: int = Field(0, ge=0)
     """Optimizer steps of linear warmup: step s (0-based) trains with lr·(s+1)/lr_warmup_steps; 0 starts at `lr`.

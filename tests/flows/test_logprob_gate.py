@@ -49,7 +49,7 @@ def test_skipped_sync_is_caught_by_the_gate_and_a_real_sync_passes_it(make_confi
     try:
         start_workers(config, run_uri)
         (engine,), policy = engines(config, run_uri), actor(config, run_uri, "policy")
-        # On CPU the stages call one model at a time, so every model's threads spin between ops (workers/cluster.py).
+        # On CPU a model runs several threads only while it computes alone, so they may spin (workers/cluster.py).
         for role in ("engine-0", "policy", "reference", "critic"):
             assert ray.get(actor(config, run_uri, role).__ray_call__.remote(_spin_count)) == "300000", role
 
