@@ -2,8 +2,9 @@
 
 `HFEngine` serves the same requests and returns the same dicts as `VLLMEngine` (`generation.backend: hf` picks it in
 `workers.cluster.start_workers`), so the stages cannot tell the two apart. It is a plain forward pass with a KV cache:
-all samples of all requests are decoded together as one left-padded batch, rows that finish leave the batch, and
-nothing is paged, compiled or scheduled, so it is slower than vLLM. What it keeps from vLLM's contract:
+each request's prompt is run once, then all samples of all requests are decoded together as one left-padded batch (a
+request's samples start from copies of its prompt's cache rows), rows that finish leave the batch, and nothing is
+paged, compiled or scheduled, so it is slower than vLLM. What it keeps from vLLM's contract:
 - sample i of a request is drawn with seed `seed + i`, whatever else is in the batch: each row samples with Gumbel-max
   noise from its own `torch.Generator`, so other rows cannot shift its random stream;
 - `logprobs` are the raw (temperature 1, before top-k/top-p) log-softmax of the logits at the sampled token, in
@@ -109,7 +110,9 @@ class HFEngine(Engine):
         stops = [list(r.get("stop") or []) for r in reqs]
 
         # Left padding: every row's next token is predicted at the last column, so one cache serves the whole batch.
-        prompts = [list(r["prompt_ids"]) for r in reqs]
+        # The prompt is run once per request, not once per sample (vLLM's prefix cache does the same): its n rows
+        # then start from copies of that request's cache row.
+        prompts = [list(r["prompt_ids"]) for r in requests]
         width = max(len(p) for p in prompts)
         input_ids = torch.tensor([[self._pad_id] * (width - len(p)) + p for p in prompts], device=dev)
         attn = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=dev)
@@ -127,6 +130,9 @@ class HFEngine(Engine):
             # Logits of the last position only: a (rows, prompt length, vocab) tensor would dwarf the model.
             logits = self._model(input_ids=input_ids, attention_mask=attn, position_ids=positions,
                                  past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()
+            request_of_row = torch.tensor([i for i, _ in rows], device=dev)
+            cache.batch_select_indices(request_of_row)
+            logits, attn, next_pos = logits[request_of_row], attn[request_of_row], next_pos[request_of_row]
             while True:
                 # Sampling, vLLM's order: temperature, top-k, then top-p of what is left; Gumbel-max draws from the
                 # filtered distribution with one uniform per vocab entry from the row's generator. Temperature 0 is
