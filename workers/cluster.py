@@ -143,7 +143,8 @@ def start_workers(run_uri: str, config, timeout_s: float = 600.0) -> dict:
     actors = {f"engine-{i}": engine for i, engine in enumerate(engines)}
     actors.update(group("policy", PolicyWorker, config.policy, model.path, algo=algo))
     actors["reference"] = ray.remote(ReferenceWorker).options(**options("reference", config.policy)).remote(
-        model.ref_path or model.path, model.dtype, config.policy.micro_batch_size, config.policy.num_threads)
+        model.ref_path or model.path, model.dtype, config.policy.micro_batch_size, config.policy.num_threads,
+        config.policy.share_prompts)
     if config.uses_critic:
         from transformers import AutoTokenizer
 

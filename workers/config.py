@@ -218,6 +218,13 @@ class TrainerConfig(BaseModel):
     """Recompute activations in the backward pass instead of keeping them (HF gradient checkpointing on the policy
     and on the critic's transformer body): less memory for about one more forward per micro-batch."""
 
+    share_prompts: bool = True
+    """Run each distinct prompt of a micro-batch through the model once and its samples' responses on copies of its
+    KV cache (workers/trainer.py: sample_logprobs), in the policy's and the reference's log-probs and the policy's
+    update: the n samples of a group share their prompt, so a long prompt is computed once instead of n times. Same
+    results to float rounding. Turn it off for a model whose forward takes no past_key_values, position_ids or
+    logits_to_keep; it is off in training under gradient_checkpointing. The critic always runs full sequences."""
+
     num_ranks: int = Field(1, ge=1)
     """Data-parallel DeepSpeed ranks of this model (one Ray actor each, `{run}:{role}` for rank 0 and
     `{run}:{role}-rank{r}` for the others), meeting at rank 0. Every optimizer step is split over the ranks by

@@ -147,6 +147,57 @@ def response_logprobs(model, ids, attn, prompt_lens, resp_lens, with_entropy: bo
     return logp, mask, entropy
 
 
+def sample_logprobs(model, prompt_ids: list, response_ids: list, pad_id: int, device=None,
+                    share_prompts: bool = True, with_entropy: bool = False):
+    """`response_logprobs` of the samples (prompt_ids[i] + response_ids[i]), running each distinct prompt once.
+
+    The samples of a group (GRPO's n per prompt) share their prompt. With `share_prompts`, each distinct prompt of
+    the batch goes through the model once (left-padded, positions counting real tokens), its KV cache is copied to
+    each of its samples, and the responses (right-padded) run on top of it at positions prompt_len + t: response
+    token 0 is predicted by the prompt's last logit, token t > 0 by response position t-1. Same values to float
+    rounding, gradients included (the copies' gradients sum into the shared prompt); the prompt tokens of a group of
+    n are computed once instead of n times. Two forwards per batch whether or not a prompt repeats: the ranks of a
+    ZeRO-3 group gather the parameters together at every forward, so all must run as many. It needs a forward that
+    takes position_ids, past_key_values and logits_to_keep (HF causal LMs do), and no gradient checkpointing in training
+    (its recomputation would append to the cache again): callers pass share_prompts=False then, and the full
+    sequences run right-padded (`_collate`)."""
+    import torch
+    from transformers import DynamicCache
+
+    if not share_prompts:
+        return response_logprobs(model, *_collate(prompt_ids, response_ids, pad_id, device), with_entropy=with_entropy)
+    distinct: dict[tuple, int] = {}
+    of_row = [distinct.setdefault(tuple(p), len(distinct)) for p in prompt_ids]
+    width = max(len(p) for p in distinct)
+    p_ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in distinct])
+    p_attn = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in distinct])
+    a_max = max(max(len(r) for r in response_ids), 1)
+    r_ids = torch.full((len(response_ids), a_max), pad_id, dtype=torch.long)
+    r_attn = torch.zeros((len(response_ids), a_max), dtype=torch.long)
+    for i, r in enumerate(response_ids):
+        r_ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        r_attn[i, : len(r)] = 1
+    index = torch.tensor(of_row)
+    r_pos = p_attn.sum(-1)[index][:, None] + torch.arange(a_max)[None, :]
+    attn = torch.cat([p_attn[index], r_attn], dim=-1)
+    p_ids, p_attn, r_ids, r_pos, attn, index = (t.to(device) for t in (p_ids, p_attn, r_ids, r_pos, attn, index))
+
+    cache = DynamicCache(config=getattr(model, "module", model).config)
+    last = model(input_ids=p_ids, attention_mask=p_attn, position_ids=(p_attn.cumsum(-1) - 1).clamp(min=0),
+                 past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+    cache.batch_select_indices(index)
+    logits = model(input_ids=r_ids, attention_mask=attn, position_ids=r_pos, past_key_values=cache,
+                   use_cache=True).logits
+    logits = torch.cat([last[index], logits[:, :-1]], dim=1).float()
+    mask = r_attn.to(logits.device).bool()
+    logp = (logits.gather(-1, r_ids[..., None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)) * mask
+    if not with_entropy:
+        return logp, mask
+    from algorithms.losses import entropy_from_logits
+
+    return logp, mask, entropy_from_logits(logits) * mask
+
+
 def _padded(column: list, a_max: int, device=None):
     """Per-token float lists → (B, a_max) float32 zero-padded on the right, on `device` (built on the CPU)."""
     import torch
@@ -446,9 +497,9 @@ class PolicyWorker(_DeepSpeedWorker):
             out = []
             for idx in _micro_batches(indices, self.cfg["micro_batch_size"]):
                 rows = table.take(idx)
-                batch = _collate(rows["prompt_ids"].to_pylist(), rows["response_ids"].to_pylist(),
-                                 self.tokenizer.pad_token_id, self.device)
-                out += _rows(*response_logprobs(self.engine, *batch))
+                out += _rows(*sample_logprobs(self.engine, rows["prompt_ids"].to_pylist(),
+                                              rows["response_ids"].to_pylist(), self.tokenizer.pad_token_id,
+                                              self.device, self.cfg["share_prompts"]))
             return out
 
         self.engine.eval()
@@ -471,6 +522,7 @@ class PolicyWorker(_DeepSpeedWorker):
         cols = {c: table[c].to_pylist() for c in ("prompt_ids", "response_ids", "old_logprobs", "advantages",
                                                   "ref_logprobs", "engine_logprobs")}
         response_ids = cols["response_ids"]
+        share = self.cfg["share_prompts"] and not self.cfg["gradient_checkpointing"]  # see sample_logprobs
         for micro_batches, mine in self._optimizer_steps(table.num_rows, seed):
             # Every micro-batch divides by the whole optimizer step's token (or sequence) count, so the gradient
             # does not depend on how the step is split into micro-batches or ranks.
@@ -481,9 +533,9 @@ class PolicyWorker(_DeepSpeedWorker):
                    "ppo/entropy": 0.0, "ppo/is_weight_mean": 0.0}
             lr = self._lr()
             for mb in mine:
-                ids, attn, p_lens, a_lens = _collate([cols["prompt_ids"][i] for i in mb], [response_ids[i] for i in mb],
-                                                     self.tokenizer.pad_token_id, self.device)
-                logp, mask, entropy = response_logprobs(self.engine, ids, attn, p_lens, a_lens, with_entropy=True)
+                logp, mask, entropy = sample_logprobs(
+                    self.engine, [cols["prompt_ids"][i] for i in mb], [response_ids[i] for i in mb],
+                    self.tokenizer.pad_token_id, self.device, share, with_entropy=True)
                 a_max = logp.shape[1]
                 column = lambda name: _padded([cols[name][i] for i in mb], a_max, logp.device)  # noqa: E731
                 old_lp = column("old_logprobs")
@@ -764,7 +816,8 @@ class ReferenceWorker:
     """The frozen reference policy π_ref: a plain HF model in eval mode, no optimizer, no DeepSpeed; on cuda:0 when
     the actor was given a GPU (it shares the policy's `num_gpus`), else on the CPU."""
 
-    def __init__(self, model_path: str, dtype: str, micro_batch_size: int, num_threads: int):
+    def __init__(self, model_path: str, dtype: str, micro_batch_size: int, num_threads: int,
+                 share_prompts: bool = True):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -773,7 +826,7 @@ class ReferenceWorker:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.pad_id = AutoTokenizer.from_pretrained(model_path).pad_token_id
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=_torch_dtype(dtype)).to(self.device).eval()
-        self.micro_batch_size = micro_batch_size
+        self.micro_batch_size, self.share_prompts = micro_batch_size, share_prompts
 
     def logprobs(self, table, threads: int | None = None) -> list[list[float]]:
         """log π_ref(a_t|s_t) for every response token; `threads`: torch threads for this call (None: the
@@ -785,9 +838,9 @@ class ReferenceWorker:
         with torch.no_grad():
             for idx in _micro_batches(np.arange(table.num_rows), self.micro_batch_size):
                 rows = table.take(idx)
-                batch = _collate(rows["prompt_ids"].to_pylist(), rows["response_ids"].to_pylist(), self.pad_id,
-                                 self.device)
-                out += _rows(*response_logprobs(self.model, *batch))
+                out += _rows(*sample_logprobs(self.model, rows["prompt_ids"].to_pylist(),
+                                              rows["response_ids"].to_pylist(), self.pad_id, self.device,
+                                              self.share_prompts))
         return out
 
 

@@ -116,3 +116,55 @@ def test_a_call_runs_on_the_threads_it_is_given_and_computes_the_same(tiny_model
             assert a == pytest.approx(b, abs=1e-6)
     finally:
         torch.set_num_threads(before)
+
+
+def test_shared_prompts_give_the_full_sequences_logprobs_entropy_and_gradients(tiny_model_dir):
+    """Groups of samples of one prompt (prompts of different lengths, responses of different lengths, one of a
+    single token): each prompt runs once, its responses on copies of its cache; log-probs, entropy and the gradient of
+    a loss over them match running every full sequence."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+    groups = [([5, 6, 7, 8, 9], [4, 1, 7]), ([10, 11], [2, 6, 5]), ([12, 13, 14, 15], [1, 3, 8])]
+    prompts, responses = [], []
+    for prompt, lengths in groups:
+        for n in lengths:
+            prompts.append(prompt)
+            responses.append(torch.randint(3, 60, (n,), generator=g).tolist())
+    order = torch.randperm(len(prompts), generator=g).tolist()  # a shuffled mini-batch: groups interleave
+    prompts, responses = [prompts[i] for i in order], [responses[i] for i in order]
+
+    grads = []
+    for share in (False, True):
+        model.zero_grad()
+        logp, mask, entropy = trainer.sample_logprobs(model, prompts, responses, pad_id=0, share_prompts=share,
+                                                      with_entropy=True)
+        assert logp.shape == mask.shape == entropy.shape == (len(prompts), 8)
+        assert mask.sum(-1).tolist() == [len(r) for r in responses]
+        ((logp - 0.1 * entropy) * mask).sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+        if not share:
+            expected = (logp.detach(), mask, entropy.detach())
+    assert torch.equal(mask, expected[1])
+    assert torch.allclose(logp.detach(), expected[0], atol=1e-5) and logp.detach()[~mask].abs().max() == 0
+    assert torch.allclose(entropy.detach(), expected[2], atol=1e-5)
+    assert ((grads[1] - grads[0]).norm() / grads[0].norm()).item() < 1e-5
+
+
+def test_sharing_runs_prompts_then_responses_and_off_runs_the_full_sequences(tiny_model_dir):
+    """Shared: one forward of the distinct prompts, one of the responses, also when no prompt repeats (every rank of
+    a ZeRO-3 group must run as many forwards); off: one forward of the full sequences."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    calls = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: calls.append(tuple(kwargs["input_ids"].shape)),
+                                    with_kwargs=True)
+    prompts, responses = [[5, 6, 7], [8, 9]], [[10, 11], [12, 13, 14]]
+    with torch.no_grad():
+        full = trainer.sample_logprobs(model, prompts, responses, pad_id=0, share_prompts=False)
+        distinct = trainer.sample_logprobs(model, prompts, responses, pad_id=0)
+        trainer.sample_logprobs(model, prompts * 2, responses * 2, pad_id=0)
+    assert calls == [(2, 5), (2, 3), (2, 3), (2, 3), (4, 3)]
+    assert torch.equal(distinct[1], full[1]) and torch.allclose(distinct[0], full[0], atol=1e-5)

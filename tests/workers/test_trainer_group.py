@@ -52,12 +52,15 @@ def _algo() -> dict:
     return {**algo.model_dump(), "norm_len": 8}
 
 
-def _tokens(n: int, seed: int, vocab: int):
-    """Prompt/response token lists of random lengths (so micro-batches are padded differently)."""
+def _tokens(n: int, seed: int, vocab: int, group: int = 4):
+    """Prompt/response token lists of random lengths (so micro-batches are padded differently), in groups of `group`
+    samples of one prompt, as GRPO makes them (the policy's shared-prompt path, workers/trainer.py: sample_logprobs,
+    then shares a prompt wherever a micro-batch holds two samples of a group)."""
     import pyarrow as pa
 
     rng = np.random.default_rng(seed)
-    prompts = [rng.integers(3, vocab, rng.integers(2, 7)).tolist() for _ in range(n)]
+    prompts = [rng.integers(3, vocab, rng.integers(2, 7)).tolist() for _ in range(-(-n // group))]
+    prompts = [prompts[i // group] for i in range(n)]
     responses = [rng.integers(3, vocab, rng.integers(1, 9)).tolist() for _ in range(n)]
     return pa.table({"prompt_ids": pa.array(prompts, pa.list_(pa.int32())),
                      "response_ids": pa.array(responses, pa.list_(pa.int32()))})
@@ -357,13 +360,14 @@ def test_critic_group_values_and_training(ray_session, tiny_model_dir, vocab):
         duo = Group(CriticWorker, 2, tiny_model_dir, _trainer(zero_stage=3, gradient_checkpointing=True),
                     algo=_algo(), pad_token_id=pad)
         assert duo.checkpointing() == [True, True]
-        odd = _tokens(33, seed=9, vocab=vocab)  # uneven shares, as in the policy's ZeRO-3 test
+        # The critic runs full sequences: distinct prompts. Uneven shares, as in the policy's ZeRO-3 test.
+        odd = _tokens(33, seed=9, vocab=vocab, group=1)
         (reference,) = solo.call("values", odd)
         on_ranks = duo.call("values", odd)
         assert on_ranks[0] == on_ranks[1]
         _assert_rows_close(on_ranks[0], reference)
 
-        tokens = _tokens(64, seed=6, vocab=vocab)
+        tokens = _tokens(64, seed=6, vocab=vocab, group=1)
         (values,) = solo.call("values", tokens)
         on_ranks = duo.call("values", tokens)
         assert on_ranks[0] == on_ranks[1]
