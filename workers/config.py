@@ -223,7 +223,11 @@ class TrainerConfig(BaseModel):
     KV cache (workers/trainer.py: sample_logprobs), in the policy's and the reference's log-probs and the policy's
     update: the n samples of a group share their prompt, so a long prompt is computed once instead of n times. Same
     results to float rounding. Turn it off for a model whose forward takes no past_key_values, position_ids or
-    logits_to_keep; it is off in training under gradient_checkpointing. The critic always runs full sequences."""
+    logits_to_keep; it is off in training under gradient_checkpointing. The critic always runs full sequences. On a
+    GPU a small batch is bound by kernel launches, and the second forward can cost more than the prompt saves: with
+    18-token prompts and 128-token responses of a 0.48B model (4 samples each) score took 1.3 s instead of 0.7 s and
+    the update ~10% longer (bench/RESULTS.md), so the GPU configs turn it off; long prompts next to short responses
+    should gain (not measured on a GPU)."""
 
     num_ranks: int = Field(1, ge=1)
     """Data-parallel DeepSpeed ranks of this model (one Ray actor each, `{run}:{role}` for rank 0 and
