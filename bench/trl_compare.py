@@ -150,7 +150,7 @@ def main() -> None:
 
     sys.path.insert(0, str(REPO))
     only = args.only or ["trl", "hf", "vllm"]
-    results = []
+    results = {}  # (system, engine) -> that row, its rounds pooled
     with tempfile.TemporaryDirectory(prefix="trl-compare-") as root:
         model = str(REPO / "models/tiny")
         if SHAPES[args.model] is not None:
@@ -160,21 +160,18 @@ def main() -> None:
             make_tiny_model(model, sft_steps=0, shape=SHAPES[args.model], log=lambda *_: None)
         # Rounds alternate the systems, so a slow spell of the (shared, noisy) machine falls on all of them.
         for round_ in range(args.rounds):
+            run_root = f"{root}/round-{round_}"
+            Path(run_root).mkdir()
             for what in only:
-                run_root = f"{root}/round-{round_}"
-                Path(run_root).mkdir(exist_ok=True)
                 r = (run_trl(args.trl_python, args.iterations, run_root, model, args.max_new_tokens) if what == "trl"
                      else run_ppoflow(what, args.iterations, run_root, model, args.max_new_tokens))
                 print(f"round {round_ + 1}: {r['system']} {r['engine']}: "
                       f"{sum(r['iterations']) / len(r['iterations']):.2f} s/iteration", flush=True)
-                same = next((x for x in results if (x["system"], x["engine"]) == (r["system"], r["engine"])), None)
-                if same is None:
-                    results.append(r)
-                else:
-                    same["iterations"] += r["iterations"]
-                    same["wall"] += r["wall"]
-    trl_s = next((sum(r["iterations"]) / len(r["iterations"]) for r in results if r["system"].startswith("TRL")),
-                 None)
+                pooled = results.setdefault((r["system"], r["engine"]), {**r, "iterations": [], "wall": 0.0})
+                pooled["iterations"] += r["iterations"]
+                pooled["wall"] += r["wall"]
+    trl_s = next((sum(r["iterations"]) / len(r["iterations"]) for r in results.values()
+                  if r["system"].startswith("TRL")), None)
     samples = PROMPTS_PER_ITERATION * GROUP
     print(f"\nmodel {args.model}: {samples} samples ({PROMPTS_PER_ITERATION} prompts x {GROUP}), <= "
           f"{args.max_new_tokens} new tokens, "
@@ -182,7 +179,7 @@ def main() -> None:
           f"{f' of {args.rounds} runs each' if args.rounds > 1 else ''}")
     print(f"{'system':<28} {'engine':<12} {'s/iteration':>11} {'min-max':>11} {'s/opt step':>10} {'samples/s':>9} "
           f"{'TRL / this':>10} {'process wall s':>14}")
-    for r in results:
+    for r in results.values():
         mean = sum(r["iterations"]) / len(r["iterations"])
         ratio = f"{trl_s / mean:.2f}x" if trl_s else "-"
         spread = f"{min(r['iterations']):.2f}-{max(r['iterations']):.2f}"

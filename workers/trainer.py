@@ -131,14 +131,19 @@ def _response_slice(per_position, prompt_lens: list, resp_lens: list):
     return out, mask
 
 
+def _token_logprobs(logits, tokens):
+    """log softmax(logits) at `tokens`, as logit - logsumexp: log_softmax then gather would make a (B, L, V) tensor."""
+    import torch
+
+    return logits.gather(-1, tokens[..., None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
 def response_logprobs(model, ids, attn, prompt_lens, resp_lens, with_entropy: bool = False):
     """log π(a_t|s_t) of every response token, (B, A_max) float32, and its mask (+ per-token entropy if asked)."""
     import torch
 
     logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
-    # log_softmax then gather = logit - logsumexp; the second form avoids a (B, L, V) log-prob tensor.
-    token_logits = logits.gather(-1, ids[:, 1:, None]).squeeze(-1)
-    logp, mask = _response_slice(token_logits - torch.logsumexp(logits, dim=-1), prompt_lens, resp_lens)
+    logp, mask = _response_slice(_token_logprobs(logits, ids[:, 1:]), prompt_lens, resp_lens)
     if not with_entropy:
         return logp, mask
     from algorithms.losses import entropy_from_logits
@@ -190,7 +195,7 @@ def sample_logprobs(model, prompt_ids: list, response_ids: list, pad_id: int, de
                    use_cache=True).logits
     logits = torch.cat([last[index], logits[:, :-1]], dim=1).float()
     mask = r_attn.to(logits.device).bool()
-    logp = (logits.gather(-1, r_ids[..., None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)) * mask
+    logp = _token_logprobs(logits, r_ids) * mask
     if not with_entropy:
         return logp, mask
     from algorithms.losses import entropy_from_logits
