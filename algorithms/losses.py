@@ -12,9 +12,14 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+import algorithms.policy_losses  # noqa: F401  (registers the built-in variants)
 from algorithms.advantages import _check_same_shape, masked_mean
+from algorithms.registry import POLICY_LOSSES
 
 LossAgg = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+
+LOG_RATIO_CLAMP = 20.0
+"""|log π/π_old| is clamped to this before it is exponentiated (e^20 ≈ 5e8: far outside any clip range)."""
 
 
 def _denominator(mask: Tensor, loss_denominator: float | None) -> Tensor | float:
@@ -125,7 +130,7 @@ def policy_loss(
     *,
     clip_eps_high: float | None = None,
     dual_clip: float | None = None,
-    ratio_level: Literal["token", "sequence"] = "token",
+    variant: str = "ppo",
     is_weights: Tensor | None = None,
     agg: LossAgg = "token-mean",
     num_seqs_denominator: float | None = None,
@@ -144,7 +149,9 @@ def policy_loss(
     - ``dual_clip`` c > 1: dual-clip PPO (Ye et al. 2020, "Mastering Complex Control in MOBA Games with Deep RL"):
       for A_t < 0, loss_t ← min(loss_t, −c·A_t), so a huge ratio on a bad token cannot blow the loss up (that
       token's gradient is then 0).
-    - ``ratio_level="sequence"``: GSPO (Zheng et al. 2025, "Group Sequence Policy Optimization"). The ratio is the
+    - ``variant``: the registered policy-loss variant (algorithms/policy_losses.py) whose log-ratio the clip acts
+      on: ``"ppo"``, one ratio per token, or ``"gspo"``, GSPO (Zheng et al. 2025, "Group Sequence Policy
+      Optimization"). The ratio is the
       sequence's length-normalised one, s_i = exp(mean_{t real} (logp_t − old_logp_t)), clipped as a whole. It is
       applied per token in GSPO-token form (paper eq. 13–14), with stop-gradient sg:
 
@@ -163,7 +170,7 @@ def policy_loss(
     Stats (python floats, no grad, means over real tokens):
     ``clipfrac`` — where the clipped term is the larger one (the token gets no gradient), = clipfrac_low +
     clipfrac_high; ``clipfrac_low`` — A < 0 and r < 1 − ε; ``clipfrac_high`` — A > 0 and r > 1 + ε_high;
-    ``approx_kl`` — mean of (ρ − 1) − log ρ with ρ the *token* ratio whatever ``ratio_level``, the k3 estimate of
+    ``approx_kl`` — mean of (ρ − 1) − log ρ with ρ the *token* ratio whatever ``variant``, the k3 estimate of
     KL(π_old‖π) (http://joschu.net/blog/kl-approx.html); ``ratio_mean`` — of the ratio the loss uses (s_i under
     GSPO); ``dual_clipfrac`` (only with dual-clip) — A < 0 and the −c·A cap is active.
     """
@@ -178,15 +185,11 @@ def policy_loss(
     # dropped from the forward by the final mask but still turn into 0·inf = NaN in the backward.
     token_log_ratio = torch.where(mask, logp - old_logp, 0)
     advantages = torch.where(mask, advantages, 0)
-    if ratio_level == "token":
-        log_ratio = token_log_ratio
-    elif ratio_level == "sequence":
-        seq_log_ratio = token_log_ratio.sum(-1) / mask.sum(-1).clamp(min=1)  # log s_i
-        logp_real = torch.where(mask, logp, 0)
-        log_ratio = torch.where(mask, seq_log_ratio.detach()[:, None] + logp_real - logp_real.detach(), 0)
-    else:
-        raise ValueError(f"ratio_level={ratio_level!r}: expected 'token' (PPO) or 'sequence' (GSPO)")
-    ratio = torch.exp(log_ratio)
+    if variant not in POLICY_LOSSES:
+        raise ValueError(f"variant={variant!r}: expected a registered policy loss, one of {sorted(POLICY_LOSSES)}")
+    # Clamped before exp, as verl does: a token whose log-ratio is wildly off (a broken sync, a NaN-adjacent logit)
+    # would overflow exp and poison the step; within ±20 the clip decides everything anyway.
+    ratio = torch.exp(POLICY_LOSSES[variant].fn(logp, old_logp, mask).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
     pg_loss1 = -advantages * ratio
     pg_loss2 = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + eps_high)
     pg_loss = torch.max(pg_loss1, pg_loss2)

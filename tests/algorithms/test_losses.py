@@ -184,7 +184,7 @@ def option_inputs(seed):
         "dual_clip": rng.choice([None, 1.3]),
         "is_weights": rng.choice([None, 2 * torch.rand(B, T, generator=gen, dtype=torch.float64)]),
         "agg": rng.choice(["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]),
-        "ratio_level": rng.choice(["token", "sequence"]),
+        "variant": rng.choice(["ppo", "gspo"]),
         "norm_len": 12.0,
     }
     if rng.random() < 0.5:  # global counts, as the trainer passes them, or this call's own
@@ -193,11 +193,11 @@ def option_inputs(seed):
 
 
 def options_loop(logp, old_logp, advantages, mask, eps, clip_eps_high=None, dual_clip=None, is_weights=None,
-                 agg="token-mean", ratio_level="token", loss_denominator=None, num_seqs_denominator=None,
+                 agg="token-mean", variant="ppo", loss_denominator=None, num_seqs_denominator=None,
                  norm_len=None):
     """Loss, d loss / d logp and stats, one token at a time, from the docstring's definitions.
 
-    ratio_level="sequence" is GSPO-token (Zheng et al. 2025, eq. 13–14): every token's ratio is its sequence's
+    variant="gspo" is GSPO-token (Zheng et al. 2025, eq. 13–14): every token's ratio is its sequence's
     s_i = exp(mean_t (logp_t − old_logp_t)) and its gradient is s_i·∇logp_t."""
     eps_high = eps if clip_eps_high is None else clip_eps_high
     n_tokens = sum(m for row in mask for m in row)
@@ -212,7 +212,7 @@ def options_loop(logp, old_logp, advantages, mask, eps, clip_eps_high=None, dual
         for t in real:
             a = advantages[b][t]
             token_ratio = math.exp(logp[b][t] - old_logp[b][t])
-            ratio = token_ratio if ratio_level == "token" else s_i
+            ratio = token_ratio if variant == "ppo" else s_i
             unclipped, clipped = -a * ratio, -a * min(max(ratio, 1 - eps), 1 + eps_high)
             loss, d_loss = (clipped, 0.0) if clipped > unclipped else (unclipped, -a * ratio)
             counts["clipfrac"] += clipped > unclipped
@@ -255,7 +255,7 @@ def test_policy_loss_options_match_loop(seed):
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
 def test_gspo_gradient_is_the_sequence_objective_gradient(seed, agg):
     """GSPO (Zheng et al. 2025, eq. 5–7) as the paper defines it, differentiated by autograd through s_i and all of
-    its tokens (no stop-gradient), against policy_loss(ratio_level="sequence"). With a sequence-constant advantage
+    its tokens (no stop-gradient), against policy_loss(variant="gspo"). With a sequence-constant advantage
     (and IS weight) the two must agree for every aggregation, each sequence weighted as the aggregation weighs its
     tokens: |y_i|/N_tok (token-mean), 1/N_seq (seq-mean-token-mean), |y_i|/(L·N_seq) (token-sum-norm)."""
     rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
@@ -268,7 +268,7 @@ def test_gspo_gradient_is_the_sequence_objective_gradient(seed, agg):
     eps, eps_high, dual, L = 0.05, 0.08, rng.choice([None, 1.05]), 11.0
 
     loss, _ = policy_loss(logp, old_logp, advantages, mask, eps, clip_eps_high=eps_high, dual_clip=dual,
-                          ratio_level="sequence", is_weights=is_weights, agg=agg, norm_len=L)
+                          variant="gspo", is_weights=is_weights, agg=agg, norm_len=L)
     (grad,) = torch.autograd.grad(loss, logp)
 
     n_tok, n_seq = max(int(mask.sum()), 1), B
@@ -299,12 +299,12 @@ def test_is_weights_get_no_gradient():
     assert weights.grad is None and logp.grad is not None
 
 
-@pytest.mark.parametrize("ratio_level", ["token", "sequence"])
+@pytest.mark.parametrize("variant", ["ppo", "gspo"])
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
 @pytest.mark.parametrize("seed", range(10))
-def test_policy_loss_every_aggregation_is_micro_batch_invariant(seed, agg, ratio_level):
+def test_policy_loss_every_aggregation_is_micro_batch_invariant(seed, agg, variant):
     logp, old_logp, advantages, mask, options = option_inputs(seed)
-    options.update(agg=agg, ratio_level=ratio_level, loss_denominator=float(mask.sum()), num_seqs_denominator=B)
+    options.update(agg=agg, variant=variant, loss_denominator=float(mask.sum()), num_seqs_denominator=B)
     weights = options.pop("is_weights")
     whole, _ = policy_loss(logp, old_logp, advantages, mask, 0.2, is_weights=weights, **options)
     (whole_grad,) = torch.autograd.grad(whole, logp)
@@ -322,8 +322,8 @@ def test_policy_loss_rejects_bad_options():
     x, mask = torch.zeros(2, 3), torch.ones(2, 3)
     with pytest.raises(ValueError, match="dual_clip"):
         policy_loss(x, x, x, mask, 0.2, dual_clip=1.0)
-    with pytest.raises(ValueError, match="ratio_level"):
-        policy_loss(x, x, x, mask, 0.2, ratio_level="tokens")
+    with pytest.raises(ValueError, match="variant"):
+        policy_loss(x, x, x, mask, 0.2, variant="tokens")
     with pytest.raises(ValueError, match="is_weights"):
         policy_loss(x, x, x, mask, 0.2, is_weights=torch.ones(2, 1))
     with pytest.raises(ValueError, match="norm_len"):

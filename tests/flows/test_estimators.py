@@ -20,7 +20,7 @@ HF = "generation.backend=hf"
 @pytest.mark.parametrize(
     "estimator, extra",
     [
-        ("reinforce", ["algo.kl_estimator=k1", "algo.ratio_level=sequence", "algo.overlong_buffer=4"]),
+        ("reinforce", ["algo.kl_estimator=k1", "algo.policy_loss=gspo", "algo.overlong_buffer=4"]),
         ("reinforce_baseline", ["algo.clip_eps_high=0.28", "algo.dual_clip=3.0"]),
         ("rloo", ["algo.is_correction=tis", "algo.entropy_coef=0.01"]),
         ("group_norm", ["algo.kl_in_reward=false", "algo.kl_estimator=k3", "algo.loss_agg=seq-mean-token-mean"]),
