@@ -3,7 +3,7 @@ the raw bandwidth of the same kind of link.
 
 What it runs: for each model size, a random-init Qwen2 built here (ppoflow's tokenizer; nothing is downloaded), a
 1-rank DeepSpeed policy and `--engines` engines of one run (vLLM on CPU, `--backend hf` for the GPU host, where vLLM
-is not carried), created as a run creates them. Each route of stages/sync.py is then timed end to end (the policy's
+is not carried), created as a run creates them. Each route of workers/engine_pool.py is then timed end to end (the policy's
 side, the transfer and the engines' in-place load, with its checksum verification) `--repeats` times; the first
 broadcast, which builds the process group, is reported apart. GB/s = bytes the route moved / seconds (broadcast: the
 bytes trainer rank 0 sent, once for all engines, as a broadcast sends them; object_store: the safetensors export;
@@ -105,11 +105,11 @@ def bench_size(args, size: str, workdir: Path, log) -> list[dict]:
     import ray
 
     from ppoflow.tiny_model import make_tiny_model
-    from stages.common import checkpoint_uri, store_of
+    from stages.common import store_of
     from stages.config import load_config
-    from stages.sync import _broadcast, _via_object_store, _via_storage
     from workers.cluster import actor_name, rank_role
-    from workers.engines import create_engines, engine_name, get_engines, remove_placement_group
+    from workers.engine_pool import EnginePool
+    from workers.engines import create_engines, get_engines, remove_placement_group
     from workers.trainer import PolicyWorker
 
     model = workdir / f"model-{size}"
@@ -128,16 +128,15 @@ def bench_size(args, size: str, workdir: Path, log) -> list[dict]:
     store = store_of(config, run_uri)
     t0 = time.perf_counter()
     engines, _, _ = create_engines(run_uri, config)
-    algo = {**config.algo.model_dump(), "norm_len": 8}
     policy = [ray.remote(PolicyWorker).options(name=actor_name(run_uri, rank_role("policy", 0)),
                                                namespace="ppoflow-bench", num_cpus=config.policy.num_cpus,
                                                num_gpus=args.num_gpus)
-              .remote(str(model), config.policy.model_dump(), args.dtype, 0, algo=algo)]
+              .remote(str(model), config.policy, args.dtype, 0, algo=config.algo, norm_len=8)]
     ray.get([e.ready.remote() for e in engines] + [policy[0].__ray_ready__.remote()], timeout=1800)
     log(f"{size}: {n_params / 1e6:.1f}M parameters, workers up in {time.perf_counter() - t0:.0f} s")
-    ray.get(policy[0].export_hf.remote(checkpoint_uri(store, 1)), timeout=1800)  # what the storage route reads
-    names = [engine_name(run_uri, i) for i in range(args.engines)]
-    routes = {"broadcast": _broadcast, "object_store": _via_object_store, "storage": _via_storage}
+    ray.get(policy[0].export_hf.remote(store.policy_checkpoint(1)), timeout=1800)  # what the storage route reads
+    pool, indices = EnginePool(config, run_uri, store), list(range(args.engines))
+    routes = {"broadcast": pool._broadcast, "object_store": pool._via_object_store, "storage": pool._via_storage}
     rows = []
     try:
         for route in args.routes.split(","):
@@ -145,9 +144,9 @@ def bench_size(args, size: str, workdir: Path, log) -> list[dict]:
             try:
                 for _ in range(args.repeats + (route == "broadcast")):
                     t = time.perf_counter()
-                    results = routes[route](config, store, policy, engines, names, 1, None)
+                    results = routes[route](policy, engines, indices, 1, None)
                     times.append(time.perf_counter() - t)
-                    moved = results[0]["bytes"] or _export_bytes(checkpoint_uri(store, 1))
+                    moved = results[0]["bytes"] or _export_bytes(store.policy_checkpoint(1))
             except Exception as err:  # noqa: BLE001 - e.g. Ray's memory monitor killing an engine: a row saying so
                 log(f"{size} {route}: {type(err).__name__}: {str(err)[:300]}")
                 rows.append({"size": size, "params_M": round(n_params / 1e6, 1), "MB": None, "route": route,

@@ -1,10 +1,10 @@
 """Advantages stage: per-token KL, shaped rewards, advantages and returns from the scored table. Pure math, no actors.
 
 Scores are clipped / normalised first (algo.reward_clip, algo.normalize_rewards), then shaped: r_t = −β·KL_t plus the
-score on the last token (β = 0 when the KL is a loss term instead). Then, by algo.estimator:
-`gae` — GAE(γ, λ) with the critic's values; `reinforce` — discounted return-to-go (REINFORCE++); the group estimators
-(`reinforce_baseline`, `rloo`, `group_norm` = GRPO, `dr_grpo`) — each sample's total shaped reward against its
-prompt's group, broadcast to every token. Returns are the critic's targets (zeros without a critic).
+score on the last token (β = 0 when the KL is a loss term instead). Then the estimator registered as algo.estimator
+(algorithms/estimators.py; docs/algorithms.md lists them) turns them into advantages, and returns for the critic's
+targets (zeros without a critic); the estimators registered with whiten=True are whitened over the batch when
+algo.whiten_advantages is on.
 
 State that spans iterations (the adaptive KL coefficient, the running reward statistics) is stored in this stage's
 commit marker and read back from the previous iteration's, so a resumed run continues with the same values.
@@ -12,12 +12,8 @@ commit marker and read back from the previous iteration's, so a resumed run cont
 Tests: tests/stages/test_advantages.py
 """
 
-import time
-
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
-from stages.common import commit, fault_point, skip_if_committed, store_of
+from algorithms.registry import ESTIMATORS
+from stages.common import Output, StageRun, stage
 
 
 def _padded(rows: list, width: int):
@@ -35,6 +31,7 @@ def compute_advantages(scored, algo, state: dict | None = None) -> dict:
     import torch
 
     from algorithms import advantages as adv
+    from algorithms.estimators import EstimatorInputs
     from algorithms.kl import AdaptiveKLController, FixedKLController, kl_estimate
 
     state = state or {}
@@ -63,22 +60,13 @@ def compute_advantages(scored, algo, state: dict | None = None) -> dict:
 
     kl = torch.where(mask, kl_estimate(old, ref, algo.kl_estimator), 0)
     token_rewards = adv.kl_shaped_rewards(scores, kl, mask, kl_coef if algo.kl_in_reward else 0.0)
-    seq_reward = torch.where(mask, token_rewards, 0).sum(-1)
-    returns = None
-    if algo.estimator == "gae":
-        values = _padded([v or [] for v in scored["values"].to_pylist()], width)
-        advantages, returns = adv.gae(token_rewards, values, mask, algo.gamma, algo.lam)
-    elif algo.estimator == "reinforce":
-        advantages = adv.discounted_returns(token_rewards, mask, algo.gamma)
-    else:
-        per_seq = {
-            "reinforce_baseline": lambda: adv.group_mean_baseline(seq_reward, group_ids),
-            "rloo": lambda: adv.rloo(seq_reward, group_ids),
-            "group_norm": lambda: adv.group_norm(seq_reward, group_ids),
-            "dr_grpo": lambda: adv.group_norm(seq_reward, group_ids, scale_by_std=False),
-        }[algo.estimator]()
-        advantages = torch.where(mask, per_seq[:, None].expand_as(mask), 0)
-    if algo.whiten_advantages and algo.estimator in ("gae", "reinforce", "reinforce_baseline"):
+    estimator = ESTIMATORS[algo.estimator]
+    inputs = EstimatorInputs(
+        token_rewards=token_rewards, seq_rewards=torch.where(mask, token_rewards, 0).sum(-1),
+        values=_padded([v or [] for v in scored["values"].to_pylist()], width) if estimator.needs_critic else None,
+        mask=mask, group_ids=group_ids, gamma=algo.gamma, lam=algo.lam)
+    advantages, returns = estimator.fn(inputs)
+    if algo.whiten_advantages and estimator.whiten:
         advantages = adv.whiten(advantages, mask)
     if returns is None:
         returns = torch.zeros_like(advantages)
@@ -105,29 +93,19 @@ def compute_advantages(scored, algo, state: dict | None = None) -> dict:
     return {"columns": columns, "metrics": metrics, "state": new_state}
 
 
-def advantages(config, run_uri: str, iteration: int) -> dict:
+@stage("advantages", schema="experience")
+def advantages(s: StageRun) -> Output:
     import pyarrow as pa
 
     from storage.schema import EXPERIENCE
 
-    store = store_of(config, run_uri)
-    if (done := skip_if_committed(store, iteration, "advantages")) is not None:
-        return done
-    started = time.perf_counter()
-    fault_point("advantages.start", iteration)
-    scored = store.read_stage(iteration, "score")
-    previous = store.stage_marker(iteration - 1, "advantages") if iteration > 1 else None
-    result = compute_advantages(scored, config.algo, (previous or {}).get("state"))
+    scored = s.store.read_stage(s.iteration, "score")
+    previous = s.store.stage_marker(s.iteration - 1, "advantages") if s.iteration > 1 else None
+    result = compute_advantages(scored, s.config.algo, (previous or {}).get("state"))
     table = scored
     for name, values in result["columns"].items():
         table = table.append_column(name, pa.array(values, EXPERIENCE.field(name).type))
-    fault_point("advantages.before_commit", iteration)
-    marker = commit(store, config, iteration, "advantages", table, "experience", started, result["metrics"],
-                    state=result["state"])
-    fault_point("advantages.after_commit", iteration)
-    return marker
+    return Output(table, result["metrics"], {"state": result["state"]})
 
 
-@task(name="advantages", task_run_name="advantages-{iteration}", cache_policy=NO_CACHE)
-def advantages_task(config, run_uri: str, iteration: int) -> dict:
-    return advantages(config, run_uri, iteration)
+advantages_task = advantages.task

@@ -1,11 +1,25 @@
-"""What every stage shares: skip a committed stage, commit an output, locate actors, and named fault points."""
+"""The stage skeleton every stage module uses, and what stages share: the run's storage and logger, its engines and
+trainer groups, and one row per iteration read back from the commit markers.
+
+A stage is a function `body(s: StageRun) -> Output` under `@stage(name, schema=...)`, which makes it the plain
+function `fn(config, run_uri, iteration) -> marker` that tests call and its Prefect task `fn.task`:
+
+    skip if committed (record a `skipped` event, return the stored marker)
+    → fault point `{name}.start` → body → `{name}.before_commit` → commit (Parquet, then the marker, written last)
+    → `after_commit` hook (update: checkpoint rotation) → `{name}.after_commit`
+
+Named fault points (storage/faults.py) are how tests/flows/test_fault_harness.py kills a run at each of them.
+"""
+
+from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
-from storage.faults import fault_point  # noqa: F401  (stages import it from here)
+from storage.faults import fault_point
 from storage.run import RunStore
-
-LOCKS: dict = {}  # run URI → the RunLock this process holds while its flow writes the run (see stages/setup.py)
 
 
 def logger():
@@ -25,22 +39,53 @@ def store_of(config, run_uri: str) -> RunStore:
     return RunStore(run_uri, config.storage.storage_options)
 
 
-def skip_if_committed(store: RunStore, iteration: int, stage: str) -> dict | None:
-    """The stored manifest of a committed stage (recording that it was skipped), else None."""
-    marker = store.stage_marker(iteration, stage)
-    if marker is not None:
-        store.record_event(stage=stage, iteration=iteration, action="skipped")
-    return marker
+@dataclass
+class StageRun:
+    """One execution of a stage: the run config, the run, its storage and the iteration."""
+
+    config: Any  # stages.config.RunConfig
+    run_uri: str
+    store: RunStore
+    iteration: int
+
+    def engines(self):
+        """The run's generation engines (workers/engine_pool.py), reporting to this stage's logger."""
+        from workers.engine_pool import EnginePool
+
+        return EnginePool(self.config, self.run_uri, self.store, log=logger().warning)
+
+    def group(self, role: str) -> list:
+        """Every rank's actor of the `policy` or `critic` group (`num_ranks` of them), rank 0 first."""
+        from workers.cluster import get_group
+
+        return get_group(self.run_uri, role, self.config.ray.namespace, getattr(self.config, role).num_ranks)
+
+    def actor(self, role: str):
+        """The run's single actor of `role` (`reference`, `reward`)."""
+        from workers.cluster import get_actor
+
+        return get_actor(self.run_uri, role, self.config.ray.namespace)
+
+
+@dataclass
+class Output:
+    """What a stage body computed: the table to commit (`schema` names its Arrow schema in storage/schema.py), the
+    marker's metrics, and extra marker fields (policy_version, state, checkpoint, ...)."""
+
+    table: Any  # pyarrow.Table
+    metrics: dict
+    fields: dict = field(default_factory=dict)
 
 
 def commit(store: RunStore, config, iteration: int, stage: str, table, schema_name: str, started: float,
            metrics: dict, **fields) -> dict:
     """Write the stage's table and marker (config hash, metrics, seconds) and record the execution."""
+    from stages.context import run_context
     from storage.schema import SCHEMAS
 
     seconds = time.perf_counter() - started
-    if (lock := LOCKS.get(store.uri)) is not None:
-        lock.heartbeat()  # raises if another process took the run over: two writers must never mix
+    if (ctx := run_context(store.uri, create=False)) is not None and ctx.lock is not None:
+        ctx.lock.heartbeat()  # raises if another process took the run over: two writers must never mix
     marker = store.write_stage(iteration, stage, table, schema_name, SCHEMAS[schema_name],
                                rows_per_part=config.storage.rows_per_part, config_hash=config.config_hash(),
                                metrics=metrics, seconds=round(seconds, 4), **fields)
@@ -48,122 +93,52 @@ def commit(store: RunStore, config, iteration: int, stage: str, table, schema_na
     return marker
 
 
-def actor(config, run_uri: str, role: str):
-    from workers.cluster import get_actor
+def stage(name: str, *, schema: str, on_skip: Callable | None = None, after_commit: Callable | None = None,
+          task_name: str | None = None, **task_options):
+    """Make `body(s: StageRun) -> Output` the stage `name` (see the module docstring): returns the plain function
+    `fn(config, run_uri, iteration) -> marker`, with its Prefect task as `fn.task` (`task_name`, default `name`;
+    task runs named `{task_name}-{n}`; no Prefect cache: the markers decide what is done). `on_skip(s)` runs when the stage was committed already;
+    `after_commit(s, marker)` after its commit; `task_options` go to Prefect's @task (e.g. retry_condition_fn)."""
+    from prefect import task
+    from prefect.cache_policies import NO_CACHE
 
-    return get_actor(run_uri, role, config.ray.namespace)
+    def wrap(body: Callable[[StageRun], Output]) -> Callable:
+        def run(config, run_uri: str, iteration: int) -> dict:
+            s = StageRun(config, run_uri, store_of(config, run_uri), iteration)
+            if (done := s.store.stage_marker(iteration, name)) is not None:
+                s.store.record_event(stage=name, iteration=iteration, action="skipped")
+                if on_skip is not None:
+                    on_skip(s)
+                return done
+            started = time.perf_counter()
+            fault_point(f"{name}.start", iteration)
+            out = body(s)
+            fault_point(f"{name}.before_commit", iteration)
+            marker = commit(s.store, config, iteration, name, out.table, schema, started, out.metrics, **out.fields)
+            if after_commit is not None:
+                after_commit(s, marker)
+            fault_point(f"{name}.after_commit", iteration)
+            return marker
 
+        # Not functools.wraps: Prefect reads the parameters from the signature, and __wrapped__ would make it
+        # read body's.
+        run.__name__, run.__qualname__, run.__module__ = body.__name__, body.__qualname__, body.__module__
+        run.__doc__ = body.__doc__
+        shown = task_name or name
+        run.task = task(name=shown, task_run_name=f"{shown}-{{iteration}}", cache_policy=NO_CACHE, **task_options)(run)
+        return run
 
-def trainer_group(config, run_uri: str, role: str) -> list:
-    """Every rank's actor of the `policy` or `critic` group (`num_ranks` of them), rank 0 first."""
-    from workers.cluster import get_group
-
-    return get_group(run_uri, role, config.ray.namespace, getattr(config, role).num_ranks)
-
-
-def on_all_ranks(group: list, method: str, *args) -> list:
-    """Call a trainer method on every rank of a group, in the same order from this one caller (each method is
-    collective: the ranks meet inside it). ObjectRefs in rank order; rank 0's result is the group's."""
-    return [getattr(rank, method).remote(*args) for rank in group]
+    return wrap
 
 
 def threads_each(config, trainer, working: int) -> int | None:
     """Torch threads for one of `working` models computing at once (a stage's policy, reference, critic, reward
     model), `trainer` its config section: on CPU they share the cores, so each takes its share of its num_threads,
-    at least one; None (its num_threads) on GPUs or when it works alone. Measured on 2 cores: scoring the 6M model
-    with policy and reference at one thread each took 4.5-5.3 s, at two each (PASSIVE) 6.9-7.0 s (bench/RESULTS.md).
-    """
+    at least one; None (its num_threads) on GPUs or when it works alone. Fewer threads each beat the models'
+    teams fighting over the cores (bench/RESULTS.md)."""
     if config.policy.num_gpus > 0 or working <= 1:
         return None
     return max(1, trainer.num_threads // working)
-
-
-def engines(config, run_uri: str) -> list:
-    """The run's generation engines, in index order (generation.num_engines of them)."""
-    from workers.engines import get_engines
-
-    return get_engines(run_uri, config.ray.namespace, config.generation.num_engines)
-
-
-CHUNKS_PER_ENGINE = 4
-"""With several engines a batch is cut into about this many chunks per engine: enough for a fast engine to take over
-a slow one's share, few enough that each chunk is still a large batch for vLLM."""
-
-
-def engine_chunk_size(config, n_requests: int) -> int | None:
-    """The dispatcher's chunk size for this backend: None (CHUNKS_PER_ENGINE chunks per engine) for vLLM, whose
-    continuous batching keeps a stream of chunks busy; one chunk per engine for the HF engine, which decodes a chunk
-    as one padded batch, a kernel launch per token whatever its size (on an H200, 4 chunks of 32 rows per engine
-    sampled at half the tokens/s of one chunk of 128 rows)."""
-    if config.generation.backend == "vllm":
-        return None
-    return max(1, -(-n_requests // config.generation.num_engines))
-
-
-def generate_on_engines(engines: list, requests: list[dict], chunk_size: int | None = None,
-                        timeout_s: float | None = None, version: int | None = None,
-                        on_engine_lost=None) -> list[list[dict]]:
-    """Results of `requests` (engine.generate's contract) in request order, from several engines: chunks of
-    `chunk_size` requests (default: all of them for one engine, else about CHUNKS_PER_ENGINE chunks per engine), each
-    sent to the engine with the fewest outstanding requests.
-
-    Each engine holds at most two chunks at a time (one running, one waiting, so it never idles between them); the
-    others wait here and go to whichever engine finishes first (ray.wait). Requests carry their own seeds, so
-    a request's samples do not depend on which engine serves it. `timeout_s` bounds each wait (TimeoutError).
-
-    `version`, the policy the samples must come from, travels with every chunk: an engine serving another refuses
-    the chunk (EngineVersionError) rather than sample from the wrong weights. A chunk lost with its engine (it died:
-    RayActorError) or refused that way is handed to `on_engine_lost(i, error)`, which must bring engine i back to
-    `version` or raise (stages.sync.engine_recovery); the chunk is then sent again, and since its seeds decide its
-    samples the call returns what an undisturbed one would. Without the callback those errors propagate. Deaths are
-    bounded by Ray's restarts (generation.max_engine_restarts): past them the callback raises."""
-    import ray
-    from ray.exceptions import RayActorError
-
-    from workers.engine import EngineVersionError
-
-    if not requests:
-        return []
-    if chunk_size is None:
-        per = len(requests) if len(engines) == 1 else -(-len(requests) // (len(engines) * CHUNKS_PER_ENGINE))
-        chunk_size = max(1, per)
-    pending = [(start, requests[start:start + chunk_size]) for start in range(0, len(requests), chunk_size)]
-    pending.reverse()  # pop() takes the first chunk
-    outstanding = [0] * len(engines)  # requests sent to engine i and not yet returned
-    chunks_held = [0] * len(engines)
-    in_flight: dict = {}  # ObjectRef -> (engine index, start, chunk length)
-    results: list = [None] * len(requests)
-    while pending or in_flight:
-        while pending:
-            free = [i for i in range(len(engines)) if chunks_held[i] < 2]
-            if not free:
-                break
-            i = min(free, key=lambda e: (outstanding[e], e))
-            start, chunk = pending.pop()
-            ref = engines[i].generate.remote(chunk) if version is None else engines[i].generate.remote(chunk, version)
-            in_flight[ref] = (i, start, len(chunk))
-            outstanding[i] += len(chunk)
-            chunks_held[i] += 1
-        done, _ = ray.wait(list(in_flight), num_returns=1, timeout=timeout_s)
-        if not done:
-            raise TimeoutError(f"generate: no engine returned a chunk within {timeout_s} s "
-                               f"({sum(outstanding)} requests outstanding)")
-        i, start, length = in_flight.pop(done[0])
-        outstanding[i] -= length
-        chunks_held[i] -= 1
-        try:
-            results[start:start + length] = ray.get(done[0])
-        except (RayActorError, EngineVersionError) as err:
-            if on_engine_lost is None:
-                raise
-            on_engine_lost(i, err)  # blocks; the other engines keep sampling what they hold
-            pending.append((start, requests[start:start + length]))  # the next chunk sent
-    return results
-
-
-def checkpoint_uri(store: RunStore, version: int) -> str | None:
-    """Where policy `version` is stored; None for version 0, the base model."""
-    return store.checkpoint_uri(version) if version > 0 else None
 
 
 def iteration_summary(store: RunStore, iteration: int) -> dict:
@@ -171,9 +146,9 @@ def iteration_summary(store: RunStore, iteration: int) -> dict:
     from storage.run import STAGES
 
     row = {"iteration": iteration}
-    for stage in (*STAGES, "eval"):
-        marker = store.stage_marker(iteration, stage)
+    for name in (*STAGES, "eval"):
+        marker = store.stage_marker(iteration, name)
         if marker is not None:
             row.update(marker.get("metrics", {}))
-            row[f"time/{stage}_s"] = marker.get("seconds")
+            row[f"time/{name}_s"] = marker.get("seconds")
     return row

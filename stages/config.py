@@ -18,7 +18,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from algorithms.config import GROUP_ESTIMATORS, AlgoConfig
+from algorithms.config import AlgoConfig
+from algorithms.registry import ESTIMATORS
 from storage.config import CREDENTIAL_OPTIONS, StorageConfig
 from workers.config import GenerationConfig, ModelConfig, RayConfig, TrainerConfig
 
@@ -257,8 +258,9 @@ class FlowConfig(BaseModel):
 
     iteration_subflows: bool = True
     """Run each iteration as a subflow run (`iteration-N`: its own state, duration and logs in the UI), or inline in
-    the training flow run (false: its tasks are still named `generate-N`, `score-N`, ...). A subflow costs ~0.3 s of
-    Prefect API calls per iteration: nothing against a GPU iteration of minutes, ~8% of the CPU quickstart's 4 s."""
+    the training flow run (false: its tasks are still named `generate-N`, `score-N`, ...). A subflow costs a few
+    Prefect API calls per iteration: nothing against a GPU iteration of minutes, a visible share of a CPU iteration of
+    seconds (bench/RESULTS.md, "Orchestration overhead")."""
 
 
 OPERATIONAL_FIELDS = ("run_id", "iterations", "ray", "flow", "eval", "tracking")
@@ -296,7 +298,7 @@ class RunConfig(BaseModel):
     def _cross_field_rules(self) -> "RunConfig":
         errors = []
         n = self.generation.n_samples_per_prompt
-        if self.algo.estimator in GROUP_ESTIMATORS and n < 2:
+        if ESTIMATORS[self.algo.estimator].needs_groups and n < 2:
             errors.append(
                 f"generation.n_samples_per_prompt: algo.estimator={self.algo.estimator!r} normalises rewards "
                 f"within each prompt's samples and needs at least 2 samples per prompt (got {n})"
@@ -315,20 +317,22 @@ class RunConfig(BaseModel):
         batch = self.data.prompts_per_iteration * n
         for name in (["policy", "critic"] if self.uses_critic else ["policy"]):
             t: TrainerConfig = getattr(self, name)
-            if batch % t.mini_batch_size or t.mini_batch_size % t.micro_batch_size:
+            if batch % t.mini_batch_size or t.mini_batch_size % (t.micro_batch_size * t.num_ranks):
+                ranks = f" x {name}.num_ranks ({t.num_ranks})" if t.num_ranks > 1 else ""
                 errors.append(
                     f"{name}.mini_batch_size: samples per iteration ({batch}) must be a multiple of "
                     f"{name}.mini_batch_size ({t.mini_batch_size}), itself a multiple of "
-                    f"{name}.micro_batch_size ({t.micro_batch_size})"
+                    f"{name}.micro_batch_size ({t.micro_batch_size}){ranks}, so that every rank accumulates the "
+                    "same whole number of micro-batches per optimizer step"
                 )
         if errors:
-            raise ValueError("; ".join(errors))
+            raise ValueError("\n".join(errors))
         return self
 
     @property
     def uses_critic(self) -> bool:
-        """Only GAE learns a value function."""
-        return self.algo.estimator == "gae"
+        """Whether the estimator learns a value function (registry metadata: only `gae` among the built-ins)."""
+        return ESTIMATORS[self.algo.estimator].needs_critic
 
     def resume_fingerprint(self) -> dict:
         """The settings a resumed run must share with its start: all but operational ones (iteration count,
@@ -343,6 +347,19 @@ class RunConfig(BaseModel):
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def _section(loc: tuple) -> type[BaseModel] | None:
+    """The config model at a validation error's location (None when it is a field, not a section)."""
+    model: type[BaseModel] = RunConfig
+    for part in loc:
+        field = model.model_fields.get(str(part)) if isinstance(model, type) else None
+        annotation = field.annotation if field is not None else None
+        candidates = [a for a in getattr(annotation, "__args__", (annotation,)) if isinstance(a, type)]
+        model = next((a for a in candidates if issubclass(a, BaseModel)), None)
+        if model is None:
+            return None
+    return model
+
+
 def _format_validation_error(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
@@ -350,10 +367,16 @@ def _format_validation_error(err: ValidationError) -> str:
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; see configs/quickstart.yaml for the fields)"
-        if path:
-            lines.append(f"  {path}: {msg}")
-        else:  # cross-field rules: each message starts with the field it is about
-            lines += [f"  {m}" for m in msg.split("; ")]
+        section = _section(e["loc"]) if e["type"] == "value_error" else None
+        if section is None:
+            lines.append(f"  {path}: {msg}" if path else f"  {msg}")
+            continue
+        # A section's cross-field rules (model validators): one message per line, each starting with the name of
+        # the field it is about, which becomes the field's full path.
+        for line in msg.split("\n"):
+            field, sep, rest = line.partition(": ")
+            lines.append(f"  {path}.{field}: {rest}" if path and sep and field in section.model_fields
+                         else f"  {path}: {line}" if path else f"  {line}")
     return "invalid config:\n" + "\n".join(lines)
 
 

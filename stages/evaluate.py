@@ -8,12 +8,8 @@ Run alone: see flows/ppo.py; tests: tests/flows/test_ppo_flow.py
 """
 
 import json
-import time
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
-from stages.common import commit, engine_chunk_size, engines, generate_on_engines, skip_if_committed, store_of
+from stages.common import Output, StageRun, stage
 
 
 def due(config, iteration: int) -> bool:
@@ -22,27 +18,23 @@ def due(config, iteration: int) -> bool:
     return ev.prompts is not None and (iteration % ev.every == 0 or iteration == config.iterations)
 
 
-def evaluate(config, run_uri: str, iteration: int) -> dict:
+@stage("eval", schema="eval", task_name="evaluate")
+def evaluate(s: StageRun) -> Output:
     import numpy as np
     import pyarrow as pa
-    import ray
 
-    from stages.generate import _tokenizer, encode_prompt, served_version
+    from stages.generate import _tokenizer, encode_prompt
     from stages.score import compute_rewards
-    from stages.sync import bring_engine_to, engine_recovery
     from storage.prompts import read_prompts
     from storage.schema import EVAL, ROLLOUT
+    from workers.engine_pool import check_serving
 
-    store = store_of(config, run_uri)
-    if (done := skip_if_committed(store, iteration, "eval")) is not None:
-        return done
-    started = time.perf_counter()
+    config, iteration = s.config, s.iteration
     ev, data, gen = config.eval, config.data, config.generation
-    handles = engines(config, run_uri)
-    bring_engine_to(config, store, run_uri, iteration)
-    served_version(handles, iteration)
-    if gen.enable_sleep_mode:
-        ray.get([e.wake_up.remote(["weights", "kv_cache"]) for e in handles])
+    pool = s.engines()
+    pool.bring_to(iteration)
+    check_serving(pool.handles, iteration)
+    pool.wake()
     rows = read_prompts(ev.prompts, data.prompt_key, config.storage.storage_options)[: ev.max_prompts]
     tok = _tokenizer(config.model.path)
     requests = [{
@@ -51,9 +43,7 @@ def evaluate(config, run_uri: str, iteration: int) -> dict:
         "top_k": -1 if ev.temperature == 0 else gen.top_k, "max_new_tokens": gen.max_new_tokens,
         "stop": gen.stop or None, "seed": (config.seed * 1_000_003 + i * ev.n_samples) % (2**31 - 1),
     } for i, r in enumerate(rows)]
-    results = generate_on_engines(handles, requests, chunk_size=engine_chunk_size(config, len(requests)),
-                                  version=iteration,
-                                  on_engine_lost=engine_recovery(config, store, run_uri, iteration, "eval", iteration))
+    results = pool.generate(requests, iteration, "eval", iteration)
 
     out = [{"sample_id": f"eval{iteration}-p{i}-s{k}", "prompt_index": i, "sample_index": k,
             "prompt": r[data.prompt_key], "response": s["text"], "response_len": len(s["response_ids"]),
@@ -70,10 +60,7 @@ def evaluate(config, run_uri: str, iteration: int) -> dict:
                "eval/pass_rate": float(np.mean([o["passed"] for o in out])),
                "eval/response_len": float(np.mean([o["response_len"] for o in out])),
                "eval/prompts": len(rows)}
-    return commit(store, config, iteration, "eval", pa.Table.from_pylist(out, schema=EVAL), "eval", started,
-                  metrics, policy_version=iteration)
+    return Output(pa.Table.from_pylist(out, schema=EVAL), metrics, {"policy_version": iteration})
 
 
-@task(name="evaluate", task_run_name="evaluate-{iteration}", cache_policy=NO_CACHE)
-def evaluate_task(config, run_uri: str, iteration: int) -> dict:
-    return evaluate(config, run_uri, iteration)
+evaluate_task = evaluate.task

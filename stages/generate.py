@@ -1,10 +1,10 @@
 """Generate stage: draw this iteration's prompts, sample n responses each from the engines, commit the rollout table.
 
-The requests (one per prompt, with its own seed) are spread over generation.num_engines engines by
-`stages.common.generate_on_engines`; every engine must serve the previous iteration's policy. With
+The requests (one per prompt, with its own seed) are spread over generation.num_engines engines by the run's
+`EnginePool` (workers/engine_pool.py); every engine must serve the previous iteration's policy. With
 generation.enable_sleep_mode the engines wake before sampling and sleep again after it. An engine that dies while
-sampling is restarted by Ray, synced back to that policy and sent its unfinished chunks again
-(`stages.sync.engine_recovery`): the rollout is the one an undisturbed run commits.
+sampling is restarted by Ray, synced back to that policy and sent its unfinished chunks again: the rollout is the one
+an undisturbed run commits.
 
 Prompts are read in a seeded per-pass shuffled order. Iteration n continues at the data position where iteration
 n-1's committed generate stage stopped (recorded in its marker with a fingerprint of the prompt set; a changed prompt
@@ -23,11 +23,8 @@ import json
 import time
 
 import numpy as np
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
-from stages.common import (commit, engine_chunk_size, engines, fault_point, generate_on_engines, logger,
-                           skip_if_committed, store_of)
+from stages.common import Output, StageRun, logger, stage
 
 
 def prompt_order(n_prompts: int, start: int, count: int, seed: int, shuffle: bool) -> list[int]:
@@ -70,31 +67,30 @@ def encode_prompt(tokenizer, text: str, chat: bool, max_tokens: int) -> tuple[li
     return (ids[-max_tokens:], True) if len(ids) > max_tokens else (ids, False)
 
 
-def generate(config, run_uri: str, iteration: int) -> dict:
+def _sleep_engines(s: StageRun) -> None:
+    # A resumed run past a committed generate: the stages after it still want the engines' memory (sleep mode).
+    s.engines().sleep()
+
+
+@stage("generate", schema="rollout", on_skip=_sleep_engines)
+def generate(s: StageRun) -> Output:
     import hashlib
 
     import pyarrow as pa
-    import ray
     import torch
 
     from algorithms.dapo import informative_groups
     from stages.score import compute_rewards
-    from stages.sync import bring_engine_to, engine_recovery
     from storage.prompts import read_prompts
     from storage.schema import ROLLOUT
+    from workers.engine_pool import check_serving
 
-    store = store_of(config, run_uri)
-    if (done := skip_if_committed(store, iteration, "generate")) is not None:
-        sleep_engines(config, run_uri)  # a resumed run: the stages after this one still want the memory
-        return done
-    started = time.perf_counter()
-    fault_point("generate.start", iteration)
-    handles = engines(config, run_uri)
+    config, store, iteration = s.config, s.store, s.iteration
+    pool = s.engines()
     # The rollout must come from the policy committed by the previous iteration, whatever the engines held.
-    bring_engine_to(config, store, run_uri, iteration - 1)
-    version = served_version(handles, iteration - 1)
-    if config.generation.enable_sleep_mode:
-        ray.get([e.wake_up.remote(["weights", "kv_cache"]) for e in handles])
+    pool.bring_to(iteration - 1)
+    version = check_serving(pool.handles, iteration - 1)
+    pool.wake()
 
     data, gen, algo = config.data, config.generation, config.algo
     batch, n = data.prompts_per_iteration, gen.n_samples_per_prompt
@@ -103,8 +99,6 @@ def generate(config, run_uri: str, iteration: int) -> dict:
     previous = store.stage_marker(iteration - 1, "generate") if iteration > 1 else None
     position = start = data_start(previous, fingerprint, iteration, batch)
     tok = _tokenizer(config.model.path)
-    # An engine that dies mid-sampling is restarted by Ray, synced back to `version` and sent its chunks again.
-    recover = engine_recovery(config, store, run_uri, version, "generate", iteration)
 
     kept, dropped, rounds, gen_seconds, requests_sent = [], [], 0, 0.0, 0
     while rounds < (algo.max_sampling_rounds if algo.dynamic_sampling else 1) and len(kept) < batch:
@@ -121,8 +115,8 @@ def generate(config, run_uri: str, iteration: int) -> dict:
             "seed": (config.seed * 1_000_003 + iteration * 100_003 + (rounds * batch + j) * n) % (2**31 - 1),
         } for j, g in enumerate(groups)]
         t_gen = time.perf_counter()
-        results = generate_on_engines(handles, requests, chunk_size=engine_chunk_size(config, len(requests)),
-                                      version=version, on_engine_lost=recover)
+        # An engine that dies mid-sampling is restarted by Ray, synced back to `version` and sent its chunks again.
+        results = pool.generate(requests, version, "generate", iteration)
         gen_seconds += time.perf_counter() - t_gen
         requests_sent += len(requests)
         position, rounds = position + batch, rounds + 1
@@ -158,8 +152,7 @@ def generate(config, run_uri: str, iteration: int) -> dict:
         for r in g["rows"]:
             out.append({**r, "group_id": group_id,
                         "sample_id": f"it{iteration}-g{group_id}-p{g['index']}-s{r['sample_index']}"})
-    sleep_engines(config, run_uri)
-    fault_point("generate.before_commit", iteration)
+    pool.sleep()
     lengths = [len(r["response_ids"]) for r in out]
     metrics = {
         "rollout/response_len": float(np.mean(lengths)),
@@ -170,35 +163,9 @@ def generate(config, run_uri: str, iteration: int) -> dict:
     if algo.dynamic_sampling:
         metrics.update({"rollout/sampling_rounds": rounds, "rollout/groups_dropped": len(dropped),
                         "rollout/groups_filled": filled})
-    marker = commit(store, config, iteration, "generate", pa.Table.from_pylist(out, schema=ROLLOUT), "rollout",
-                    started, metrics, policy_version=version, engine_requests=requests_sent,
-                    data={"fingerprint": fingerprint, "prompts": len(rows), "start": start, "end": position})
-    fault_point("generate.after_commit", iteration)
-    return marker
+    return Output(pa.Table.from_pylist(out, schema=ROLLOUT), metrics,
+                  {"policy_version": version, "engine_requests": requests_sent,
+                   "data": {"fingerprint": fingerprint, "prompts": len(rows), "start": start, "end": position}})
 
 
-def served_version(handles: list, version: int) -> int:
-    """`version`, after checking that every engine serves it: a sample from an engine behind the committed policy
-    would be trained on as if the current policy had drawn it."""
-    import ray
-
-    served = ray.get([e.version.remote() for e in handles])
-    behind = {i: v for i, v in enumerate(served) if v != version}
-    if behind:
-        raise RuntimeError(f"engines {sorted(behind)} serve policy versions {sorted(set(behind.values()))}, not the "
-                           f"committed {version}: bring_engine_to must sync them before sampling")
-    return version
-
-
-def sleep_engines(config, run_uri: str) -> None:
-    """With generation.enable_sleep_mode, free the engines' GPU memory for the trainers (score, update) until the
-    sync wakes their weights and the next sampling their KV cache."""
-    import ray
-
-    if config.generation.enable_sleep_mode:
-        ray.get([e.sleep.remote() for e in engines(config, run_uri)])
-
-
-@task(name="generate", task_run_name="generate-{iteration}", cache_policy=NO_CACHE)
-def generate_task(config, run_uri: str, iteration: int) -> dict:
-    return generate(config, run_uri, iteration)
+generate_task = generate.task

@@ -4,10 +4,10 @@ the run's progress; in the experiment tracker the iteration's metrics (stages/tr
 committed markers and Parquet, so a resumed run reports the same.
 
 Artifacts are keyed by run (`{run}-iterations`, `{run}-rollouts`, `{run}-progress`): each iteration adds a version.
-The table's rows stay in this process from one report to the next: each iteration's markers are read once, when it
-is reported (a process's first report reads every earlier committed iteration), rather than every marker of the run
-at every report. `close_report` (called by close_run) drops them with the run's tracker, so each flow run starts
-again from storage.
+The table's rows stay in the run's context (stages/context.py) from one report to the next: each iteration's markers
+are read once, when it is reported (a process's first report reads every earlier committed iteration), rather than
+every marker of the run at every report. close_run drops them with the run's tracker, so each flow run starts again
+from storage.
 Run alone: see flows/ppo.py (it needs a Prefect API). Tests: tests/stages/test_report.py,
 tests/flows/test_deployment.py
 """
@@ -18,6 +18,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from stages.common import iteration_summary, logger, store_of
+from stages.context import run_context
 
 COLUMNS = {  # artifact column → metric of iteration_summary
     "reward": "rollout/reward_mean", "kl": "rollout/kl", "response_len": "rollout/response_len",
@@ -27,8 +28,6 @@ COLUMNS = {  # artifact column → metric of iteration_summary
     "update_s": "time/update_s", "sync_s": "time/sync_s",
 }
 
-
-_ROWS: dict[str, dict[int, dict]] = {}  # run URI → iteration → its row of the iterations table (committed: final)
 
 
 def _table_row(summary: dict) -> dict:
@@ -51,7 +50,7 @@ def report(config, run_uri: str, iteration: int, samples: int = 8) -> dict:
     store = store_of(config, run_uri)
     key = re.sub(r"[^a-z0-9-]+", "-", store.run_id.lower()).strip("-")
     summary = track_iteration(config, run_uri, iteration, tracker=run_tracker(config, run_uri))
-    rows = _ROWS.setdefault(run_uri, {})
+    rows = run_context(run_uri).report_rows
     for n in range(1, iteration):
         if n not in rows and store.stage_marker(n, "sync") is not None:
             rows[n] = _table_row(iteration_summary(store, n))
@@ -76,14 +75,6 @@ def report(config, run_uri: str, iteration: int, samples: int = 8) -> dict:
     logger().info("iteration %d: reward %.3f  kl %.4f", iteration, summary.get("rollout/reward_mean", float("nan")),
                   summary.get("rollout/kl", float("nan")))
     return summary
-
-
-def close_report(run_uri: str) -> None:
-    """Close the tracker the reports kept open for the run and drop its cached table rows."""
-    from stages.tracking import close_run_tracker
-
-    _ROWS.pop(run_uri, None)
-    close_run_tracker(run_uri)
 
 
 @task(name="report", task_run_name="report-{iteration}", cache_policy=NO_CACHE)

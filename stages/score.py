@@ -9,20 +9,17 @@ The logprob gate: the engine's sampling logprobs must match the trainer's on the
 `algo.max_logprob_gap`, else the iteration fails with LogprobGateError and nothing is committed: the engine served
 other weights than the version it reported (a broken sync), and training on that rollout would be silently off-policy.
 
-Tests: tests/stages/test_score.py; end to end: tests/flows/test_ppo_flow.py
+Tests: tests/stages/test_logprob_gate.py (the gate), tests/flows/test_rewards.py (reward sources); end to end:
+tests/flows/test_ppo_flow.py
 """
 
 import importlib
 import json
 import math
-import time
 
 import numpy as np
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
-from stages.common import (actor, checkpoint_uri, commit, fault_point, on_all_ranks, skip_if_committed, store_of,
-                           threads_each, trainer_group)
+from stages.common import Output, StageRun, stage, threads_each
 
 
 class RewardError(ValueError):
@@ -152,35 +149,40 @@ def compute_rewards(reward, rollout, reward_model=None) -> list[float]:
     return combine_rewards(reward, rewards_by_source(reward, rollout, reward_model))
 
 
-def score(config, run_uri: str, iteration: int) -> dict:
+def _retry_unless_gate(task, task_run, state) -> bool:
+    # The gate is deterministic: a retry scores the same committed rollout with the same weights and fails again,
+    # so it would only delay the gate's error (and bury it under a second traceback).
+    return not isinstance(state.data, LogprobGateError)
+
+
+@stage("score", schema="scored", retry_condition_fn=_retry_unless_gate)
+def score(s: StageRun) -> Output:
     import pyarrow as pa
     import ray
 
     from storage.schema import SCORED
+    from workers.cluster import on_all_ranks
 
-    store = store_of(config, run_uri)
-    if (done := skip_if_committed(store, iteration, "score")) is not None:
-        return done
-    started = time.perf_counter()
-    fault_point("score.start", iteration)
-    rollout = store.read_stage(iteration, "generate")
+    config, iteration = s.config, s.iteration
+    rollout = s.store.read_stage(iteration, "generate")
     tokens = ray.put(rollout.select(["prompt_ids", "response_ids"]))
-    version, ckpt, opts = iteration - 1, checkpoint_uri(store, iteration - 1), config.storage.storage_options
+    version, opts = iteration - 1, config.storage.storage_options
+    ckpt = s.store.policy_checkpoint(version)
 
     # Each column's ObjectRefs, one per rank of the group that computes it: every rank returns the whole column.
     # The models work at once: on CPU each on its share of the threads.
     working = 2 + config.uses_critic + (config.reward.model is not None)
-    policy = trainer_group(config, run_uri, "policy")
+    policy = s.group("policy")
     ray.get(on_all_ranks(policy, "ensure_version", version, ckpt, opts))
     threads = threads_each(config, config.policy, working)
     pending = {"old_logprobs": on_all_ranks(policy, "logprobs", tokens, threads),
-               "ref_logprobs": [actor(config, run_uri, "reference").logprobs.remote(tokens, threads)]}
+               "ref_logprobs": [s.actor("reference").logprobs.remote(tokens, threads)]}
     if config.uses_critic:
-        critic = trainer_group(config, run_uri, "critic")
+        critic = s.group("critic")
         ray.get(on_all_ranks(critic, "ensure_version", version, ckpt, opts))
         pending["values"] = on_all_ranks(critic, "values", tokens, threads_each(config, config.critic, working))
     # Rule function and remote endpoint run here, the reward model in its actor, all while the trainers work.
-    reward_model = actor(config, run_uri, "reward") if config.reward.model is not None else None
+    reward_model = s.actor("reward") if config.reward.model is not None else None
     by_source = rewards_by_source(config.reward, rollout, reward_model)
     rewards = combine_rewards(config.reward, by_source)
     if config.algo.overlong_buffer is not None:
@@ -203,7 +205,6 @@ def score(config, run_uri: str, iteration: int) -> dict:
     # Engine vs trainer on the same tokens and weights: a large gap means the sync or the engine is broken.
     engine_lp = np.concatenate([np.asarray(x, np.float64) for x in rollout["engine_logprobs"].to_pylist()] or [[]])
     old_lp = np.concatenate([np.asarray(x, np.float64) for x in columns["old_logprobs"]] or [[]])
-    fault_point("score.before_commit", iteration)
     metrics = {
         "rollout/reward_mean": float(np.mean(rewards)),
         "rollout/reward_std": float(np.std(rewards)),
@@ -211,19 +212,8 @@ def score(config, run_uri: str, iteration: int) -> dict:
         "rollout/logprob_diff_mean": float(np.mean(np.exp(np.abs(engine_lp - old_lp)))) if old_lp.size else 1.0,
         "rollout/logprob_abs_diff_max": float(np.max(np.abs(engine_lp - old_lp))) if old_lp.size else 0.0,
     }
-    check_logprob_gap(config, store, iteration, rollout, metrics)
-    marker = commit(store, config, iteration, "score", table, "scored", started, metrics)
-    fault_point("score.after_commit", iteration)
-    return marker
+    check_logprob_gap(config, s.store, iteration, rollout, metrics)
+    return Output(table, metrics)
 
 
-def _retry_unless_gate(task, task_run, state) -> bool:
-    # The gate is deterministic: a retry scores the same committed rollout with the same weights and fails again,
-    # so it would only delay the gate's error (and bury it under a second traceback).
-    return not isinstance(state.data, LogprobGateError)
-
-
-@task(name="score", task_run_name="score-{iteration}", cache_policy=NO_CACHE,
-      retry_condition_fn=_retry_unless_gate)
-def score_task(config, run_uri: str, iteration: int) -> dict:
-    return score(config, run_uri, iteration)
+score_task = score.task

@@ -1,14 +1,17 @@
 """Run setup and teardown: pre-flight checks, the run manifest and lock, starting and restoring the workers.
 
-`open_run` fails fast — bad reward path, unreadable prompts, missing model, a resumed run whose config changed —
-before any worker starts. `start_workers` creates the run's actors and brings them to the latest committed policy
+`open_run` fails fast — bad reward path, unreadable prompts, missing model, a placement the cluster layout cannot
+hold, a resumed run whose config changed — before any worker starts and before anything is written. `start_workers` creates the run's actors and brings them to the latest committed policy
 version, so the first stage that runs finds the state the crashed process left committed.
 
+Run alone to check a config as a run would before starting (preflight) and print where its actors go:
+    python -m stages.setup configs/quickstart.yaml [--set generation.num_engines=2 ...]
 Tests: tests/stages/test_setup.py; end to end: tests/flows/test_fault_harness.py
 """
 
 import platform
 import secrets
+import sys
 import time
 from datetime import datetime, timezone
 from importlib import metadata
@@ -16,8 +19,9 @@ from importlib import metadata
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from stages.common import LOCKS, checkpoint_uri, engines, fault_point, on_all_ranks, store_of, trainer_group
+from stages.common import fault_point, store_of
 from stages.config import OPERATIONAL_FIELDS
+from stages.context import release, run_context
 
 
 class RunSetupError(ValueError):
@@ -54,6 +58,9 @@ def _config_diff(stored_config: dict, config) -> list[str]:
 
     A field the manifest does not know (added to ppoflow after the run started) counts as unchanged while it keeps
     its default, which by rule preserves the old behaviour: upgrading ppoflow does not strand a run."""
+    from algorithms.config import upgrade
+
+    stored_config = {**stored_config, "algo": upgrade(stored_config.get("algo", {}))}  # renamed fields
     stored = _flatten({k: v for k, v in stored_config.items() if k not in OPERATIONAL_FIELDS})
     current = _flatten(config.resume_fingerprint())
     return sorted(k for k in stored.keys() | current.keys() if stored.get(k) != current.get(k)
@@ -96,6 +103,12 @@ def preflight(config) -> None:
             raise RunSetupError(f"{field}: cannot load model config from {path!r}: {err}") from None
     if config.data.overlong_prompts == "reject":
         _reject_overlong_prompts(config, prompt_sets)
+    from workers.engines import plan_layout
+
+    try:  # where the actors go: a layout that cannot hold them fails now, not after run.json is written
+        plan_layout(config)
+    except ValueError as err:
+        raise RunSetupError(str(err)) from None
 
 
 def _reject_overlong_prompts(config, prompt_sets: dict) -> None:
@@ -202,12 +215,12 @@ def open_run(config) -> dict:
         elif manifest["config_hash"] != config.config_hash() and (diff := _config_diff(manifest["config"], config)):
             raise RunSetupError(
                 f"run {run_id} was started with another config; these fields differ: {', '.join(diff)}. "
-                "Resume with the original config (only iterations, ray.*, flow.* and tracking.* may change) or use "
-                "a new run id.")
+                f"Resume with the original config (only {', '.join(OPERATIONAL_FIELDS)} may change) or use a new "
+                "run id.")
     except BaseException:
         lock.release()
         raise
-    LOCKS[uri] = lock.keep_alive()
+    run_context(uri).lock = lock.keep_alive()
     first = next((n for n in range(1, config.iterations + 1) if store.stage_marker(n, "sync") is None),
                  config.iterations + 1)
     version = store.latest_committed("update")
@@ -220,29 +233,33 @@ def start_workers(config, run_uri: str) -> dict:
     """Start Ray and the run's actors, then bring them to the latest committed policy version."""
     import ray
 
-    from stages.sync import bring_engine_to
-    from workers.cluster import connect, start_workers as create
+    from workers.cluster import connect, get_group, on_all_ranks
+    from workers.engine_pool import EnginePool
+    from workers.launch import start_workers as launch
 
     t0 = time.perf_counter()
     connect(config.ray.address, config.ray.num_cpus, config.ray.namespace)
-    _forward_logs_to_flow_run()
-    names = create(run_uri, config)
+    ctx = run_context(run_uri)
+    _forward_logs_to_flow_run(ctx)
+    ctx.workers = launch(run_uri, config)
     store = store_of(config, run_uri)
     version = store.latest_committed("update")
     roles = ["policy", "critic"] if config.uses_critic else ["policy"]
-    ckpt, opts = checkpoint_uri(store, version), config.storage.storage_options
-    ray.get([ref for r in roles
-             for ref in on_all_ranks(trainer_group(config, run_uri, r), "ensure_version", version, ckpt, opts)])
-    bring_engine_to(config, store, run_uri, version)
+    ckpt, opts = store.policy_checkpoint(version), config.storage.storage_options
+    ray.get([ref for r in roles for ref in on_all_ranks(
+        get_group(run_uri, r, config.ray.namespace, getattr(config, r).num_ranks), "ensure_version", version, ckpt,
+        opts)])
+    EnginePool(config, run_uri, store).bring_to(version)
     seconds = round(time.perf_counter() - t0, 2)
     store.record_event(stage="workers", action="started", policy_version=version, seconds=seconds)
     fault_point("run.workers_started", version)
-    return {"actors": names, "policy_version": version, "seconds": seconds}
+    return {"actors": sorted(ctx.workers), "policy_version": version, "seconds": seconds}
 
 
-def _forward_logs_to_flow_run() -> None:
-    """What vLLM, DeepSpeed and our actors print reaches this flow run's log in the Prefect UI (the lines arrive on
-    a Ray thread with no run context, so the flow run id travels on each record)."""
+def _forward_logs_to_flow_run(ctx) -> None:
+    """What vLLM, DeepSpeed and the run's actors print reaches this flow run's log in the Prefect UI (the lines
+    arrive on a Ray thread with no run context, so the flow run id travels on each record). Only this run's actors:
+    another run in the process forwards its own, and Ray's own lines (the autoscaler's) go nowhere."""
     import logging
 
     from prefect.logging.handlers import APILogHandler
@@ -258,35 +275,39 @@ def _forward_logs_to_flow_run() -> None:
         log.setLevel(logging.INFO)
         log.propagate = False  # Ray prints the lines to stdout already
     run_id = str(flow_run.id)
-    forward_worker_logs(lambda line, is_err, source: log.log(
+    ctx.stop_log_forwarding = forward_worker_logs(ctx.uri, lambda line, is_err, source: log.log(
         logging.WARNING if is_err else logging.INFO, "(%s) %s", source, line, extra={"flow_run_id": run_id}))
 
 
 def close_run(config, run_uri: str, stop_workers: bool = True) -> None:
     """Stop the actors (they would die with this process anyway, but a long-lived process — a test session, a
-    notebook — should get its memory back), close the run's tracker and release the lock."""
+    notebook — should get its memory back), close the run's tracker, release the lock and drop the run's context."""
     if stop_workers:
         import ray
 
-        from workers.cluster import stop_workers as stop
+        from workers.engine_pool import EnginePool
+        from workers.launch import stop_workers as stop
 
         if ray.is_initialized():
             try:  # what this process asked of the engines, for operators (and the resume test)
-                per_engine = ray.get([e.stats.remote() for e in engines(config, run_uri)], timeout=30)
+                per_engine = EnginePool(config, run_uri, store_of(config, run_uri)).stats()
                 total = {k: sum(s[k] for s in per_engine) for k in per_engine[0]}
                 store_of(config, run_uri).record_event(stage="workers", action="stopped", engine=total,
                                                        engines=per_engine)
             except ValueError:
                 pass  # the engines never started
             stop(run_uri, config.ray.namespace)
-    from stages.report import close_report
-
-    lock = LOCKS.pop(run_uri, None)
+    ctx = release(run_uri)
+    if ctx is None:
+        return
+    if ctx.stop_log_forwarding is not None:
+        ctx.stop_log_forwarding()
     try:
-        close_report(run_uri)  # the tracker the reports kept open (MLflow marks its run FINISHED, W&B finishes)
+        if ctx.tracker is not None:  # MLflow marks its run FINISHED, W&B finishes
+            ctx.tracker.close()
     finally:
-        if lock is not None:
-            lock.release()
+        if ctx.lock is not None:
+            ctx.lock.release()
 
 
 @task(name="open-run", cache_policy=NO_CACHE)
@@ -302,3 +323,21 @@ def start_workers_task(config, run_uri: str) -> dict:
 @task(name="close-run", cache_policy=NO_CACHE)
 def close_run_task(config, run_uri: str) -> None:
     close_run(config, run_uri)
+
+
+if __name__ == "__main__":
+    from stages.config import ConfigError, load_config
+    from workers.engines import plan_layout
+
+    args = sys.argv[1:]
+    try:
+        cfg = load_config(args[0], [args[i + 1] for i, a in enumerate(args) if a == "--set"])
+        preflight(cfg)
+    except (ConfigError, RunSetupError) as err:
+        sys.exit(str(err))
+    layout = plan_layout(cfg)
+    print(f"preflight OK. bundles ({layout.strategy}): {layout.bundles}\n"
+          f"engines: {layout.engine_bundles} each {layout.engine_resources}\n"
+          f"trainers: ranks {layout.trainer_ranks} on bundles {layout.trainer_bundles} {layout.trainer_resources}"
+          + (f" of their own group ({layout.trainer_strategy}): {layout.trainer_group}" if layout.trainer_group else "")
+          + (f"; each asks for {layout.trainer_custom}" if layout.trainer_custom else ""))

@@ -3,7 +3,7 @@ perf/…, time/{stage}_s) go to TensorBoard, MLflow or Weights & Biases at step 
 config is logged the first time a process tracks the run.
 
 The flow's report (stages/report.py) logs through `run_tracker`: one tracker per run and process, opened at the first
-iteration reported and kept open until close_run closes it (`close_run_tracker`) rather than reopened every
+iteration reported and kept open (in the run's context) until close_run closes it, rather than reopened every
 iteration, which cost a new TensorBoard event file, an MLflow run lookup or a `wandb.init` per iteration.
 
 Everything logged is read back from the commit markers, so a resumed run that logs an iteration again logs the same
@@ -30,8 +30,6 @@ from stages.config import TrackingConfig
 HPARAM_METRICS = ("rollout/reward_mean", "rollout/kl")
 """Metrics TensorBoard's HPARAMS tab shows beside each run's config."""
 
-_CONFIG_LOGGED: set[str] = set()  # run URIs whose config this process has logged (once per process and run)
-_OPEN: dict[str, "Tracker"] = {}  # run URI → the tracker `run_tracker` keeps open until `close_run_tracker`
 
 
 def flatten_config(config: dict, prefix: str = "") -> dict:
@@ -200,21 +198,17 @@ def open_tracker(config: TrackingConfig, run_uri: str) -> Tracker:
 
 
 def run_tracker(config, run_uri: str) -> Tracker:
-    """The run's tracker, kept open in this process: opened (and the config logged) on the first call, closed by
-    `close_run_tracker`."""
-    if (tracker := _OPEN.get(run_uri)) is None:
-        tracker = open_tracker(config.tracking, run_uri)
-        if run_uri not in _CONFIG_LOGGED:
-            tracker.log_config(config.model_dump(mode="json"))
-            _CONFIG_LOGGED.add(run_uri)
-        _OPEN[run_uri] = tracker
-    return tracker
+    """The run's tracker, kept open in the run's context (stages/context.py): opened (and the config logged) on the
+    first call; close_run closes it."""
+    from stages.context import run_context
 
-
-def close_run_tracker(run_uri: str) -> None:
-    """Close the tracker `run_tracker` kept open for the run, if any (MLflow marks its run FINISHED, W&B finishes)."""
-    if (tracker := _OPEN.pop(run_uri, None)) is not None:
-        tracker.close()
+    ctx = run_context(run_uri)
+    if ctx.tracker is None:
+        ctx.tracker = open_tracker(config.tracking, run_uri)
+        if not ctx.config_logged:
+            ctx.tracker.log_config(config.model_dump(mode="json"))
+            ctx.config_logged = True
+    return ctx.tracker
 
 
 def track_iteration(config, run_uri: str, iteration: int, tracker: Tracker | None = None) -> dict:
@@ -222,6 +216,7 @@ def track_iteration(config, run_uri: str, iteration: int, tracker: Tracker | Non
     closed for this call (logging the config the first time this process tracks the run); returns
     `iteration_summary` of the iteration."""
     from stages.common import iteration_summary, store_of
+    from stages.context import run_context
     from storage.run import STAGES
 
     store = store_of(config, run_uri)
@@ -233,11 +228,12 @@ def track_iteration(config, run_uri: str, iteration: int, tracker: Tracker | Non
     if tracker is not None:
         tracker.log(metrics, step=iteration, timestamp=timestamp)
         return row
+    ctx = run_context(run_uri)
     with open_tracker(config.tracking, run_uri) as opened:
-        if run_uri not in _CONFIG_LOGGED:
+        if not ctx.config_logged:
             opened.log_config(config.model_dump(mode="json"))
         opened.log(metrics, step=iteration, timestamp=timestamp)
-    _CONFIG_LOGGED.add(run_uri)
+    ctx.config_logged = True
     return row
 
 

@@ -5,36 +5,36 @@ same update, never one on top of a half-finished one. The checkpoint (DeepSpeed 
 the policy) is written before the stage marker, which lists its files: the marker commits both. After the commit,
 checkpoints older than the newest `storage.keep_checkpoints` are deleted (storage/run.py rotate_checkpoints).
 
-Tests: tests/stages/test_update.py; crash/resume: tests/flows/test_fault_harness.py
+Tests: tests/workers/test_trainer.py and test_trainer_group.py (the update's math); crash/resume:
+tests/flows/test_fault_harness.py
 """
 
 import time
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
-from stages.common import (checkpoint_uri, commit, fault_point, on_all_ranks, skip_if_committed, store_of, threads_each,
-                           trainer_group)
+from stages.common import Output, StageRun, fault_point, stage, threads_each
 
 
-def update(config, run_uri: str, iteration: int) -> dict:
+def _rotate_checkpoints(s: StageRun, marker: dict) -> None:
+    if s.config.storage.keep_checkpoints is not None:  # only now: the new checkpoint is committed
+        s.store.rotate_checkpoints(s.config.storage.keep_checkpoints)
+
+
+@stage("update", schema="metrics", after_commit=_rotate_checkpoints)
+def update(s: StageRun) -> Output:
     import numpy as np
     import pyarrow as pa
     import ray
 
     from storage.schema import METRICS
+    from workers.cluster import on_all_ranks
 
-    store = store_of(config, run_uri)
-    if (done := skip_if_committed(store, iteration, "update")) is not None:
-        return done
-    started = time.perf_counter()
-    fault_point("update.start", iteration)
+    config, store, iteration = s.config, s.store, s.iteration
     experience = ray.put(store.read_stage(iteration, "advantages"))
     opts = config.storage.storage_options
     roles = ["policy", "critic"] if config.uses_critic else ["policy"]
-    groups = {role: trainer_group(config, run_uri, role) for role in roles}
+    groups = {role: s.group(role) for role in roles}
     ray.get([ref for g in groups.values()
-             for ref in on_all_ranks(g, "ensure_version", iteration - 1, checkpoint_uri(store, iteration - 1), opts)])
+             for ref in on_all_ranks(g, "ensure_version", iteration - 1, store.policy_checkpoint(iteration - 1), opts)])
     ckpt = store.clear_uncommitted_checkpoint(iteration)
 
     seed = config.seed * 7919 + iteration  # same shuffles on a retry: the update is reproducible
@@ -55,7 +55,6 @@ def update(config, run_uri: str, iteration: int) -> dict:
     save_s = [max(ray.get(saving[0]))]
     fault_point("update.policy_saved", iteration)  # mid-checkpoint: the critic's state and HF export still running
     save_s += [max(ray.get(refs)) for refs in saving[1:]]
-    fault_point("update.before_commit", iteration)
 
     rows = [{"name": name, "step": step, "value": value}
             for steps in results for step, m in enumerate(steps) for name, value in m.items()]
@@ -63,15 +62,9 @@ def update(config, run_uri: str, iteration: int) -> dict:
                for name in dict.fromkeys(r["name"] for r in rows)}
     metrics["perf/train_s"] = train_s  # policy and critic train concurrently: wall time of both
     metrics["perf/checkpoint_s"] = float(sum(save_s))
-    marker = commit(store, config, iteration, "update", pa.Table.from_pylist(rows, schema=METRICS), "metrics",
-                    started, metrics, policy_version=iteration,
-                    checkpoint={"uri": ckpt, "files": store.checkpoint_files(iteration)})
-    if config.storage.keep_checkpoints is not None:  # only now: the new checkpoint is committed
-        store.rotate_checkpoints(config.storage.keep_checkpoints)
-    fault_point("update.after_commit", iteration)
-    return marker
+    return Output(pa.Table.from_pylist(rows, schema=METRICS), metrics,
+                  {"policy_version": iteration,
+                   "checkpoint": {"uri": ckpt, "files": store.checkpoint_files(iteration)}})
 
 
-@task(name="update", task_run_name="update-{iteration}", cache_policy=NO_CACHE)
-def update_task(config, run_uri: str, iteration: int) -> dict:
-    return update(config, run_uri, iteration)
+update_task = update.task

@@ -4,7 +4,7 @@
     PPOFLOW_FAULTS_ONCE_DIR=/tmp/faults                               each listed point fires once, across restarts
 
 It lives in storage/ (which imports nothing of ours) so that points can sit inside the storage writes too (a Parquet
-part written, its marker not); stages import it from stages.common. The points: run.opened, run.workers_started, each
+part written, its marker not); the stage skeleton (stages/common.py) fires each stage's start / before_commit / after_commit. The points: run.opened, run.workers_started, each
 stage's start / before_commit / after_commit, {stage}.mid_write and {stage}.before_marker inside the Parquet commit,
 update.after_train / policy_saved (mid-checkpoint), sync.before_engine_update.
 """

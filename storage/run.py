@@ -90,6 +90,11 @@ class RunStore:
     def checkpoint_uri(self, iteration: int) -> str:
         return f"{self.uri}/checkpoints/iter-{iteration:06d}"
 
+    def policy_checkpoint(self, version: int) -> str | None:
+        """Where policy `version` is stored (the checkpoint of iteration `version`); None for version 0, the base
+        model, which the trainers rebuild from model.path."""
+        return self.checkpoint_uri(version) if version > 0 else None
+
     # ---- markers ------------------------------------------------------------------------------------------
     def marker(self, uri: str) -> dict | None:
         """The commit marker of a stage folder, or None when absent or unreadable (a torn write)."""

@@ -1,8 +1,10 @@
-"""Ray connection and the run's named worker actors: engines (engine-0, engine-1, ...), the policy and critic
-groups (rank 0 named `policy` / `critic`, rank r `policy-rank{r}`), the reference and the reward model.
+"""Ray connection, the names of a run's actors and how to reach them: engines (engine-0, engine-1, ...), the policy
+and critic groups (rank 0 named `policy` / `critic`, rank r `policy-rank{r}`), the reference and the reward model.
 
-Actors are created once per training run (non-detached: they die with the driver process) and named after the run,
-so any Prefect task in the driver finds them with `get_actor(run_uri, role)` — tasks never pass actor handles.
+Actors are created once per training run (workers/launch.py; non-detached: they die with the driver process) and
+named after the run, so any Prefect task in the driver finds them with `get_actor(run_uri, role)` — tasks never pass
+actor handles. Every actor class derives from `RunActor`, so Ray prefixes its log lines with its name (the run and
+role), which is how a run's log lines are told apart from another run's in one process.
 
 Run alone to list the named actors of a Ray cluster (address, or "auto"):
     python -m workers.cluster auto
@@ -10,11 +12,43 @@ Run alone to list the named actors of a Ray cluster (address, or "auto"):
 
 import hashlib
 import os
+import socket
 import sys
+import threading
+from collections.abc import Callable
 
-# Ray kills a non-detached actor once no handle to it is left, name or not: this process keeps one per actor for
-# as long as the run's workers should live (until stop_workers).
-_HANDLES: dict[str, object] = {}
+_CONNECTED: dict[str, str | None] = {}  # the Ray this process joined: {"address": ray.address} (Ray is one per
+# process, so a second run asking for another cluster must be refused, not silently joined to the first)
+_CONNECTING = threading.Lock()  # two runs starting at once in one process must not both call ray.init
+
+
+class RunActor:
+    """Base of every actor class of a run: Ray prefixes an actor's log lines with `repr(actor)`, which is here its
+    name (`my-run-1a2b3c4d:engine-0`) rather than its class, so each line says which run and role printed it."""
+
+    def __repr__(self) -> str:
+        import ray
+
+        try:
+            name = ray.get_runtime_context().get_actor_name()
+        except Exception:  # noqa: BLE001 - not inside an actor (a plain instance in a test)
+            name = None
+        return name or type(self).__name__
+
+
+def free_port() -> int:
+    """A TCP port free on this host now (the OS picks it): a rendezvous or a store binds it right after."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def group_address() -> tuple[str, int]:
+    """This node's IP and a free port: the rendezvous of a model group. Run it where rank 0 will run (e.g. a Ray task
+    on rank 0's placement-group bundle) and pass both to every rank's constructor (`master_addr`, `master_port`)."""
+    import ray
+
+    return ray.util.get_node_ip_address(), free_port()
 
 
 def worker_env() -> dict[str, str]:
@@ -34,42 +68,59 @@ def worker_env() -> dict[str, str]:
 # What lets an actor's OpenMP threads spin between ops (libgomp's default wait: ~3 ms, then they sleep), overriding the
 # PASSIVE policy of worker_env: for an actor whose several threads compute while no other actor does on its cores
 # (the engines; on CPU the trainers, which run one thread each beside other models). Waking sleeping threads for each
-# op made generation 1.4-1.7x slower and the 6M policy's update ~1.2x (bench/RESULTS.md). GOMP_SPINCOUNT=0 in the
+# op made generation and the update clearly slower (bench/RESULTS.md). GOMP_SPINCOUNT=0 in the
 # driver's environment keeps every actor's threads sleeping (for runs that share their cores with other work).
 SPIN_ENV = {} if "GOMP_SPINCOUNT" in os.environ else {"GOMP_SPINCOUNT": "300000"}
 
 
 def connect(address: str | None, num_cpus: int | None, namespace: str) -> None:
-    """Join `address`, or start a local Ray. Idempotent within a process."""
+    """Join `address`, or start a local Ray. Idempotent within a process for the same address; another address
+    while connected is refused (ray.address of the second run), since one process holds one Ray connection."""
     import ray
 
-    if ray.is_initialized():
-        return
-    kwargs = {"namespace": namespace, "include_dashboard": False, "log_to_driver": True,
-              "runtime_env": {"env_vars": worker_env()}}
-    if address is None:
-        kwargs["num_cpus"] = num_cpus or os.cpu_count()
-    # "local", not None: with None, ray.init joins a cluster that `ray start` left on this host, if any.
-    ray.init(address=address or "local", **kwargs)
+    with _CONNECTING:
+        if ray.is_initialized():
+            joined = _CONNECTED.get("address", address)
+            if joined != address:
+                raise RuntimeError(f"ray.address: this process is connected to Ray at {joined or 'a local Ray'}, "
+                                   f"the run asks for {address or 'a local Ray'}; one process joins one Ray cluster: "
+                                   "run it in another process, or give both runs the same ray.address")
+            return
+        _CONNECTED["address"] = address
+        kwargs = {"namespace": namespace, "include_dashboard": False, "log_to_driver": True,
+                  "runtime_env": {"env_vars": worker_env()}}
+        if address is None:
+            kwargs["num_cpus"] = num_cpus or os.cpu_count()
+        # "local", not None: with None, ray.init joins a cluster that `ray start` left on this host, if any.
+        ray.init(address=address or "local", **kwargs)
 
 
-def forward_worker_logs(handler) -> None:
-    """Also pass every line the actors print to `handler(line, is_err, source)`, in the driver (log_to_driver=True).
+def forward_worker_logs(run_uri: str, handler) -> Callable[[], None]:
+    """Also pass every line the run's actors print to `handler(line, is_err, source)`, in the driver
+    (log_to_driver=True); returns the function that stops it. A line is the run's when its actor's `RunActor` name
+    starts with the run's prefix; Ray's own lines (the autoscaler's status dumps, anything not from an actor) go
+    nowhere. While an actor's constructor runs, Ray knows it only by its class (its name comes with `repr` once it is
+    built), so those lines go to every run forwarding at that moment: with one run per process, to that run.
 
     Ray offers no public hook for this; its driver-side dispatcher is a private API, so if it moves the lines are
-    still printed to the driver's stdout and only the forwarding is lost. Calling again replaces the handler."""
+    still printed to the driver's stdout and only the forwarding is lost. Calling again replaces the run's handler."""
     try:
         from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
     except ImportError:
-        return
+        return lambda: None
+    prefix, key = actor_name(run_uri, ""), f"ppoflow:{run_uri}"
 
     def on_batch(data: dict) -> None:
-        source = " ".join(filter(None, [data.get("actor_name") or data.get("task_name"), f"pid={data.get('pid')}"]))
+        name = data.get("actor_name") or ""
+        if not name or (":" in name and not name.startswith(prefix)):  # not an actor's, or another run's
+            return
+        source = f"{name.removeprefix(prefix)} pid={data.get('pid')}"
         for line in data.get("lines", []):
             handler(line, bool(data.get("is_err")), source)
 
-    dispatcher.remove_handler("ppoflow")
-    dispatcher.add_handler("ppoflow", on_batch)
+    dispatcher.remove_handler(key)
+    dispatcher.add_handler(key, on_batch)
+    return lambda: dispatcher.remove_handler(key)
 
 
 def actor_name(run_uri: str, role: str) -> str:
@@ -97,91 +148,10 @@ def get_group(run_uri: str, role: str, namespace: str, num_ranks: int) -> list:
     return [get_actor(run_uri, rank_role(role, r), namespace) for r in range(num_ranks)]
 
 
-def start_workers(run_uri: str, config, timeout_s: float = 600.0) -> dict:
-    """Create (or find) every actor the config needs and wait until all are ready. Returns {role: actor name}, the
-    engines as `engine-{i}`. Engines (and, with generation.placement hybrid, the trainers) take their resources from
-    the run's placement group, trainer groups under standard placement from a second one (workers/engines.py)."""
-    import ray
-
-    from workers.config import deepspeed_overrides
-    from workers.engines import bundle_strategy, create_engines, placement_group
-    from workers.trainer import CriticWorker, PolicyWorker, ReferenceWorker, group_address
-
-    ns, seed, model = config.ray.namespace, config.seed, config.model
-    # Dr. GRPO's seq-mean-token-sum-norm divides by a constant length: the response length limit.
-    algo = {**config.algo.model_dump(), "norm_len": config.generation.max_new_tokens}
-    engines, layout, pg = create_engines(run_uri, config, timeout_s)
-    if layout.trainer_group:  # standard placement with trainer groups: their own group, with ray.trainers' strategy
-        pg = placement_group(run_uri, layout, timeout_s, group="trainers")
-
-    def options(role: str, trainer, rank: int = 0) -> dict:
-        opts = {"name": actor_name(run_uri, role), "namespace": ns, "get_if_exists": True,
-                "num_cpus": trainer.num_cpus, "num_gpus": trainer.num_gpus}
-        if layout.trainer_bundles:  # hybrid, or trainer groups: rank r sits on its bundle of its group
-            opts["scheduling_strategy"] = bundle_strategy(pg, layout.trainer_bundles[rank])
-        elif layout.trainer_custom:  # a single trainer, on a node with ray.trainers.resources
-            opts["resources"] = layout.trainer_custom
-        # On CPU a model computes with several threads only while it works alone (stages/common.py: threads_each);
-        # not so the ranks of a group, which compute at once, nor the reward model (its own num_threads).
-        if trainer.num_gpus == 0 and getattr(trainer, "num_ranks", 1) == 1 and role != "reward":
-            opts["runtime_env"] = {"env_vars": SPIN_ENV}
-        return opts
-
-    def group(role: str, cls, trainer, model_path: str, **kwargs) -> dict:
-        """The `trainer.num_ranks` rank actors of one DeepSpeed model group, {rank_role(role, r): handle}."""
-        settings = trainer.model_dump()
-        if trainer.deepspeed_config:  # read here, on the driver: the ranks may run on hosts without the file
-            settings["deepspeed_overrides"] = deepspeed_overrides(trainer.deepspeed_config)
-        n, rendezvous = trainer.num_ranks, {}
-        if n > 1:  # rank 0's node address and a free port there, looked up on rank 0's bundle
-            where = {"scheduling_strategy": bundle_strategy(pg, layout.trainer_bundles[0])}
-            addr, port = ray.get(ray.remote(group_address).options(num_cpus=0, **where).remote(), timeout=timeout_s)
-            rendezvous = {"world_size": n, "master_addr": addr, "master_port": port}
-        return {rank_role(role, r): ray.remote(cls).options(**options(rank_role(role, r), trainer, r)).remote(
-            model_path, settings, model.dtype, seed, rank=r, **rendezvous, **kwargs) for r in range(n)}
-
-    actors = {f"engine-{i}": engine for i, engine in enumerate(engines)}
-    actors.update(group("policy", PolicyWorker, config.policy, model.path, algo=algo))
-    actors["reference"] = ray.remote(ReferenceWorker).options(**options("reference", config.policy)).remote(
-        model.ref_path or model.path, model.dtype, config.policy.micro_batch_size, config.policy.num_threads,
-        config.policy.share_prompts)
-    if config.uses_critic:
-        from transformers import AutoTokenizer
-
-        pad_id = AutoTokenizer.from_pretrained(model.path).pad_token_id
-        actors.update(group("critic", CriticWorker, config.critic, model.critic_path or model.path, algo=algo,
-                            pad_token_id=pad_id))
-    if config.reward.model is not None:
-        from workers.reward import RewardModelWorker
-
-        rm = config.reward.model
-        actors["reward"] = ray.remote(RewardModelWorker).options(**options("reward", rm)).remote(
-            rm.path, rm.dtype or model.dtype, rm.micro_batch_size, rm.num_threads, rm.apply_chat_template)
-    for role, handle in actors.items():
-        _HANDLES[actor_name(run_uri, role)] = handle
-    # Constructors run concurrently; a trivial call on each waits for all of them (and raises their errors).
-    probes = [a.ready.remote() if role.startswith("engine") else a.__ray_ready__.remote() for role, a in actors.items()]
-    ray.get(probes, timeout=timeout_s)
-    return {role: actor_name(run_uri, role) for role in actors}
-
-
-def stop_workers(run_uri: str, namespace: str) -> None:
-    """Kill every actor of the run (engines, each rank of the trainer groups, reference, reward model) and remove
-    its placement group."""
-    import ray
-
-    from workers.engines import remove_placement_group
-
-    prefix = actor_name(run_uri, "")
-    for name in [n for n in _HANDLES if n.startswith(prefix)]:
-        _HANDLES.pop(name)
-    for entry in ray.util.list_named_actors(all_namespaces=True):
-        if entry["namespace"] == namespace and entry["name"].startswith(prefix):
-            try:
-                ray.kill(ray.get_actor(entry["name"], namespace=namespace))
-            except ValueError:  # died meanwhile
-                pass
-    remove_placement_group(run_uri)
+def on_all_ranks(group: list, method: str, *args) -> list:
+    """Call a trainer method on every rank of a group, in the same order from this one caller (each method is
+    collective: the ranks meet inside it). ObjectRefs in rank order; rank 0's result is the group's."""
+    return [getattr(rank, method).remote(*args) for rank in group]
 
 
 if __name__ == "__main__":

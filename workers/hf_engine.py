@@ -36,14 +36,8 @@ class HFEngine(Engine):
     cumulative counters. Ray runs one method call at a time on the actor, so nothing here is shared between threads.
     """
 
-    def __init__(
-        self,
-        model_path: str,
-        seed: int,
-        dtype: str = "float32",
-        max_model_len: int = 512,
-        num_threads: int | None = None,
-    ) -> None:
+    def __init__(self, model_path: str, seed: int, dtype: str = "float32", max_model_len: int = 512,
+                 num_threads: int | None = None) -> None:
         """`num_threads`: torch intra-op threads on CPU; None keeps torch's default (inside a Ray actor, Ray sets it
         from the actor's num_cpus through OMP_NUM_THREADS)."""
         import torch

@@ -1,6 +1,6 @@
 """Reward sources besides rule functions: a reward model in a Ray actor, and a remote reward endpoint over HTTP.
 
-- `RewardModelWorker` (the actor `{run}:reward`, created by workers/cluster.py when `reward.model` is set): an HF
+- `RewardModelWorker` (the actor `{run}:reward`, created by workers/launch.py when `reward.model` is set): an HF
   `AutoModelForSequenceClassification` with one label, loaded with `from_pretrained` like any user's reward model,
   on cuda when the actor was given a GPU, else on the CPU. A sample's reward is the model's score of the last
   non-pad token of its text (the chat-templated conversation, or prompt + response).
@@ -28,8 +28,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
+from workers.cluster import RunActor
 
-class RewardModelWorker:
+
+class RewardModelWorker(RunActor):
     """A frozen reward model π_rm → one scalar per (prompt, response): eval mode, no optimizer, no DeepSpeed."""
 
     def __init__(self, model_path: str, dtype: str, micro_batch_size: int, num_threads: int,

@@ -26,25 +26,14 @@ import gc
 import math
 import os
 import random
-import socket
 import sys
 import time
 
 import numpy as np
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def group_address() -> tuple[str, int]:
-    """This node's IP and a free port: the rendezvous of a model group. Run it where rank 0 will run (e.g. a Ray task
-    on rank 0's placement-group bundle) and pass both to every rank's constructor (`master_addr`, `master_port`)."""
-    import ray
-
-    return ray.util.get_node_ip_address(), _free_port()
+from algorithms.config import AlgoConfig
+from workers.cluster import RunActor, free_port
+from workers.config import TrainerConfig
 
 
 def lr_factor(step: int, warmup_steps: int, schedule: str, decay_steps: int | None, min_lr_ratio: float) -> float:
@@ -232,13 +221,13 @@ def _micro_batches(indices: np.ndarray, size: int):
     return [indices[i : i + size] for i in range(0, len(indices), size)]
 
 
-def deepspeed_config(trainer: dict, dtype: str, world_size: int, on_gpu: bool) -> dict:
-    """The DeepSpeed config of one model group from its TrainerConfig fields (`trainer`, a dict), with the user's
-    JSON (`trainer["deepspeed_overrides"]`, read from `deepspeed_config` by the driver) merged over it: its keys win,
-    nested dicts merge key by key."""
-    mini, micro = trainer["mini_batch_size"], trainer["micro_batch_size"]
-    zero: dict = {"stage": trainer["zero_stage"]}
-    offload = trainer.get("offload", "none")
+def deepspeed_config(trainer: TrainerConfig, dtype: str, world_size: int, on_gpu: bool,
+                     overrides: dict | None = None) -> dict:
+    """The DeepSpeed config of one model group from its TrainerConfig, with the user's JSON (`overrides`, read from
+    `trainer.deepspeed_config` by the driver) merged over it: its keys win, nested dicts merge key by key."""
+    mini, micro = trainer.mini_batch_size, trainer.micro_batch_size
+    zero: dict = {"stage": trainer.zero_stage}
+    offload = trainer.offload
     if offload != "none":
         # Pinned host buffers speed up the device<->host copies; on a CPU-only host there is nothing to pin.
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
@@ -248,7 +237,7 @@ def deepspeed_config(trainer: dict, dtype: str, world_size: int, on_gpu: bool) -
         "train_batch_size": mini,
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": mini // (micro * world_size),
-        "gradient_clipping": trainer["grad_clip"],
+        "gradient_clipping": trainer.grad_clip,
         "zero_optimization": zero,
         # bf16 under ZeRO-0 wraps the torch optimizer in DeepSpeed's FP16_UnfusedOptimizer (fp32 master weights);
         # under ZeRO >= 1 in the ZeRO optimizer's bf16 path. deepspeed.initialize moves the model to the device
@@ -261,7 +250,7 @@ def deepspeed_config(trainer: dict, dtype: str, world_size: int, on_gpu: bool) -
         "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 1 << 30,
     }
-    return _merged(config, trainer.get("deepspeed_overrides") or {})
+    return _merged(config, overrides or {})
 
 
 def _merged(base: dict, overrides: dict) -> dict:
@@ -271,14 +260,17 @@ def _merged(base: dict, overrides: dict) -> dict:
     return out
 
 
-class _DeepSpeedWorker:
+class _DeepSpeedWorker(RunActor):
     """One rank of a DeepSpeed model group: init, micro-batching, checkpoints and state versioning."""
 
     role = "model"
 
-    def __init__(self, model_path: str, trainer: dict, dtype: str, seed: int, rank: int = 0, world_size: int = 1,
-                 master_addr: str = "127.0.0.1", master_port: int | None = None):
-        mini, micro = trainer["mini_batch_size"], trainer["micro_batch_size"]
+    def __init__(self, model_path: str, trainer: TrainerConfig, dtype: str, seed: int, rank: int = 0,
+                 world_size: int = 1, master_addr: str = "127.0.0.1", master_port: int | None = None,
+                 deepspeed_overrides: dict | None = None):
+        """`trainer`: this model's config section (policy or critic); `deepspeed_overrides`: the user's DeepSpeed
+        JSON (`trainer.deepspeed_config`), read by the driver, since the ranks may run where the file is not."""
+        mini, micro = trainer.mini_batch_size, trainer.micro_batch_size
         # Checked before the rendezvous: every rank of a misconfigured group fails here instead of waiting for the
         # others. (Each rank runs mini/(micro·N) micro-batches per optimizer step.)
         if mini % (micro * world_size):
@@ -288,8 +280,9 @@ class _DeepSpeedWorker:
                 f"of micro-batches per optimizer step; change one of the batch sizes or the number of ranks")
         import torch
 
-        torch.set_num_threads(trainer["num_threads"])
+        torch.set_num_threads(trainer.num_threads)
         self.model_path, self.cfg, self.dtype, self.seed = model_path, trainer, dtype, seed
+        self.deepspeed_overrides = deepspeed_overrides
         self.rank, self.world_size = rank, world_size
         # DeepSpeed's autotuner imports MLflow whenever it is installed (~2.5 s of every trainer's start on 2 cores);
         # no trainer actor logs to it (tracking runs in the driver), so inside an actor it is hidden from that import.
@@ -303,7 +296,7 @@ class _DeepSpeedWorker:
         # rank 0's (`group_address`). Groups on one host, even on one shared GPU, only need distinct MASTER_PORTs
         # (NCCL's bootstrap finds its own ports). LOCAL_RANK: the device index deepspeed.initialize moves the model to.
         os.environ.update(
-            MASTER_ADDR=master_addr, MASTER_PORT=str(master_port or _free_port()), RANK=str(rank),
+            MASTER_ADDR=master_addr, MASTER_PORT=str(master_port or free_port()), RANK=str(rank),
             LOCAL_RANK=str(_local_rank(rank)), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
         )
         deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl")
@@ -324,18 +317,19 @@ class _DeepSpeedWorker:
                 torch.cuda.empty_cache()
         torch.manual_seed(self.seed)
         model = self._make_model()
-        if self.cfg["gradient_checkpointing"]:
+        if self.cfg.gradient_checkpointing:
             # Non-reentrant, the form PyTorch recommends: the reentrant one computes no parameter gradients in a
             # block none of whose inputs requires grad.
             self._checkpointed_module(model).gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False})
-        optimizer = torch.optim.AdamW(model.parameters(), lr=self.cfg["lr"], weight_decay=self.cfg["weight_decay"])
+        optimizer = torch.optim.AdamW(model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
         # DeepSpeed steps the scheduler once per optimizer step (at the accumulation boundary) and saves and loads
         # its state with the checkpoint. The factor is 1 for a constant schedule without warmup: the plain lr.
         cfg = self.cfg
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
-            step, cfg["lr_warmup_steps"], cfg["lr_schedule"], cfg["lr_decay_steps"], cfg["min_lr_ratio"]))
-        ds_config = deepspeed_config(self.cfg, self.dtype, self.world_size, torch.cuda.is_available())
+            step, cfg.lr_warmup_steps, cfg.lr_schedule, cfg.lr_decay_steps, cfg.min_lr_ratio))
+        ds_config = deepspeed_config(self.cfg, self.dtype, self.world_size, torch.cuda.is_available(),
+                                     self.deepspeed_overrides)
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                config=ds_config)
         self.state_version, self.dirty = 0, False
@@ -406,7 +400,7 @@ class _DeepSpeedWorker:
         """Full (gathered) weights with HF names, as independent CPU tensors, on rank 0; None on the other ranks.
 
         Collective under ZeRO-3 (every rank must call it); the other stages read rank 0's full copy."""
-        if self.cfg["zero_stage"] == 3:
+        if self.cfg.zero_stage == 3:
             sd = self.engine._zero3_consolidated_16bit_state_dict()
         elif self.rank == 0:
             sd = self.engine.module.state_dict()
@@ -427,7 +421,7 @@ class _DeepSpeedWorker:
 
         norm = None
         if self.engine.is_gradient_accumulation_boundary():
-            if self.cfg["zero_stage"] == 0:
+            if self.cfg.zero_stage == 0:
                 # Each norm in float32: bf16 gradients' own norms would be rounded to ~3 digits.
                 grads = [torch.linalg.vector_norm(p.grad, dtype=torch.float32)
                          for p in self.engine.module.parameters() if p.grad is not None]
@@ -442,7 +436,7 @@ class _DeepSpeedWorker:
 
         Yields (all micro-batches of the step, this rank's): micro-batch j goes to rank j mod N. Every rank draws the
         same permutation, so the step's global counts (the loss denominators) are known on each."""
-        mini, micro = self.cfg["mini_batch_size"], self.cfg["micro_batch_size"]
+        mini, micro = self.cfg.mini_batch_size, self.cfg.micro_batch_size
         if self.world_size > 1 and n % mini:
             raise ValueError(
                 f"{n} experience rows are not a multiple of {self.role}.mini_batch_size ({mini}): with "
@@ -476,9 +470,11 @@ class _DeepSpeedWorker:
 class PolicyWorker(_DeepSpeedWorker):
     role = "policy"
 
-    def __init__(self, *args, algo: dict, **kwargs):
-        self.algo = algo
-        self._epochs = algo["ppo_epochs"]
+    def __init__(self, *args, algo: AlgoConfig, norm_len: int, **kwargs):
+        """`norm_len`: Dr. GRPO's constant length L of `loss_agg: seq-mean-token-sum-norm` (the response length
+        limit, generation.max_new_tokens)."""
+        self.algo, self.norm_len = algo, norm_len
+        self._epochs = algo.ppo_epochs
         super().__init__(*args, **kwargs)
 
     def _make_model(self):
@@ -496,15 +492,15 @@ class PolicyWorker(_DeepSpeedWorker):
         whole table in, the whole list out). `threads`: torch threads for this call (None: policy.num_threads)."""
         import torch
 
-        _use_threads(threads, self.cfg["num_threads"])
+        _use_threads(threads, self.cfg.num_threads)
 
         def compute(indices) -> list:
             out = []
-            for idx in _micro_batches(indices, self.cfg["micro_batch_size"]):
+            for idx in _micro_batches(indices, self.cfg.micro_batch_size):
                 rows = table.take(idx)
                 out += _rows(*sample_logprobs(self.engine, rows["prompt_ids"].to_pylist(),
                                               rows["response_ids"].to_pylist(), self.tokenizer.pad_token_id,
-                                              self.device, self.cfg["share_prompts"]))
+                                              self.device, self.cfg.share_prompts))
             return out
 
         self.engine.eval()
@@ -519,7 +515,7 @@ class PolicyWorker(_DeepSpeedWorker):
         from algorithms.kl import kl_estimate
         from algorithms.losses import aggregate, importance_weights, policy_loss
 
-        _use_threads(threads, self.cfg["num_threads"])
+        _use_threads(threads, self.cfg.num_threads)
 
         self.engine.train()
         self.dirty = True
@@ -527,13 +523,13 @@ class PolicyWorker(_DeepSpeedWorker):
         cols = {c: table[c].to_pylist() for c in ("prompt_ids", "response_ids", "old_logprobs", "advantages",
                                                   "ref_logprobs", "engine_logprobs")}
         response_ids = cols["response_ids"]
-        share = self.cfg["share_prompts"] and not self.cfg["gradient_checkpointing"]  # see sample_logprobs
+        share = self.cfg.share_prompts and not self.cfg.gradient_checkpointing  # see sample_logprobs
         for micro_batches, mine in self._optimizer_steps(table.num_rows, seed):
             # Every micro-batch divides by the whole optimizer step's token (or sequence) count, so the gradient
             # does not depend on how the step is split into micro-batches or ranks.
             denominators = {"loss_denominator": float(sum(len(response_ids[i]) for mb in micro_batches for i in mb)),
                             "num_seqs_denominator": float(sum(len(mb) for mb in micro_batches)),
-                            "norm_len": float(algo["norm_len"])}
+                            "norm_len": float(self.norm_len)}
             acc = {"ppo/policy_loss": 0.0, "ppo/clipfrac": 0.0, "ppo/approx_kl": 0.0, "ppo/kl_loss": 0.0,
                    "ppo/entropy": 0.0, "ppo/is_weight_mean": 0.0}
             lr = self._lr()
@@ -545,22 +541,22 @@ class PolicyWorker(_DeepSpeedWorker):
                 column = lambda name: _padded([cols[name][i] for i in mb], a_max, logp.device)  # noqa: E731
                 old_lp = column("old_logprobs")
                 is_weights = None
-                if algo["is_correction"] != "none":
-                    is_weights = importance_weights(old_lp, column("engine_logprobs"), mask, algo["is_correction"],
-                                                    algo["is_cap"], algo["is_low"])
-                loss, stats = policy_loss(logp, old_lp, column("advantages"), mask, algo["clip_eps"],
-                                          clip_eps_high=algo["clip_eps_high"], dual_clip=algo["dual_clip"],
-                                          ratio_level=algo["ratio_level"], is_weights=is_weights,
-                                          agg=algo["loss_agg"], **denominators)
+                if algo.is_correction != "none":
+                    is_weights = importance_weights(old_lp, column("engine_logprobs"), mask, algo.is_correction,
+                                                    algo.is_cap, algo.is_low)
+                loss, stats = policy_loss(logp, old_lp, column("advantages"), mask, algo.clip_eps,
+                                          clip_eps_high=algo.clip_eps_high, dual_clip=algo.dual_clip,
+                                          variant=algo.policy_loss, is_weights=is_weights,
+                                          agg=algo.loss_agg, **denominators)
                 acc["ppo/policy_loss"] += loss.item()
-                if not algo["kl_in_reward"] and kl_coef > 0:
-                    kl = kl_estimate(logp, column("ref_logprobs"), algo["kl_estimator"])
-                    kl_loss = aggregate(kl, mask, algo["loss_agg"], **denominators)
+                if not algo.kl_in_reward and kl_coef > 0:
+                    kl = kl_estimate(logp, column("ref_logprobs"), algo.kl_estimator)
+                    kl_loss = aggregate(kl, mask, algo.loss_agg, **denominators)
                     loss = loss + kl_coef * kl_loss
                     acc["ppo/kl_loss"] += kl_loss.item()
-                entropy_term = aggregate(entropy, mask, algo["loss_agg"], **denominators)
-                if algo["entropy_coef"] > 0:
-                    loss = loss - algo["entropy_coef"] * entropy_term
+                entropy_term = aggregate(entropy, mask, algo.loss_agg, **denominators)
+                if algo.entropy_coef > 0:
+                    loss = loss - algo.entropy_coef * entropy_term
                 # DeepSpeed averages the ranks' gradients; each rank's share of the step's sum, times N, makes that
                 # average the sum: the gradient of the whole step, as on one rank.
                 self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
@@ -647,7 +643,7 @@ class PolicyWorker(_DeepSpeedWorker):
                 return [p.detach().clone() for p in params]
 
         if self.rank != 0:
-            if self.cfg["zero_stage"] == 3:
+            if self.cfg.zero_stage == 3:
                 for entries in buckets(spec["plan"], spec["bucket_mb"]):
                     tensors_of(entries)
             return None
@@ -749,9 +745,9 @@ def _value_model(model_path: str, dtype):
 class CriticWorker(_DeepSpeedWorker):
     role = "critic"
 
-    def __init__(self, *args, algo: dict, pad_token_id: int, **kwargs):
+    def __init__(self, *args, algo: AlgoConfig, pad_token_id: int, **kwargs):
         self.algo, self.pad_token_id = algo, pad_token_id
-        self._epochs = algo["ppo_epochs"]
+        self._epochs = algo.ppo_epochs
         super().__init__(*args, **kwargs)
 
     def _make_model(self):
@@ -766,11 +762,11 @@ class CriticWorker(_DeepSpeedWorker):
         threads for this call (None: critic.num_threads)."""
         import torch
 
-        _use_threads(threads, self.cfg["num_threads"])
+        _use_threads(threads, self.cfg.num_threads)
 
         def compute(indices) -> list:
             out = []
-            for idx in _micro_batches(indices, self.cfg["micro_batch_size"]):
+            for idx in _micro_batches(indices, self.cfg.micro_batch_size):
                 rows = table.take(idx)
                 ids, attn, p_lens, a_lens = _collate(rows["prompt_ids"].to_pylist(), rows["response_ids"].to_pylist(),
                                                      self.pad_token_id, self.device)
@@ -786,7 +782,7 @@ class CriticWorker(_DeepSpeedWorker):
         torch threads for this call (None: critic.num_threads)."""
         from algorithms.losses import value_loss
 
-        _use_threads(threads, self.cfg["num_threads"])
+        _use_threads(threads, self.cfg.num_threads)
 
         self.engine.train()
         self.dirty = True
@@ -804,7 +800,7 @@ class CriticWorker(_DeepSpeedWorker):
                 a_max = v.shape[1]
                 loss, stats = value_loss(v, _padded([old_v[i] for i in mb], a_max, v.device),
                                          _padded([returns[i] for i in mb], a_max, v.device), mask,
-                                         self.algo["value_clip_eps"], loss_denominator=step_tokens)
+                                         self.algo.value_clip_eps, loss_denominator=step_tokens)
                 self.engine.backward(loss * self.world_size, scale_wrt_gas=False)  # as in PolicyWorker.train
                 grad_norm = self._step()
                 acc["critic/value_loss"] += loss.item()
@@ -817,7 +813,7 @@ class CriticWorker(_DeepSpeedWorker):
         return metrics
 
 
-class ReferenceWorker:
+class ReferenceWorker(RunActor):
     """The frozen reference policy π_ref: a plain HF model in eval mode, no optimizer, no DeepSpeed; on cuda:0 when
     the actor was given a GPU (it shares the policy's `num_gpus`), else on the CPU."""
 

@@ -32,12 +32,14 @@ def test_skipped_sync_is_caught_by_the_gate_and_a_real_sync_passes_it(make_confi
 
     from flows.ppo import ppo_iteration
     from stages.advantages import advantages
-    from stages.common import actor, engines, store_of
+    from stages.common import store_of
     from stages.generate import generate
     from stages.score import LogprobGateError, max_logprob_gap, score
     from stages.setup import close_run, open_run, start_workers
-    from stages.sync import bring_engine_to, sync
+    from stages.sync import sync
     from stages.update import update
+    from workers.cluster import get_actor
+    from workers.engine_pool import EnginePool
 
     # lr 1e-3: one update moves the policy far enough that scoring with stale engine weights is unmistakable.
     config = make_config("run_id=gate", "iterations=2", "policy.lr=1e-3", "flow.retries=1", "flow.retry_delay_s=0")
@@ -48,10 +50,12 @@ def test_skipped_sync_is_caught_by_the_gate_and_a_real_sync_passes_it(make_confi
     store = store_of(config, run_uri)
     try:
         start_workers(config, run_uri)
-        (engine,), policy = engines(config, run_uri), actor(config, run_uri, "policy")
+        pool = EnginePool(config, run_uri, store)
+        (engine,), policy = pool.handles, get_actor(run_uri, "policy", config.ray.namespace)
         # On CPU a model runs several threads only while it computes alone, so they may spin (workers/cluster.py).
         for role in ("engine-0", "policy", "reference", "critic"):
-            assert ray.get(actor(config, run_uri, role).__ray_call__.remote(_spin_count)) == "300000", role
+            assert ray.get(get_actor(run_uri, role, config.ray.namespace).__ray_call__.remote(_spin_count)) == \
+                "300000", role
 
         generate(config, run_uri, 1)
         scored = score(config, run_uri, 1)  # the engine serves the base model it loaded: no sync involved yet
@@ -83,7 +87,7 @@ def test_skipped_sync_is_caught_by_the_gate_and_a_real_sync_passes_it(make_confi
         # The fix the message gives: a real sync (what a resumed process does: its fresh engine serves version 0 and
         # start-workers brings it to the committed version), then regenerate the rollout the wrong weights sampled.
         ray.get(engine.update_weights.remote(old_weights, 0))
-        assert [row["method"] for row in bring_engine_to(config, store, run_uri, 1)] == ["object_store"]
+        assert [row["method"] for row in pool.bring_to(1)] == ["object_store"]
         shutil.rmtree(run / "iter-000002" / "generate")
         generate(config, run_uri, 2)
         rescored = score(config, run_uri, 2)

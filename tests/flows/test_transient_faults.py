@@ -125,12 +125,11 @@ def test_flaky_reward_storage_error_and_dead_engine_each_cost_a_retry_not_the_ru
                                                                                   monkeypatch):
     import ray
 
-    import stages.generate
+    import workers.engine_pool
     from flows.ppo import ppo_iteration
-    from stages.common import engines
     from stages.generate import generate
     from stages.setup import close_run, open_run, start_workers
-    from workers.engines import engine_name
+    from workers.engines import engine_name, get_engines
 
     (tmp_path / "rewards").mkdir()
     (tmp_path / "rewards" / "transient_reward.py").write_text(FLAKY_REWARD)
@@ -174,13 +173,13 @@ def test_flaky_reward_storage_error_and_dead_engine_each_cost_a_retry_not_the_ru
         generate(config, run_uri, 2)
         undisturbed = pq.read_table(run / "iter-000002" / "generate").to_pylist()
         shutil.rmtree(run / "iter-000002" / "generate")
-        handles = engines(config, run_uri)
+        handles = get_engines(run_uri, config.ray.namespace, config.generation.num_engines)
         pids = ray.get([e.__ray_call__.remote(_pid) for e in handles])
         n_events = len(_events(run))
 
         # Iteration 2: engine 0 dies with a chunk of the rollout in flight.
-        monkeypatch.setattr(stages.generate, "generate_on_engines",
-                            _kill_engine_0_after_its_first_chunk(stages.generate.generate_on_engines))
+        monkeypatch.setattr(workers.engine_pool, "generate_on_engines",
+                            _kill_engine_0_after_its_first_chunk(workers.engine_pool.generate_on_engines))
         ppo_iteration(config, run_uri, 2)
         for stage in ("generate", "score", "advantages", "update", "sync"):
             assert (run / "iter-000002" / stage / "_SUCCESS.json").exists(), stage

@@ -11,7 +11,8 @@ import pyarrow as pa
 import pytest
 
 from stages.config import load_config
-from stages.report import close_report, report
+from stages.report import report
+from stages.setup import close_run
 from storage.run import RunStore, run_uri
 from storage.schema import SCHEMAS
 
@@ -58,11 +59,11 @@ def test_report_reads_only_its_iteration_and_a_new_process_reports_the_same(tmp_
     table = artifacts["r1-iterations"]
     assert [(r["iteration"], r["reward"], r["kl"]) for r in table] == [(1, 0.25, 0.01), (2, 0.5, 0.02), (3, 0.75, 0.03)]
     assert artifacts["r1-progress"] == 75.0 and artifacts["r1-rollouts"] == []
-    close_report(uri)
+    close_run(config, uri, stop_workers=False)
 
     report(config, uri, 3)  # a resumed flow run re-reports its last iteration: the same table, from storage
     assert artifacts["r1-iterations"] == table
-    close_report(uri)
+    close_run(config, uri, stop_workers=False)
 
     # One event file per flow run, each opened once; the second's restart marker replaces the re-logged step 3.
     assert len(glob.glob(f"{uri}/tensorboard/events.out.tfevents.*")) == 2

@@ -18,11 +18,16 @@ from storage.prompts import PromptFileError
         ("model.path=/nonexistent/model", RunSetupError, "model.path"),
         ("data.prompts=/nonexistent/prompts.jsonl", PromptFileError, "data.prompts"),
         ("storage.root=memory://runs", RunSetupError, "storage.root"),
+        # hybrid: an engine (0.5 GPU) and rank 0's policy + reference (0.3 each) on one GPU: 1.1 > 1
+        ("generation.placement=hybrid generation.num_gpus=0.5 policy.num_gpus=0.3 critic.num_gpus=0.1",
+         RunSetupError, "generation.placement: hybrid puts an engine and rank 0"),
     ],
 )
 def test_preflight_errors_name_the_field_and_write_nothing(make_config, tmp_path, override, error, field):
+    """Each error comes before the run's folder exists (no run.json): fixing the fields and rerunning the same run
+    id starts the run, rather than tripping the resume guard on a manifest of the broken config."""
     with pytest.raises(error, match=field):
-        open_run(make_config(override, "run_id=bad"))
+        open_run(make_config(*override.split(), "run_id=bad"))
     assert not (tmp_path / "runs").exists()
 
 

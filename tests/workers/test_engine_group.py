@@ -151,8 +151,9 @@ def test_trainer_groups_get_a_bundle_per_rank_in_the_runs_group():
 def test_trainer_settings_are_validated_naming_the_field(tmp_path):
     from stages.config import ConfigError
 
-    with pytest.raises(ConfigError, match=r"policy.num_ranks: mini_batch_size \(32\) must be a multiple of "
-                                          r"micro_batch_size \(8\) x num_ranks \(3\)"):
+    with pytest.raises(ConfigError, match=r"policy.mini_batch_size: .* must be a multiple of policy.mini_batch_size "
+                                          r"\(32\), itself a multiple of policy.micro_batch_size \(8\) x "
+                                          r"policy.num_ranks \(3\)"):
         _config("policy.num_ranks=3", "policy.mini_batch_size=32", "policy.micro_batch_size=8")
     with pytest.raises(ConfigError, match=r"policy.offload: .*zero_stage 1, 2 or 3"):
         _config("policy.offload=optimizer", "policy.zero_stage=0")
@@ -174,7 +175,7 @@ def test_deepspeed_config_from_fields_offload_and_user_json():
     from workers.trainer import deepspeed_config
 
     trainer = TrainerConfig(zero_stage=3, offload="optimizer_and_params", mini_batch_size=32, micro_batch_size=4,
-                            num_ranks=2).model_dump()
+                            num_ranks=2)
     ds = deepspeed_config(trainer, "bfloat16", world_size=2, on_gpu=True)
     assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == \
         (32, 4, 4)
@@ -183,7 +184,7 @@ def test_deepspeed_config_from_fields_offload_and_user_json():
     assert ds["bf16"] == {"enabled": True}
     user = {"zero_optimization": {"reduce_bucket_size": 5e7, "offload_param": {"pin_memory": False}},
             "gradient_clipping": 0.5}
-    merged = deepspeed_config({**trainer, "deepspeed_overrides": user}, "bfloat16", world_size=2, on_gpu=True)
+    merged = deepspeed_config(trainer, "bfloat16", world_size=2, on_gpu=True, overrides=user)
     assert merged["zero_optimization"] == {"stage": 3, "reduce_bucket_size": 5e7,
                                            "offload_optimizer": {"device": "cpu", "pin_memory": True},
                                            "offload_param": {"device": "cpu", "pin_memory": False}}
@@ -219,7 +220,7 @@ class _Echo:
 def test_dispatch_keeps_request_order_and_gives_the_slow_engine_less(ray_session):
     import ray
 
-    from stages.common import generate_on_engines
+    from workers.engine_pool import generate_on_engines
 
     fast, slow = (ray.remote(_Echo).options(num_cpus=0).remote(d) for d in (0.005, 0.1))
     requests = [_request([1], seed=s) for s in range(40)]
@@ -338,7 +339,7 @@ def test_engines_sit_in_the_runs_named_placement_group(group):
 def test_dispatch_uses_both_engines_and_samples_do_not_depend_on_the_engine(group, prompts):
     import ray
 
-    from stages.common import generate_on_engines
+    from workers.engine_pool import generate_on_engines
 
     engines = group["engines"]
     requests = [_request(p, seed=1000 + 4 * j) for j, p in enumerate(prompts)]
@@ -368,7 +369,7 @@ def test_bring_engine_to_updates_only_the_engines_behind_and_restores(group, pro
     from safetensors.torch import load_file, save
 
     from stages.common import store_of
-    from stages.sync import bring_engine_to
+    from workers.engine_pool import EnginePool
     from workers.cluster import actor_name
     from workers.engines import engine_name
     from workers.vllm_ext import state_dict_checksum
@@ -404,7 +405,7 @@ def test_bring_engine_to_updates_only_the_engines_behind_and_restores(group, pro
     try:
         # engine 0 already serves version 1 (as if the sync had reached it before a restart of engine 1)
         ray.get(engines[0].update_weights.remote(save(perturbed), 1))
-        rows = bring_engine_to(config, store_of(config, run_uri), run_uri, 1)
+        rows = EnginePool(config, run_uri, store_of(config, run_uri)).bring_to(1)
         assert [r["engine"] for r in rows] == [engine_name(run_uri, 0), engine_name(run_uri, 1)]
         assert [r["method"] for r in rows] == ["already_current", "object_store"]
         assert rows[1]["bytes"] == len(save(perturbed)) and rows[0]["bytes"] == 0
@@ -414,10 +415,10 @@ def test_bring_engine_to_updates_only_the_engines_behind_and_restores(group, pro
         assert after[0] == after[1]  # both engines serve the same weights
         assert [s[0]["logprobs"] for s in after[0]] != [s[0]["logprobs"] for s in before[0]]
 
-        assert [r["method"] for r in bring_engine_to(config, store_of(config, run_uri), run_uri, 1)] == \
+        assert [r["method"] for r in EnginePool(config, run_uri, store_of(config, run_uri)).bring_to(1)] == \
             ["already_current"] * 2  # nothing to send
         ray.get(policy.serve.remote(save(original)))
-        assert [r["method"] for r in bring_engine_to(config, store_of(config, run_uri), run_uri, 2)] == \
+        assert [r["method"] for r in EnginePool(config, run_uri, store_of(config, run_uri)).bring_to(2)] == \
             ["object_store"] * 2
         assert ray.get(policy.get_asked.remote()) == [1, 2]  # the policy was asked only when an engine was behind
         assert ray.get([e.generate.remote(greedy) for e in engines]) == before  # the old weights, bit for bit
@@ -429,13 +430,13 @@ def test_bring_engine_to_updates_only_the_engines_behind_and_restores(group, pro
 def test_generate_refuses_engines_behind_the_committed_version(group):
     import ray
 
-    from stages.generate import served_version
+    from workers.engine_pool import check_serving
 
     engines = group["engines"]
     current = ray.get(engines[0].version.remote())
-    assert served_version(engines, current) == current
+    assert check_serving(engines, current) == current
     with pytest.raises(RuntimeError, match=r"engines \[0, 1\] serve policy versions"):
-        served_version(engines, 99)
+        check_serving(engines, 99)
 
 
 def test_hybrid_placement_group_holds_engines_and_trainers_on_cpu_bundles(ray_session, tmp_path):

@@ -56,7 +56,7 @@ def _requests(n: int) -> list[dict]:
 
 
 def _syncer(actors: list, version: int, lost: list):
-    """What stages.sync.engine_recovery does, minus the policy actor: wait for the restart, push `version`."""
+    """What EnginePool.recovery does, minus the policy actor: wait for the restart, push `version`."""
     import ray
 
     from workers.engines import engine_versions
@@ -73,7 +73,7 @@ def test_a_dead_engines_chunks_are_resent_after_it_is_restarted_and_synced(tmp_p
     import ray
     from ray.exceptions import RayActorError
 
-    from stages.common import generate_on_engines
+    from workers.engine_pool import generate_on_engines
     from workers.engine import EngineVersionError
 
     actors = _engines(tmp_path, 2, crash_seed=9)
@@ -97,7 +97,7 @@ def test_a_dead_engines_chunks_are_resent_after_it_is_restarted_and_synced(tmp_p
 def test_an_engine_behind_refuses_the_chunk_and_without_a_callback_the_error_surfaces(tmp_path):
     import ray
 
-    from stages.common import generate_on_engines
+    from workers.engine_pool import generate_on_engines
     from workers.engine import EngineVersionError
 
     (stale,) = _engines(tmp_path, 1, version=0)  # a restarted engine, before anyone synced it
@@ -114,7 +114,7 @@ def test_an_engine_behind_refuses_the_chunk_and_without_a_callback_the_error_sur
 def test_an_engine_out_of_restarts_fails_the_call(tmp_path):
     from ray.exceptions import ActorDiedError
 
-    from stages.common import generate_on_engines
+    from workers.engine_pool import generate_on_engines
 
     (engine,) = _engines(tmp_path, 1, crash_seed=0, max_restarts=0)  # generation.max_engine_restarts=0
     lost: list = []

@@ -66,13 +66,15 @@ def test_cosine_schedule_needs_its_length():
 
 
 def test_group_batch_split_is_checked_before_the_rendezvous():
+    from algorithms.config import AlgoConfig
     from workers.config import TrainerConfig
 
-    cfg = TrainerConfig(mini_batch_size=32, micro_batch_size=8).model_dump()
+    cfg = TrainerConfig(mini_batch_size=32, micro_batch_size=8)
     # 32 / (8 × 3) is not whole: the constructor fails at once (no DeepSpeed, no waiting for the other ranks).
     with pytest.raises(ValueError, match=r"policy.mini_batch_size \(32\).*policy.micro_batch_size \(8\).*world "
                                          r"size \(3\)"):
-        trainer.PolicyWorker("no-model-needed", cfg, "float32", 0, rank=0, world_size=3, algo={"ppo_epochs": 1})
+        trainer.PolicyWorker("no-model-needed", cfg, "float32", 0, rank=0, world_size=3, algo=AlgoConfig(),
+                             norm_len=8)
 
 
 def _split_only_worker(rank: int, world_size: int):
@@ -80,7 +82,7 @@ def _split_only_worker(rank: int, world_size: int):
     from workers.config import TrainerConfig
 
     w = object.__new__(trainer.PolicyWorker)
-    w.cfg = TrainerConfig(mini_batch_size=16, micro_batch_size=4).model_dump()
+    w.cfg = TrainerConfig(mini_batch_size=16, micro_batch_size=4)
     w.rank, w.world_size, w._epochs = rank, world_size, 2
     return w
 

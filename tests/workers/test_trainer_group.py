@@ -34,22 +34,22 @@ SCHEDULE = dict(lr_warmup_steps=2, lr_schedule="cosine", lr_decay_steps=4, min_l
 """Every group trains with this schedule: step factors 0.5, 1 (warmup), then the cosine 1 → 0.1 over steps 2..6."""
 
 
-def _trainer(**overrides) -> dict:
+def _trainer(**overrides):
     from workers.config import TrainerConfig
 
     settings = dict(lr=LR, zero_stage=2, mini_batch_size=32, micro_batch_size=8, num_threads=1, num_cpus=0.5,
                     **SCHEDULE)
-    return TrainerConfig(**{**settings, **overrides}).model_dump()
+    return TrainerConfig(**{**settings, **overrides})
 
 
-def _algo() -> dict:
+def _algo():
     from algorithms.config import AlgoConfig
 
     # Options that exercise every term and metric of the policy loss: IS correction, KL loss, entropy bonus, the
     # per-sequence denominator.
     algo = AlgoConfig(estimator="gae", kl_in_reward=False, kl_estimator="k3", entropy_coef=0.01, is_correction="tis",
                       loss_agg="seq-mean-token-mean", ppo_epochs=1)
-    return {**algo.model_dump(), "norm_len": 8}
+    return algo
 
 
 def _tokens(n: int, seed: int, vocab: int, group: int = 4):
@@ -91,13 +91,13 @@ def _experience(tokens, old_logprobs, seed: int):
 class Group:
     """N actors of one trainer class, ranks 0..N-1; `call` runs a method on every rank and returns every result."""
 
-    def __init__(self, cls, n: int, model_dir: str, trainer: dict, **kwargs):
+    def __init__(self, cls, n: int, model_dir: str, trainer, **kwargs):
         import ray
 
-        from workers.trainer import _free_port
+        from workers.cluster import free_port
 
         # One rank: the stages' way (the actor picks its own port); more: rank 0's address, given to every rank.
-        group = {} if n == 1 else {"world_size": n, "master_addr": "127.0.0.1", "master_port": _free_port()}
+        group = {} if n == 1 else {"world_size": n, "master_addr": "127.0.0.1", "master_port": free_port()}
         self.actors = [ray.remote(cls).options(num_cpus=0.5).remote(model_dir, trainer, "float32", SEED, rank=r,
                                                                     **group, **kwargs) for r in range(n)]
         ray.get([a.__ray_ready__.remote() for a in self.actors], timeout=600)
@@ -215,10 +215,10 @@ def test_zero2_group_is_the_one_rank_model(ray_session, tiny_model_dir, vocab, t
 
     solo = split = duo = None
     try:
-        solo = Group(PolicyWorker, 1, tiny_model_dir, _trainer(), algo=_algo())
+        solo = Group(PolicyWorker, 1, tiny_model_dir, _trainer(), algo=_algo(), norm_len=8)
         split = Group(PolicyWorker, 1, tiny_model_dir, _trainer(micro_batch_size=16, gradient_checkpointing=True),
-                      algo=_algo())
-        duo = Group(PolicyWorker, 2, tiny_model_dir, _trainer(), algo=_algo())
+                      algo=_algo(), norm_len=8)
+        duo = Group(PolicyWorker, 2, tiny_model_dir, _trainer(), algo=_algo(), norm_len=8)
         assert split.checkpointing() == [True] and solo.checkpointing() == [False]
 
         # 37 rows over 2 ranks: shares of 19 and 18 (+1 padding row), micro-batches of 8 padded differently.
@@ -286,8 +286,8 @@ def test_zero3_group_trajectory_and_checkpoint_survive_sigkill(ray_session, tiny
     trainer = _trainer(zero_stage=3)
     solo = duo = resumed = None
     try:
-        solo = Group(PolicyWorker, 1, tiny_model_dir, trainer, algo=_algo())
-        duo = Group(PolicyWorker, 2, tiny_model_dir, trainer, algo=_algo())
+        solo = Group(PolicyWorker, 1, tiny_model_dir, trainer, algo=_algo(), norm_len=8)
+        duo = Group(PolicyWorker, 2, tiny_model_dir, trainer, algo=_algo(), norm_len=8)
         # 33 rows: shares of 17 and 16 rows, 3 and 2 micro-batches of 8. ZeRO-3 gathers the parameters of every
         # forward with the other rank, so the short share runs a padding forward too (without it: a hang).
         _assert_group_logprobs(duo, solo, _tokens(33, seed=8, vocab=vocab))
@@ -325,7 +325,7 @@ def test_zero3_group_trajectory_and_checkpoint_survive_sigkill(ray_session, tiny
             assert time.monotonic() < deadline, f"actor processes {pids} still alive after ray.kill"
             time.sleep(0.2)
 
-        resumed = Group(PolicyWorker, 2, tiny_model_dir, trainer, algo=_algo())
+        resumed = Group(PolicyWorker, 2, tiny_model_dir, trainer, algo=_algo(), norm_len=8)
         assert resumed.call("ensure_version", 1, ckpt) == [True, True]
         # Each rank's torch and numpy streams continue where the save left them (a fresh actor's are reseeded).
         assert resumed.rng_draws() == draws

@@ -1,4 +1,4 @@
-"""Weight sync (workers/weight_sync.py, stages/sync.py): bucketed broadcast from trainer rank 0 to every engine, the
+"""Weight sync (workers/weight_sync.py, workers/engine_pool.py): bucketed broadcast from trainer rank 0 to every engine, the
 storage fallback, versions and sample checksums.
 
 The fast tests check the bucket plan, pack/unpack and a two-member gloo group in threads (no Ray). The slow ones run
@@ -118,23 +118,22 @@ def _with_route(config, route: str):
 @pytest.fixture(scope="module")
 def run(ray_session, tiny_model_dir, tmp_path_factory):
     """Two engines (0.5 CPU each, in the run's placement group) and the policy's two ranks (0.25 CPU each), named
-    as a run's workers so that stages.sync finds them."""
+    as a run's workers so that the run's EnginePool finds them."""
     import ray
 
-    from workers.cluster import actor_name, rank_role
+    from workers.cluster import actor_name, free_port, rank_role
     from workers.engines import create_engines, get_engines, remove_placement_group
-    from workers.trainer import PolicyWorker, _free_port
+    from workers.trainer import PolicyWorker
 
     root = tmp_path_factory.mktemp("weight-sync")
     config = _config(str(root), tiny_model_dir)
     run_uri = str(root / "sync-run")
     engines, _, _ = create_engines(run_uri, config)
-    algo = {**config.algo.model_dump(), "norm_len": 8}
-    port = _free_port()
+    port = free_port()
     policy = [ray.remote(PolicyWorker).options(name=actor_name(run_uri, rank_role("policy", r)),
                                                namespace="ppoflow-tests", num_cpus=0.25)
-              .remote(tiny_model_dir, config.policy.model_dump(), "float32", 0, rank=r, world_size=2,
-                      master_addr="127.0.0.1", master_port=port, algo=algo) for r in range(2)]
+              .remote(tiny_model_dir, config.policy, "float32", 0, rank=r, world_size=2,
+                      master_addr="127.0.0.1", master_port=port, algo=config.algo, norm_len=8) for r in range(2)]
     ray.get([e.ready.remote() for e in engines] + [p.__ray_ready__.remote() for p in policy], timeout=900)
     yield {"config": config, "run_uri": run_uri, "engines": engines, "policy": policy}
     for actor in [*get_engines(run_uri, "ppoflow-tests"), *policy]:
@@ -182,8 +181,8 @@ def test_broadcast_and_storage_routes_load_the_trainers_weights(run, prompts):
     import ray
     from safetensors.torch import load_file, save
 
-    from stages.common import checkpoint_uri, store_of
-    from stages.sync import bring_engine_to
+    from stages.common import store_of
+    from workers.engine_pool import EnginePool
     from workers.vllm_ext import state_dict_checksum
     from workers.weight_sync import tensor_sum
 
@@ -193,7 +192,7 @@ def test_broadcast_and_storage_routes_load_the_trainers_weights(run, prompts):
 
     # --- broadcast: the new policy reaches both engines, checked against the trainer ---
     _train_step(policy, prompts, 1)
-    rows = bring_engine_to(config, store, run_uri, 1)
+    rows = EnginePool(config, run_uri, store).bring_to(1)
     assert [r["method"] for r in rows] == ["broadcast"] * 2
     plan = ray.get(policy[0].weight_sync_plan.remote())
     sums, on_rank1 = ray.get([p.weight_sums.remote([e["name"] for e in plan]) for p in policy], timeout=300)
@@ -215,14 +214,14 @@ def test_broadcast_and_storage_routes_load_the_trainers_weights(run, prompts):
     group = ray.get([e.sync_group_id.remote() for e in engines])
     assert group[0] == group[1] is not None
     _train_step(policy, prompts, 2)
-    ray.get([p.export_hf.remote(checkpoint_uri(store, 2)) for p in policy], timeout=600)  # what update commits
-    rows = bring_engine_to(config, store, run_uri, 2)
+    ray.get([p.export_hf.remote(store.policy_checkpoint(2)) for p in policy], timeout=600)  # what update commits
+    rows = EnginePool(config, run_uri, store).bring_to(2)
     assert ray.get([e.sync_group_id.remote() for e in engines]) == group
     v2 = _greedy(engines, prompts)
     v2_checksum = rows[0]["checksum"]
     base = save(load_file(f"{config.model.path}/model.safetensors"))
     ray.get(engines[0].update_weights.remote(base, 0))  # as if engine 0 had been restarted
-    rows = bring_engine_to(config, store, run_uri, 2)
+    rows = EnginePool(config, run_uri, store).bring_to(2)
     assert [r["method"] for r in rows] == ["broadcast", "already_current"]
     assert math.isclose(rows[0]["checksum"], v2_checksum, rel_tol=1e-9)
     assert ray.get(engines[0].sync_group_id.remote()) not in (None, group[0])
@@ -231,11 +230,11 @@ def test_broadcast_and_storage_routes_load_the_trainers_weights(run, prompts):
     # --- storage fallback: the committed HF export gives the same weights ---
     ray.get([e.update_weights.remote(base, 0) for e in engines])
     assert _greedy(engines, prompts) == before
-    rows = bring_engine_to(_with_route(config, "storage"), store, run_uri, 2)
+    rows = EnginePool(_with_route(config, "storage"), run_uri, store).bring_to(2)
     assert [r["method"] for r in rows] == ["storage"] * 2 and rows[0]["bytes"] == 0
     # The export holds every tensor of the plan as the trainer has it (plus, here, a copy of the tied lm_head), and
     # the engines loaded exactly the export.
-    export = load_file(f"{checkpoint_uri(store, 2)}/hf/model.safetensors")
+    export = load_file(f"{store.policy_checkpoint(2)}/hf/model.safetensors")
     v2_sums = ray.get([p.weight_sums.remote([e["name"] for e in plan]) for p in policy], timeout=300)[0]
     assert all(math.isclose(tensor_sum(export[name]), value, rel_tol=1e-9) for name, value in v2_sums.items())
     assert math.isclose(math.fsum(v2_sums.values()), v2_checksum, rel_tol=1e-9)
@@ -243,5 +242,5 @@ def test_broadcast_and_storage_routes_load_the_trainers_weights(run, prompts):
     assert _greedy(engines, prompts) == v2
     # and the broadcast after it builds its group again (the engines' membership changed)
     ray.get(engines[1].update_weights.remote(base, 0))
-    assert [r["method"] for r in bring_engine_to(config, store, run_uri, 2)] == ["already_current", "broadcast"]
+    assert [r["method"] for r in EnginePool(config, run_uri, store).bring_to(2)] == ["already_current", "broadcast"]
     assert _greedy(engines, prompts) == v2
