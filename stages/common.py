@@ -54,6 +54,12 @@ class StageRun:
 
         return EnginePool(self.config, self.run_uri, self.store, log=logger().warning)
 
+    def trainers(self):
+        """The run's trainer groups (workers/trainers.py)."""
+        from workers.trainers import TrainerPool
+
+        return TrainerPool(self.config, self.run_uri, self.store)
+
     def group(self, role: str) -> list:
         """Every rank's actor of the `policy` or `critic` group (`num_ranks` of them), rank 0 first."""
         from workers.cluster import get_group
@@ -129,16 +135,6 @@ def stage(name: str, *, schema: str, on_skip: Callable | None = None, after_comm
         return run
 
     return wrap
-
-
-def threads_each(config, trainer, working: int) -> int | None:
-    """Torch threads for one of `working` models computing at once (a stage's policy, reference, critic, reward
-    model), `trainer` its config section: on CPU they share the cores, so each takes its share of its num_threads,
-    at least one; None (its num_threads) on GPUs or when it works alone. Fewer threads each beat the models'
-    teams fighting over the cores (bench/RESULTS.md)."""
-    if config.policy.num_gpus > 0 or working <= 1:
-        return None
-    return max(1, trainer.num_threads // working)
 
 
 def iteration_summary(store: RunStore, iteration: int) -> dict:

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from algorithms.config import AlgoConfig
 from algorithms.registry import ESTIMATORS
-from storage.config import CREDENTIAL_OPTIONS, StorageConfig
+from storage.config import CREDENTIAL_OPTIONS, CheckpointConfig, StorageConfig
 from workers.config import GenerationConfig, ModelConfig, RayConfig, TrainerConfig
 
 
@@ -263,7 +263,7 @@ class FlowConfig(BaseModel):
     seconds (bench/RESULTS.md, "Orchestration overhead")."""
 
 
-OPERATIONAL_FIELDS = ("run_id", "iterations", "ray", "flow", "eval", "tracking")
+OPERATIONAL_FIELDS = ("run_id", "iterations", "ray", "flow", "eval", "tracking", "checkpoint")
 """Fields a resumed run may change: they don't change what the run computes."""
 
 
@@ -289,6 +289,7 @@ class RunConfig(BaseModel):
     algo: AlgoConfig = AlgoConfig()
     reward: RewardConfig = RewardConfig()
     storage: StorageConfig = StorageConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
     ray: RayConfig = RayConfig()
     flow: FlowConfig = FlowConfig()
     eval: EvalConfig = EvalConfig()

@@ -19,7 +19,7 @@ import math
 
 import numpy as np
 
-from stages.common import Output, StageRun, stage, threads_each
+from stages.common import Output, StageRun, stage
 
 
 class RewardError(ValueError):
@@ -162,24 +162,22 @@ def score(s: StageRun) -> Output:
 
     from storage.schema import SCORED
     from workers.cluster import on_all_ranks
+    from workers.trainers import threads_each
 
     config, iteration = s.config, s.iteration
     rollout = s.store.read_stage(iteration, "generate")
     tokens = ray.put(rollout.select(["prompt_ids", "response_ids"]))
-    version, opts = iteration - 1, config.storage.storage_options
-    ckpt = s.store.policy_checkpoint(version)
+    s.trainers().bring_to(iteration - 1)  # the policy (and critic) that generated the rollout
 
     # Each column's ObjectRefs, one per rank of the group that computes it: every rank returns the whole column.
     # The models work at once: on CPU each on its share of the threads.
     working = 2 + config.uses_critic + (config.reward.model is not None)
     policy = s.group("policy")
-    ray.get(on_all_ranks(policy, "ensure_version", version, ckpt, opts))
     threads = threads_each(config, config.policy, working)
     pending = {"old_logprobs": on_all_ranks(policy, "logprobs", tokens, threads),
                "ref_logprobs": [s.actor("reference").logprobs.remote(tokens, threads)]}
     if config.uses_critic:
         critic = s.group("critic")
-        ray.get(on_all_ranks(critic, "ensure_version", version, ckpt, opts))
         pending["values"] = on_all_ranks(critic, "values", tokens, threads_each(config, config.critic, working))
     # Rule function and remote endpoint run here, the reward model in its actor, all while the trainers work.
     reward_model = s.actor("reward") if config.reward.model is not None else None

@@ -231,11 +231,11 @@ def open_run(config) -> dict:
 
 def start_workers(config, run_uri: str) -> dict:
     """Start Ray and the run's actors, then bring them to the latest committed policy version."""
-    import ray
 
-    from workers.cluster import connect, get_group, on_all_ranks
+    from workers.cluster import connect
     from workers.engine_pool import EnginePool
     from workers.launch import start_workers as launch
+    from workers.trainers import TrainerPool
 
     t0 = time.perf_counter()
     connect(config.ray.address, config.ray.num_cpus, config.ray.namespace)
@@ -244,11 +244,7 @@ def start_workers(config, run_uri: str) -> dict:
     ctx.workers = launch(run_uri, config)
     store = store_of(config, run_uri)
     version = store.latest_committed("update")
-    roles = ["policy", "critic"] if config.uses_critic else ["policy"]
-    ckpt, opts = store.policy_checkpoint(version), config.storage.storage_options
-    ray.get([ref for r in roles for ref in on_all_ranks(
-        get_group(run_uri, r, config.ray.namespace, getattr(config, r).num_ranks), "ensure_version", version, ckpt,
-        opts)])
+    TrainerPool(config, run_uri, store).bring_to(version)  # from the newest complete checkpoint, replaying the rest
     EnginePool(config, run_uri, store).bring_to(version)
     seconds = round(time.perf_counter() - t0, 2)
     store.record_event(stage="workers", action="started", policy_version=version, seconds=seconds)
@@ -287,8 +283,18 @@ def close_run(config, run_uri: str, stop_workers: bool = True) -> None:
 
         from workers.engine_pool import EnginePool
         from workers.launch import stop_workers as stop
+        from workers.trainers import TrainerPool
 
         if ray.is_initialized():
+            try:  # a checkpoint still being written in the background must land before its writers go
+                TrainerPool(config, run_uri, store_of(config, run_uri)).wait_for_writes()
+            except ValueError:
+                pass  # the trainers never started
+            except Exception as err:  # noqa: BLE001 - a failed write leaves its checkpoint untrusted; stop anyway
+                from stages.common import logger
+
+                logger().warning("a background checkpoint write failed (its checkpoint is not trusted: a resume "
+                                 "replays from the one before): %s", err)
             try:  # what this process asked of the engines, for operators (and the resume test)
                 per_engine = EnginePool(config, run_uri, store_of(config, run_uri)).stats()
                 total = {k: sum(s[k] for s in per_engine) for k in per_engine[0]}

@@ -1,70 +1,66 @@
-"""Update stage: PPO epochs over the experience for the policy (and the critic), then a committed checkpoint.
+"""Update stage: PPO epochs over the committed experience for the policy (and the critic), and every
+`checkpoint.every` iterations a checkpoint.
 
-Both trainers first return to the committed state of the previous iteration, so a retried or resumed update is the
-same update, never one on top of a half-finished one. The checkpoint (DeepSpeed state of each model + an HF export of
-the policy) is written before the stage marker, which lists its files: the marker commits both. After the commit,
-checkpoints older than the newest `storage.keep_checkpoints` are deleted (storage/run.py rotate_checkpoints).
+Both trainers first come to the committed state of the previous iteration (workers/trainers.py: from memory, or the
+newest complete checkpoint plus the committed updates after it, replayed), so a retried or resumed update is the same
+update, never one on top of a half-finished one. The update marker commits the metrics and the policy version; when
+the iteration writes a checkpoint it also names the checkpoint's parts (each rank's DeepSpeed state, the HF export),
+which may still be written in the background while the next iterations run: the checkpoint is trusted once every
+part is whole (storage/run.py checkpoint_complete). After the commit, complete checkpoints older than the newest
+`storage.keep_checkpoints` are deleted.
 
-Tests: tests/workers/test_trainer.py and test_trainer_group.py (the update's math); crash/resume:
-tests/flows/test_fault_harness.py
+Tests: tests/workers/test_trainer.py and test_trainer_group.py (the update's math), tests/storage/test_run.py
+(checkpoint trust and rotation); crash/resume between checkpoints: tests/flows/test_fault_harness.py
 """
 
 import time
 
-from stages.common import Output, StageRun, fault_point, stage, threads_each
+from stages.common import Output, StageRun, fault_point, stage
 
 
 def _rotate_checkpoints(s: StageRun, marker: dict) -> None:
-    if s.config.storage.keep_checkpoints is not None:  # only now: the new checkpoint is committed
+    if s.config.storage.keep_checkpoints is not None:  # only now: the new checkpoint's update is committed
         s.store.rotate_checkpoints(s.config.storage.keep_checkpoints)
+
+
+def checkpoint_due(config, iteration: int) -> tuple[bool, bool]:
+    """Whether `iteration` writes the trainers' DeepSpeed state and the HF export: every checkpoint.every
+    (hf_every) iterations, and both after the last one (the run's final policy)."""
+    ck, last = config.checkpoint, iteration == config.iterations
+    return iteration % ck.every == 0 or last, iteration % (ck.hf_every or ck.every) == 0 or last
 
 
 @stage("update", schema="metrics", after_commit=_rotate_checkpoints)
 def update(s: StageRun) -> Output:
     import numpy as np
     import pyarrow as pa
-    import ray
 
     from storage.schema import METRICS
-    from workers.cluster import on_all_ranks
+    from workers.trainers import update_metric_rows
 
     config, store, iteration = s.config, s.store, s.iteration
-    experience = ray.put(store.read_stage(iteration, "advantages"))
-    opts = config.storage.storage_options
-    roles = ["policy", "critic"] if config.uses_critic else ["policy"]
-    groups = {role: s.group(role) for role in roles}
-    ray.get([ref for g in groups.values()
-             for ref in on_all_ranks(g, "ensure_version", iteration - 1, store.policy_checkpoint(iteration - 1), opts)])
-    ckpt = store.clear_uncommitted_checkpoint(iteration)
+    trainers = s.trainers()
+    trainers.bring_to(iteration - 1)
+    ckpt = store.clear_uncommitted_checkpoint(iteration)  # leftovers of an attempt that never committed
 
-    seed = config.seed * 7919 + iteration  # same shuffles on a retry: the update is reproducible
-    kl_coef = store.stage_marker(iteration, "advantages")["state"]["kl_coef"]
     train_started = time.perf_counter()
-    # Every rank returns the metrics of the whole optimizer steps: rank 0's stand for the group.
-    # Policy and critic train at once: on CPU each on its share of the threads.
-    trained = {role: on_all_ranks(g, "train", experience, iteration, seed, kl_coef,
-                                  threads_each(config, getattr(config, role), len(groups)))
-               for role, g in groups.items()}
-    results = [ray.get(refs)[0] for refs in trained.values()]
+    results = trainers.train(iteration)  # policy and critic at once: wall time of both
     train_s = time.perf_counter() - train_started
     fault_point("update.after_train", iteration)
-    # The ranks of a group write their own shards into one folder; rank 0 writes the HF export. A group's saving time
-    # is its slowest rank's.
-    saving = [on_all_ranks(g, "save_checkpoint", ckpt, opts) for g in groups.values()]
-    saving.append(on_all_ranks(groups["policy"], "export_hf", ckpt, opts))
-    save_s = [max(ray.get(saving[0]))]
-    fault_point("update.policy_saved", iteration)  # mid-checkpoint: the critic's state and HF export still running
-    save_s += [max(ray.get(refs)) for refs in saving[1:]]
+    state, hf = checkpoint_due(config, iteration)
+    # The last iteration's checkpoint is waited for: the run's final policy must be whole when the run ends.
+    background = config.checkpoint.background and iteration < config.iterations
+    parts, save_s = trainers.save(iteration, state, hf, background) if state or hf else ([], 0.0)
 
-    rows = [{"name": name, "step": step, "value": value}
-            for steps in results for step, m in enumerate(steps) for name, value in m.items()]
+    rows = update_metric_rows(results)
     metrics = {name: float(np.mean([r["value"] for r in rows if r["name"] == name]))
                for name in dict.fromkeys(r["name"] for r in rows)}
-    metrics["perf/train_s"] = train_s  # policy and critic train concurrently: wall time of both
-    metrics["perf/checkpoint_s"] = float(sum(save_s))
-    return Output(pa.Table.from_pylist(rows, schema=METRICS), metrics,
-                  {"policy_version": iteration,
-                   "checkpoint": {"uri": ckpt, "files": store.checkpoint_files(iteration)}})
+    metrics["perf/train_s"] = train_s
+    metrics["perf/checkpoint_s"] = save_s  # what the update waited for (a host copy when writing in the background)
+    fields = {"policy_version": iteration}
+    if parts:
+        fields["checkpoint"] = {"uri": ckpt, "parts": parts, "state": state, "hf": hf}
+    return Output(pa.Table.from_pylist(rows, schema=METRICS), metrics, fields)
 
 
 update_task = update.task

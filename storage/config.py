@@ -27,9 +27,10 @@ class StorageConfig(BaseModel):
     """Rows per Parquet part file of a stage output."""
 
     keep_checkpoints: int | None = Field(None, ge=1)
-    """Keep the checkpoints (DeepSpeed state + HF export) of the newest K committed iterations; older ones are
-    deleted once a new one is committed. None keeps all. A pinned checkpoint (a lineage's final policy) is never
-    deleted. Resuming needs only the newest, so 1 is safe; evaluating an old iteration later needs its checkpoint."""
+    """Keep the newest K complete checkpoints (DeepSpeed state + HF export); older ones are deleted once a newer one
+    is complete. None keeps all. Checkpoints still being written never count, the newest complete one (what a
+    resume replays from) is never deleted, nor is a pinned one (a lineage's final policy). Resuming needs only the
+    newest, so 1 is safe; evaluating an old iteration later needs its checkpoint."""
 
     @field_validator("storage_options")
     @classmethod
@@ -42,6 +43,30 @@ class StorageConfig(BaseModel):
                 "environment of the driver and the Ray workers instead: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY "
                 "(/ AWS_SESSION_TOKEN) or AWS_PROFILE for s3://, the filesystem's own variables for others")
         return v
+
+
+class CheckpointConfig(BaseModel):
+    """How often the trainers' state is written. Between checkpoints nothing is lost: every iteration's experience
+    table is committed, so a resumed run loads the newest complete checkpoint and replays the committed updates after
+    it from storage (same seeds, same micro-batch order: the same weights), without generating, scoring or calling a
+    reward again. K trades the I/O of every iteration against the replay a crash costs: at most K − 1 updates."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    every: int = Field(1, ge=1)
+    """Write a checkpoint (DeepSpeed state of policy and critic) after every K-th iteration's update, and after the
+    last iteration. 1 writes one every iteration. Operational: a resumed run may change it."""
+
+    hf_every: int | None = Field(None, ge=1)
+    """Write the HF export of the policy (`checkpoints/iter-N/hf`, what `from_pretrained` and the `storage` weight
+    sync load) after every K-th iteration, and after the last; None: with every checkpoint. It needs no DeepSpeed
+    state, so it may be more frequent than `every` (a serving stack picking up policies) or rarer."""
+
+    background: bool = True
+    """Write checkpoints in a background thread of each trainer: the update stage waits only for a copy of the state
+    in host memory, and the next iterations run while the files are written. A checkpoint is trusted once every
+    part of it is written (its own commit marker); a crash before that only means replaying from the previous one.
+    The last iteration's checkpoint is always waited for."""
 
 
 def _credential_paths(options: dict, prefix: str = "") -> list[str]:

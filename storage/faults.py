@@ -3,20 +3,27 @@
     PPOFLOW_FAULTS="update.after_train@2=kill,score.start@1=raise"   point@iteration=action, comma-separated
     PPOFLOW_FAULTS_ONCE_DIR=/tmp/faults                               each listed point fires once, across restarts
 
+Actions: `kill` SIGKILLs the process (a crash: no cleanup, no finally), `raise` raises RuntimeError, `stall` blocks
+the calling thread for good (a disk that stops answering: a background writer that never finishes). The run's
+actors see the driver's PPOFLOW_FAULTS (workers/cluster.py worker_env), so points inside them fire too.
+
 It lives in storage/ (which imports nothing of ours) so that points can sit inside the storage writes too (a Parquet
-part written, its marker not); the stage skeleton (stages/common.py) fires each stage's start / before_commit / after_commit. The points: run.opened, run.workers_started, each
-stage's start / before_commit / after_commit, {stage}.mid_write and {stage}.before_marker inside the Parquet commit,
-update.after_train / policy_saved (mid-checkpoint), sync.before_engine_update.
+part written, its marker not). The points: run.opened, run.workers_started; each stage's start / before_commit /
+after_commit (the stage skeleton, stages/common.py); {stage}.mid_write and {stage}.before_marker inside the Parquet
+commit; update.after_train / policy_saved (mid-checkpoint); checkpoint.writing (a trainer writing a checkpoint file,
+in its background writer thread when checkpoint.background); sync.before_engine_update.
 """
 
 import os
 import signal
+import threading
 
 
 def fault_point(name: str, iteration: int) -> None:
     """Deterministic fault injection for tests: PPOFLOW_FAULTS="update.after_train@2=kill,score.start@1=raise".
 
-    `kill` SIGKILLs this process (a crash: no cleanup, no finally); `raise` raises RuntimeError. With
+    `kill` SIGKILLs this process (a crash: no cleanup, no finally); `raise` raises RuntimeError; `stall` never
+    returns. With
     PPOFLOW_FAULTS_ONCE_DIR set, each point fires once (a flag file there, named `point@iteration` and written just
     before the fault, remembers it), so a retried or resumed run that inherits the same environment gets past it."""
     spec = os.environ.get("PPOFLOW_FAULTS", "")
@@ -34,4 +41,6 @@ def fault_point(name: str, iteration: int) -> None:
                 open(flag, "w").close()
             if action == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
+            if action == "stall":
+                threading.Event().wait()
             raise RuntimeError(f"injected fault at {point}")

@@ -7,7 +7,9 @@ Layout (every path below the run URI `{root}/runs/{run_id}`):
     iter-000001/generate/part-00000.parquet   stage output ...
     iter-000001/generate/_SUCCESS.json        ... committed by its marker, written last
     iter-000001/{score,advantages,update,sync}/...
-    checkpoints/iter-000001/{policy,critic,hf}/  DeepSpeed state + HF export, trusted only once update is committed
+    checkpoints/iter-000001/{policy,critic,hf}/  DeepSpeed state + HF export (every checkpoint.every iterations)
+    checkpoints/iter-000001/_PART-*.json      one per part (policy-rank0, critic-rank0, hf, ...), once its files are whole
+    checkpoints/iter-000001/_SUCCESS.json     the checkpoint is complete: its update committed, every part whole
     checkpoints/iter-000001/_PINNED.json      kept by rotation whatever its age (a lineage's final policy)
     events/*.json                             one record per stage execution (ran / skipped), for operators and tests
 
@@ -32,6 +34,7 @@ from storage.schema import fingerprint
 
 MARKER = "_SUCCESS.json"
 PINNED = "_PINNED.json"  # in a checkpoint folder: rotation never deletes it
+PART_MARKER = "_PART-{part}.json"  # in a checkpoint folder: one part (a rank's state, the HF export) is whole
 STAGES = ("generate", "score", "advantages", "update", "sync")
 
 
@@ -196,8 +199,51 @@ class RunStore:
             self.fs.rm(self._path(uri), recursive=True)
         return uri
 
+    def checkpoint_complete(self, iteration: int) -> bool:
+        """Whether checkpoint `iteration` is whole and may be loaded: its `_SUCCESS.json` exists, or (written here,
+        now) every part its committed update marker names is there. A checkpoint cut short by a crash (a part
+        missing) or one whose update never committed is not; older runs' checkpoints (listed in full by their update
+        marker, written before the marker) are."""
+        path = self._path(self.checkpoint_uri(iteration))
+        if self.fs.exists(f"{path}/{MARKER}"):
+            return True
+        update = self.stage_marker(iteration, "update")
+        ckpt = (update or {}).get("checkpoint")
+        if not ckpt:
+            return False
+        if "files" in ckpt:  # written before checkpoints had parts: the update marker committed it
+            return True
+        files: dict[str, int] = {}
+        for part in ckpt["parts"]:
+            try:
+                with self.fs.open(f"{path}/{PART_MARKER.format(part=part)}", "rb") as f:
+                    files.update(json.loads(f.read())["files"])
+            except (FileNotFoundError, json.JSONDecodeError):
+                return False
+        self._write_json(f"{path}/{MARKER}", {"iteration": iteration, "parts": ckpt["parts"], "files": files,
+                                              "committed_at": now_iso()})
+        return True
+
+    def latest_checkpoint(self, at_most: int) -> int:
+        """The newest complete checkpoint holding the trainers' state of an iteration ≤ `at_most`; 0 (the base
+        model) when there is none."""
+        for n in sorted((n for n in self.iterations() if n <= at_most), reverse=True):
+            ckpt = (self.stage_marker(n, "update") or {}).get("checkpoint") or {}
+            if ckpt.get("state", "files" in ckpt) and self.checkpoint_complete(n):
+                return n
+        return 0
+
+    def hf_export_ready(self, iteration: int) -> bool:
+        """Whether the HF export of iteration `iteration` is whole (what the `storage` weight sync loads)."""
+        update = self.stage_marker(iteration, "update")
+        ckpt = (update or {}).get("checkpoint") or {}
+        if "files" in ckpt:
+            return True
+        path = self._path(self.checkpoint_uri(iteration))
+        return "hf" in ckpt.get("parts", []) and self.fs.exists(f"{path}/{PART_MARKER.format(part='hf')}")
+
     def checkpoint_files(self, iteration: int) -> list[dict]:
-        """Relative name and size of every file of a checkpoint, for the update marker."""
+        """Relative name and size of every file of a checkpoint folder."""
         base = self._path(self.checkpoint_uri(iteration))
         out = []
         for p, info in sorted(self.fs.find(base, detail=True).items()):
@@ -209,18 +255,25 @@ class RunStore:
         self._write_json(f"{self._path(self.checkpoint_uri(iteration))}/{PINNED}", {"reason": reason, "at": now_iso()})
 
     def rotate_checkpoints(self, keep: int) -> list[int]:
-        """Delete the checkpoints of committed updates older than the newest `keep`, unless pinned; returns them.
+        """Delete the complete checkpoints older than the newest `keep` complete ones, unless pinned, and the
+        leftovers of checkpoints that will never complete (older than the newest complete one, not complete);
+        returns the iterations deleted.
 
-        Called once an update has committed, so the newest committed checkpoint is never one of those deleted: a
-        rotation cut short leaves it whole, plus an older folder in part, which the next rotation finishes. Each
-        deletion is recorded as an event; the update markers keep listing the files they committed."""
+        Checkpoints still being written (newer than the newest complete one) are left alone, and the newest complete
+        checkpoint holding the trainers' state, which a resume replays from, is never deleted (an HF-only export
+        does not replace it). A rotation cut short leaves an older folder in
+        part, which the next rotation finishes. Each deletion is recorded as an event."""
         if keep < 1:
             raise ValueError(f"keep must be at least 1, got {keep}")
-        committed = [n for n in self.iterations() if self.stage_marker(n, "update") is not None]
+        folders = [n for n in self.iterations() if self.fs.exists(self._path(self.checkpoint_uri(n)))]
+        complete = [n for n in folders if self.checkpoint_complete(n)]
+        newest = max(complete, default=0)
+        doomed = set(complete[:-keep]) | {n for n in folders if n < newest and n not in complete}
+        doomed.discard(self.latest_checkpoint(newest))  # the trainers' state a resume starts from
         deleted = []
-        for n in committed[:-keep]:
+        for n in sorted(doomed):
             path = self._path(self.checkpoint_uri(n))
-            if not self.fs.exists(path) or self.fs.exists(f"{path}/{PINNED}"):
+            if self.fs.exists(f"{path}/{PINNED}"):
                 continue
             self.fs.rm(path, recursive=True)
             self.record_event(stage="update", iteration=n, action="checkpoint_deleted")

@@ -57,11 +57,13 @@ def worker_env() -> dict[str, str]:
     Several actors share the cores (engine, policy, critic, reference), each with its own OpenMP pool. With the
     default wait policy an idle pool spins, taking the cores from the actor that works: on the 2-core quickstart
     this made the score and update stages 7x slower. OMP_WAIT_POLICY and GOMP_SPINCOUNT set in the driver's
-    environment are passed on (the latter then stands for SPIN_ENV too).
+    environment are passed on (the latter then stands for SPIN_ENV too), and so are the crash tests' fault points
+    (storage/faults.py), which may sit inside an actor.
     """
     env = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
-    if "GOMP_SPINCOUNT" in os.environ:
-        env["GOMP_SPINCOUNT"] = os.environ["GOMP_SPINCOUNT"]
+    for var in ("GOMP_SPINCOUNT", "PPOFLOW_FAULTS", "PPOFLOW_FAULTS_ONCE_DIR"):
+        if var in os.environ:
+            env[var] = os.environ[var]
     return env
 
 

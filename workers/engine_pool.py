@@ -22,6 +22,7 @@ from collections.abc import Callable
 from storage.faults import fault_point
 from workers.cluster import get_group, on_all_ranks
 from workers.engines import engine_name, engine_versions, get_engines
+from workers.trainers import TrainerPool
 
 SYNC_TIMEOUT_S = 900.0
 """Bound on each wait for the trainers and engines during a sync (the sync group's own timeout is shorter)."""
@@ -179,10 +180,11 @@ class EnginePool:
     # ---- weight sync ------------------------------------------------------------------------------------
     def bring_to(self, version: int, fault_stage: str | None = None) -> list[dict]:
         """Make every engine serve policy `version` (reloading the policy actors from its checkpoint if needed); one
-        SYNC row per engine. Each engine reports its own version, so one that was restarted (version 0) is synced
+        SYNC row per engine (the policy group is brought to `version` first, workers/trainers.py). Each engine reports
+        its own version, so one that was restarted (version 0) is synced
         again while the others are left alone; all engines behind get the same weights, concurrently, by
-        `generation.weight_sync`'s route (`object_store` instead of `storage` for version 0, which has no export in
-        storage, and instead of `broadcast` when engines hold GPU fractions, or `ipc` from the policy rank on the
+        `generation.weight_sync`'s route (`object_store` instead of `storage` for a version without a whole HF export
+        in storage, e.g. version 0, and instead of `broadcast` when engines hold GPU fractions, or `ipc` from the policy rank on the
         engine's GPU; see GenerationConfig.weight_sync). `fault_stage` names the fault point between the policy's
         side and the engines' update (`{fault_stage}.before_engine_update`)."""
         import ray
@@ -198,12 +200,11 @@ class EnginePool:
         gen = self.config.generation
         if gen.enable_sleep_mode:  # the weights only: the KV cache stays freed until sampling
             ray.get([handles[i].wake_up.remote(["weights"]) for i in behind])
+        TrainerPool(self.config, self.run_uri, self.store).bring_to(version, roles=["policy"])
         policy = self._policy()
-        ray.get(on_all_ranks(policy, "ensure_version", version, self.store.policy_checkpoint(version),
-                             self.config.storage.storage_options))
         route = gen.weight_sync
-        if route == "storage" and version == 0:
-            route = "object_store"
+        if route == "storage" and not (version > 0 and self.store.hf_export_ready(version)):
+            route = "object_store"  # no HF export of this version in storage (the base model; hf_every; in flight)
         if route == "broadcast" and 0 < gen.num_gpus < 1:  # an engine may share trainer rank 0's GPU: no NCCL group
             colocated = (gen.placement == "hybrid" and gen.backend == "hf"
                          and gen.num_engines == self.config.policy.num_ranks)

@@ -35,7 +35,7 @@ def start_workers(run_uri: str, config, timeout_s: float = 600.0) -> dict:
             opts["scheduling_strategy"] = bundle_strategy(pg, layout.trainer_bundles[rank])
         elif layout.trainer_custom:  # a single trainer, on a node with ray.trainers.resources
             opts["resources"] = layout.trainer_custom
-        # On CPU a model computes with several threads only while it works alone (stages/common.py: threads_each);
+        # On CPU a model computes with several threads only while it works alone (workers/trainers.py: threads_each);
         # not so the ranks of a group, which compute at once, nor the reward model (its own num_threads).
         if trainer.num_gpus == 0 and getattr(trainer, "num_ranks", 1) == 1 and role != "reward":
             opts["runtime_env"] = {"env_vars": SPIN_ENV}

@@ -209,7 +209,7 @@ def _rows(values, mask) -> list[list[float]]:
 
 
 def _use_threads(threads: int | None, configured: int) -> None:
-    """Torch threads for one call: the stage's share when several models compute at once on CPU (stages/common.py:
+    """Torch threads for one call: the stage's share when several models compute at once on CPU (workers/trainers.py:
     threads_each), else the configured count. With one thread a call runs no OpenMP team, so an actor whose threads
     may spin (workers/cluster.py: SPIN_ENV) takes no core from the models beside it."""
     import torch
@@ -251,6 +251,44 @@ def deepspeed_config(trainer: TrainerConfig, dtype: str, world_size: int, on_gpu
         "steps_per_print": 1 << 30,
     }
     return _merged(config, overrides or {})
+
+
+def _host_copy(obj):
+    """A copy of a checkpoint's state in host memory, whatever device its tensors live on: tensors copied, containers
+    rebuilt, anything else deep-copied, so that the next update cannot change what is being written."""
+    import copy
+
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return type(obj)((k, _host_copy(v)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)) and type(obj) in (list, tuple):
+        return type(obj)(_host_copy(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+def _host_copy_engine(config_params):
+    """DeepSpeed's torch checkpoint engine, except that `save` keeps a host copy of each file's state for the trainer
+    to write (`take()`) instead of writing it: DeepSpeed's save_checkpoint then returns as soon as the state is
+    copied, and the trainer writes the files now or in its writer thread. Loading is DeepSpeed's own (torch.load).
+    (A class built in the actor: DeepSpeed is imported there, not where this module is.)"""
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    class HostCopyCheckpointEngine(TorchCheckpointEngine):
+        def __init__(self, config_params=None):
+            super().__init__(config_params)
+            self.copies: list[tuple[str, object]] = []
+
+        def save(self, state_dict, path: str) -> None:
+            self.copies.append((path, _host_copy(state_dict)))
+
+        def take(self) -> list[tuple[str, object]]:
+            copies, self.copies = self.copies, []
+            return copies
+
+    return HostCopyCheckpointEngine(config_params)
 
 
 def _merged(base: dict, overrides: dict) -> dict:
@@ -332,6 +370,9 @@ class _DeepSpeedWorker(RunActor):
                                      self.deepspeed_overrides)
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                config=ds_config)
+        # DeepSpeed writes every checkpoint file through its checkpoint engine: ours keeps host copies of the state
+        # instead, for save_checkpoint to write now or in the background.
+        self.engine.checkpoint_engine = _host_copy_engine(self.engine._config)
         self.state_version, self.dirty = 0, False
 
     # ---- state versioning and checkpoints -----------------------------------------------------------------
@@ -339,9 +380,12 @@ class _DeepSpeedWorker(RunActor):
         return {"role": self.role, "version": self.state_version, "dirty": self.dirty}
 
     def ensure_version(self, version: int, checkpoint_uri: str | None, storage_options: dict | None = None) -> bool:
-        """Bring the in-memory state to policy `version`; returns True when it had to reload."""
+        """Bring the in-memory state to policy `version` from its checkpoint (`checkpoint_uri`; None for version 0,
+        the base weights); returns True when it had to reload. workers/trainers.py picks the checkpoint and replays
+        the updates after it."""
         if self.state_version == version and not self.dirty:
             return False
+        self.wait_for_writes()  # never read a checkpoint this rank is still writing
         if version == 0:
             self._build()
             return True
@@ -355,17 +399,56 @@ class _DeepSpeedWorker(RunActor):
         self.state_version, self.dirty = version, False
         return True
 
-    def save_checkpoint(self, checkpoint_uri: str, storage_options: dict | None = None) -> float:
-        from storage.checkpoint import local_dir_for_write
+    def save_checkpoint(self, checkpoint_uri: str, storage_options: dict | None = None,
+                        background: bool = False) -> float:
+        """This rank's share of the DeepSpeed checkpoint (`{checkpoint_uri}/{role}/state/`), then its part marker
+        `_PART-{role}-rank{r}.json`. Every rank calls it. DeepSpeed's save returns once the state is copied to host
+        memory; the files are written here, or with `background` by this actor's writer thread while it goes on
+        serving calls (the marker comes last either way). Returns the seconds the call blocked."""
+        import torch
+
+        from storage.checkpoint import staging_dir, write_part
+        from storage.faults import fault_point
 
         t0 = time.perf_counter()
         # Every rank's random streams, in one list: under ZeRO 0-2 only rank 0 writes the file that carries
         # client_state (all ranks read it back), under ZeRO-3 every rank writes its own.
         rng_states = self._gather(_rng_state())
-        with local_dir_for_write(f"{checkpoint_uri}/{self.role}", storage_options) as path:
-            self.engine.save_checkpoint(path, tag="state", client_state={"rng_states": rng_states},
-                                        save_latest=False)
+        path, publish = staging_dir(f"{checkpoint_uri}/{self.role}", storage_options)
+        self.engine.save_checkpoint(path, tag="state", client_state={"rng_states": rng_states}, save_latest=False)
+        ckpt_engine, version = self.engine.checkpoint_engine, self.state_version
+        copies, zipfile = ckpt_engine.take(), ckpt_engine.zipfile_serialization  # DeepSpeed's own file format
+
+        def write() -> None:
+            files = {}
+            for file, state in copies:
+                fault_point("checkpoint.writing", version)  # a crash here leaves a part without its marker
+                torch.save(state, file, _use_new_zipfile_serialization=zipfile)
+                files[f"{self.role}/{os.path.relpath(file, path)}"] = os.path.getsize(file)
+            publish()
+            write_part(checkpoint_uri, f"{self.role}-rank{self.rank}", files, storage_options,
+                       seconds=round(time.perf_counter() - t0, 4))
+
+        self._write(write, background)
         return time.perf_counter() - t0
+
+    def _write(self, job, background: bool) -> None:
+        """Run a checkpoint write now, or queue it on this actor's writer thread (one at a time, in order)."""
+        if not background:
+            job()
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        if getattr(self, "_writer", None) is None:
+            self._writer, self._writes = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-writer"), []
+        self._writes.append(self._writer.submit(job))
+
+    def wait_for_writes(self) -> None:
+        """Return once every background checkpoint write of this rank is done; raises the first write's error (its
+        part marker was never written, so the checkpoint is not trusted)."""
+        writes, self._writes = getattr(self, "_writes", []), []
+        for future in writes:
+            future.result()
 
     @property
     def device(self):
@@ -707,17 +790,27 @@ class PolicyWorker(_DeepSpeedWorker):
                 out[name] = tensor
         return out
 
-    def export_hf(self, checkpoint_uri: str, storage_options: dict | None = None) -> float:
-        """HF folder (config, tokenizer, safetensors) of the current policy: `from_pretrained` loads it. Rank 0
-        writes it; every rank of a group must call (the ZeRO-3 gather is collective)."""
-        from storage.checkpoint import local_dir_for_write
-
+    def export_hf(self, checkpoint_uri: str, storage_options: dict | None = None, background: bool = False) -> float:
+        """HF folder (config, tokenizer, safetensors) of the current policy, `{checkpoint_uri}/hf`, then its part
+        marker `_PART-hf.json`: `from_pretrained` loads it. Rank 0 writes it (now, or with `background` in its writer
+        thread, from a host copy of the weights); every rank of a group must call (the ZeRO-3 gather is collective).
+        Returns the seconds the call blocked."""
         t0 = time.perf_counter()
-        sd = self._full_state_dict()
-        if self.rank == 0:
-            with local_dir_for_write(f"{checkpoint_uri}/hf", storage_options) as path:
-                self.engine.module.save_pretrained(path, state_dict=sd, safe_serialization=True)
-                self.tokenizer.save_pretrained(path)
+        sd = self._full_state_dict()  # host copies
+        if self.rank != 0:
+            return time.perf_counter() - t0
+
+        def write() -> None:
+            from storage.checkpoint import staging_dir, write_part
+
+            path, publish = staging_dir(f"{checkpoint_uri}/hf", storage_options)
+            self.engine.module.save_pretrained(path, state_dict=sd, safe_serialization=True)
+            self.tokenizer.save_pretrained(path)
+            files = {f"hf/{name}": os.path.getsize(os.path.join(path, name)) for name in sorted(os.listdir(path))}
+            publish()
+            write_part(checkpoint_uri, "hf", files, storage_options, seconds=round(time.perf_counter() - t0, 4))
+
+        self._write(write, background)
         return time.perf_counter() - t0
 
 

@@ -1,9 +1,10 @@
 """SIGKILL at every fault point, resume, and end with exactly what an uninterrupted run commits.
 
-Two faulted runs with the config of an uninterrupted reference run, each a chain of `ppoflow train` processes:
+Four faulted runs with the config of an uninterrupted reference run, each a chain of `ppoflow train` processes:
 every process is SIGKILLed at the next point of its chain's list (PPOFLOW_FAULTS lists them all, =kill;
 PPOFLOW_FAULTS_ONCE_DIR makes each fire once), the next one resumes the run (same run id), and the last one runs it
-to the end. After every kill the test checks that the process died of SIGKILL at the expected point (the point's flag
+to the end. Two chains checkpoint every 3 iterations (`checkpoint.every`), one of them killed while a checkpoint is
+still being written in the background (its writer stalled at `checkpoint.writing`). After every kill the test checks that the process died of SIGKILL at the expected point (the point's flag
 file, written just before the kill, is the only new one) and records what the crash left on disk; after the last
 process it checks:
 - every stage of every iteration is committed, and its table equals the reference's, column by column;
@@ -13,8 +14,11 @@ process it checks:
   processes, and a marker, once written, keeps its bytes;
 - no uncommitted folder was trusted: a stage killed before its marker ran again in the next process (a torn part file
   and a junk checkpoint file planted after the kill inside update are gone), a stage killed after it was skipped;
-- each resumed process first brought its workers to the latest committed policy version, and the engine served no
-  generation request for a committed rollout (the last process of chain B resumes inside sync: zero requests).
+- each resumed process first brought its workers to the latest committed policy version: the trainers from the newest
+  checkpoint that was whole at the kill, replaying every committed update after it from storage (each replay's
+  losses equal to the first time's); a checkpoint cut short is never trusted;
+- the engine served no generation request for a committed rollout (the last process of chain B resumes inside sync:
+  zero requests), and the reward was called once per score that ran (never for a replay or a committed iteration).
 
 Deterministic CPU mode: fp32 (configs/quickstart.yaml), fixed seeds, the HF engine (each request carries its seed;
 sample i of a request is drawn from its own generator), one engine, trainer threads fixed by the config, and the
@@ -31,7 +35,7 @@ tolerance.
 Cost: every process starts four Ray actors (engine, policy, critic, reference: ~40 CPU-seconds, nearly all of it
 importing torch, transformers and DeepSpeed) besides its own ~13, so the processes share one Prefect server (no
 ephemeral server per process) and one Ray head per chain (`ray.address`, an operational field a resumed run may
-change), and the two chains and the reference run side by side (the work is CPU-bound: ~900 CPU-seconds in all). A
+change), and the chains and the reference run side by side (the work is CPU-bound). A
 killed driver takes its actors with it (Ray ends a dead driver's job); before the next process the test waits for
 their processes to exit.
 
@@ -60,7 +64,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 STAGES = ("generate", "score", "advantages", "update", "sync")
-ITERATIONS = 2
+REFERENCE_ITERATIONS = 5  # the uninterrupted run; a chain of N iterations is compared with its first N
 
 # Each point of the chains: (stage, whether the stage's marker is written when it fires, where it fires).
 POINTS = {
@@ -74,25 +78,47 @@ POINTS = {
     "advantages.after_commit": ("advantages", True, "advantages committed"),
     "update.start": ("update", False, "update, before the trainers are touched"),
     "update.after_train": ("update", False, "update: both trainers stepped (in-memory state dirty), nothing saved"),
-    "update.policy_saved": ("update", False, "checkpoint write: policy DeepSpeed state written, critic state and "
-                                             "HF export in flight"),
-    "update.after_commit": ("update", True, "update committed (checkpoint with it)"),
+    "update.policy_saved": ("update", False, "checkpoint: the policy's DeepSpeed state copied to host memory, its "
+                                             "files, the critic's state and the HF export being written"),
+    "update.after_commit": ("update", True, "update committed (its checkpoint named, maybe still being written)"),
     "sync.before_engine_update": ("sync", False, "sync: new weights exported by the policy, engine not updated"),
     "sync.before_commit": ("sync", False, "sync: engine serves the new weights, no marker"),
     "sync.after_commit": ("sync", True, "sync committed"),
 }
 
-# Each chain is one faulted run; its points in the order a run reaches them (each fires in the process after the
-# previous one's). Chain A crosses iteration 1 and run start (policy version 0: trainers rebuilt from the base
-# model); chain B iteration 2 (trainers and engine reloaded from checkpoint 1).
+# Each chain is one faulted run: its iterations, config overrides, the points it is killed at in the order a run
+# reaches them (each fires in the process after the previous one's) and points where a background writer stalls
+# (storage/faults.py `stall`: a checkpoint write that never finishes). Chain A crosses iteration 1 and run start
+# (policy version 0: trainers rebuilt from the base model); chain B iteration 2 (trainers and engine reloaded from
+# checkpoint 1). Chains C and D checkpoint every 3 iterations: C is killed in iteration 5's generate and update
+# (the trainers load checkpoint 3 and replay 4), D right after update 3 committed while its checkpoint was still
+# being written (never whole: the trainers rebuild the base model and replay 1-3).
 CHAINS = {
-    "chain-a": ["run.opened@0", "run.workers_started@0", "generate.mid_write@1", "score.before_marker@1",
-                "advantages.after_commit@1", "update.policy_saved@1", "sync.before_engine_update@1",
-                "sync.after_commit@1"],
-    "chain-b": ["generate.start@2", "generate.after_commit@2", "score.after_commit@2", "update.start@2",
-                "update.after_train@2", "update.after_commit@2", "sync.before_commit@2"],
+    "chain-a": {"iterations": 2, "kills": [
+        "run.opened@0", "run.workers_started@0", "generate.mid_write@1", "score.before_marker@1",
+        "advantages.after_commit@1", "update.policy_saved@1", "sync.before_engine_update@1", "sync.after_commit@1"]},
+    "chain-b": {"iterations": 2, "kills": [
+        "generate.start@2", "generate.after_commit@2", "score.after_commit@2", "update.start@2",
+        "update.after_train@2", "update.after_commit@2", "sync.before_commit@2"]},
+    "chain-c": {"iterations": 5, "sets": ["checkpoint.every=3"], "kills": ["generate.start@5", "update.after_train@5"]},
+    "chain-d": {"iterations": 4, "sets": ["checkpoint.every=3"], "stalls": ["checkpoint.writing@3"],
+                "kills": ["update.after_commit@3"]},
 }
 TORN_AFTER = "update.after_train@2"  # after this kill, plant a torn part file and a junk checkpoint file
+
+COUNTED_REWARD = '''
+import os
+
+from ppoflow.tasks.arith import reward as arith
+
+
+def reward(prompts, responses, metadata):
+    """The quickstart's reward, each call counted in a file (the chain's)."""
+    with open(os.environ["PPOFLOW_TEST_REWARD_CALLS"], "a") as f:
+        f.write(".")
+    return arith(prompts, responses, metadata)
+'''
+
 
 
 def _free_port() -> int:
@@ -217,15 +243,19 @@ def _snapshot(run: Path) -> dict:
 class Chain:
     """One run trained by successive `ppoflow train` processes, each killed at its next fault point."""
 
-    def __init__(self, name: str, points: list[str], root: Path, base_args: list[str], env: dict, reap):
-        self.name, self.points, self.root, self.reap = name, points, root, reap
+    def __init__(self, name: str, spec: dict, root: Path, base_args: list[str], env: dict, reap):
+        self.name, self.points, self.root, self.reap = name, spec["kills"], root, reap
+        self.stalls, self.iterations = spec.get("stalls", []), spec["iterations"]
         self.run = root / "runs" / name
         self.once = root / f"faults-{name}"
+        self.reward_calls = root / f"reward-calls-{name}"
         (root / name).mkdir(parents=True)
         self.head = RayHead(root / name, env, reap)
-        self.args = [*base_args, "--run-id", name]
-        self.env = {**env, "PPOFLOW_FAULTS": ",".join(f"{p}=kill" for p in points),
-                    "PPOFLOW_FAULTS_ONCE_DIR": str(self.once)}
+        self.args = [*base_args, "--run-id", name, "--set", f"iterations={self.iterations}",
+                     *(a for s in spec.get("sets", []) for a in ("--set", s))]
+        faults = [f"{p}=kill" for p in self.points] + [f"{p}=stall" for p in self.stalls]
+        self.env = {**env, "PPOFLOW_FAULTS": ",".join(faults), "PPOFLOW_FAULTS_ONCE_DIR": str(self.once),
+                    "PPOFLOW_TEST_REWARD_CALLS": str(self.reward_calls)}
         self.lives: list[dict] = []  # per process: pid, expected point, rc, fired flags, snapshot after it ended
         self.error: str | None = None
 
@@ -249,7 +279,8 @@ class Chain:
                     "fired": fired, "seconds": round(time.monotonic() - started, 1), "after": _snapshot(self.run)}
             self.lives.append(life)
             ok_rc = -signal.SIGKILL if expected else 0
-            if proc.returncode != ok_rc or fired != sorted(self.points[:k + 1] if expected else self.points):
+            # the stalls fire in the first process (their writer never finishes), the kills one per process
+            if proc.returncode != ok_rc or fired != sorted(self.stalls + self.points[:k + 1 if expected else None]):
                 self.error = (f"{self.name} process {k} (expected {expected or 'to finish'}): rc {proc.returncode}, "
                               f"fired {fired}\n{log.read_text()[-4000:]}")
                 return
@@ -266,7 +297,10 @@ class Chain:
 
 
 def _reference(root: Path, base_args: list[str], env: dict, reap) -> dict:
+    """The uninterrupted run: every iteration checkpointed, in full, and none deleted, so each chain's last
+    iteration has an HF export to compare its final weights with."""
     (root / "reference-head").mkdir()
+    env = {**env, "PPOFLOW_TEST_REWARD_CALLS": str(root / "reward-calls-reference")}
     head = RayHead(root / "reference-head", env, reap)
     try:
         head.wait_for(lambda: "--block" in head.log.read_text(), "ray head of the reference")
@@ -274,7 +308,9 @@ def _reference(root: Path, base_args: list[str], env: dict, reap) -> dict:
         started = time.monotonic()
         with log.open("w") as out:
             proc = subprocess.Popen([sys.executable, "-m", "ppoflow.cli", "train", *base_args, "--run-id",
-                                     "reference", "--set", f"ray.address={head.address}"], cwd=REPO, env=env,
+                                     "reference", "--set", f"iterations={REFERENCE_ITERATIONS}",
+                                     "--set", "checkpoint.every=1", "--set", "storage.keep_checkpoints=null",
+                                     "--set", f"ray.address={head.address}"], cwd=REPO, env=env,
                                     stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
             try:
                 proc.wait(timeout=600)
@@ -298,23 +334,26 @@ def _point(point: str) -> tuple[str, int]:
 
 def test_sigkill_at_every_fault_point_then_resume(tmp_path, tiny_model_dir, prompts_dir, reap_session, test_scale,
                                                   prefect_server):
-    assert len({p for points in CHAINS.values() for p in points}) >= 15
+    assert len({_point(p)[0] for spec in CHAINS.values() for p in spec["kills"]}) >= 15
+    (tmp_path / "rewards").mkdir()
+    (tmp_path / "rewards" / "counted_reward.py").write_text(COUNTED_REWARD)
     base_args = ["--config", "configs/quickstart.yaml",
                  "--set", f"model.path={tiny_model_dir}", "--set", f"data.prompts={prompts_dir}/train.jsonl",
-                 "--set", "eval.prompts=null", "--set", f"storage.root={tmp_path}", "--set", f"iterations={ITERATIONS}",
+                 "--set", "eval.prompts=null", "--set", f"storage.root={tmp_path}",
                  "--set", "generation.backend=hf", "--set", "storage.rows_per_part=8",  # 32-row tables: 4 part files
-                 *(a for s in test_scale for a in ("--set", s))]
+                 "--set", "reward.fn=counted_reward:reward", *(a for s in test_scale for a in ("--set", s))]
     # RAY_AUTH_MODE: a `ray start` head would make a token that the drivers lack; these heads listen on loopback.
     # GOMP_SPINCOUNT=0: the chains and the reference run side by side, so no actor has the cores to itself.
     env = {**os.environ, **prefect_server, "RAY_AUTH_MODE": "disabled", "OMP_WAIT_POLICY": "PASSIVE",
-           "GOMP_SPINCOUNT": "0"}
+           "GOMP_SPINCOUNT": "0", "PYTHONPATH": os.pathsep.join(
+               [str(tmp_path / "rewards"), *filter(None, [os.environ.get("PYTHONPATH")])])}
     for var in ("PPOFLOW_FAULTS", "PPOFLOW_FAULTS_ONCE_DIR"):
         env.pop(var, None)
 
     started, chains = time.monotonic(), []
     try:
-        for name, points in CHAINS.items():
-            chains.append(Chain(name, points, tmp_path, base_args, env, reap_session))
+        for name, spec in CHAINS.items():
+            chains.append(Chain(name, spec, tmp_path, base_args, env, reap_session))
         with ThreadPoolExecutor(len(chains) + 1) as pool:
             reference = pool.submit(_reference, tmp_path, base_args, env, reap_session)
             for f in [pool.submit(c.train) for c in chains]:
@@ -334,7 +373,7 @@ def test_sigkill_at_every_fault_point_then_resume(tmp_path, tiny_model_dir, prom
     ref = tmp_path / "runs" / "reference"
     rows = []
     for c in chains:
-        _check_equal_to_reference(c.run, ref)
+        _check_equal_to_reference(c.run, ref, c.iterations)
         rows += _check_lives(c)
     table = _outcome_table(rows)
     print(table)
@@ -342,12 +381,12 @@ def test_sigkill_at_every_fault_point_then_resume(tmp_path, tiny_model_dir, prom
         Path(out).write_text(table)
 
 
-def _check_equal_to_reference(run: Path, ref: Path) -> None:
+def _check_equal_to_reference(run: Path, ref: Path, iterations: int) -> None:
     """Every committed table equals the reference's, column by column and exactly; no row lost or duplicated; the
-    final policy's weights are equal."""
+    final policy's weights are equal to the reference's at that iteration."""
     from safetensors.numpy import load_file
 
-    for n in range(1, ITERATIONS + 1):
+    for n in range(1, iterations + 1):
         for stage in STAGES:
             got, want = _table(run, n, stage), _table(ref, n, stage)
             assert got.schema.equals(want.schema), (run.name, n, stage)
@@ -369,7 +408,7 @@ def _check_equal_to_reference(run: Path, ref: Path) -> None:
                 for g, w in zip(got.to_pylist(), want.to_pylist()):  # the same weights went over, when they did
                     if g["method"] == w["method"] == "object_store":
                         assert (g["bytes"], g["checksum"]) == (w["bytes"], w["checksum"]), (run.name, n, g, w)
-    last = f"checkpoints/iter-{ITERATIONS:06d}/hf"
+    last = f"checkpoints/iter-{iterations:06d}/hf"
     got_w = {k: v for f in sorted((run / last).glob("*.safetensors")) for k, v in load_file(f).items()}
     want_w = {k: v for f in sorted((ref / last).glob("*.safetensors")) for k, v in load_file(f).items()}
     assert got_w.keys() == want_w.keys() and got_w
@@ -385,7 +424,7 @@ def _check_lives(chain: Chain) -> list[dict]:
         by_pid.setdefault(e["pid"], []).append(e)
 
     ran = [(e["stage"], e["iteration"]) for e in events if e["action"] == "ran"]
-    want = [(s, n) for n in range(1, ITERATIONS + 1) for s in STAGES]
+    want = [(s, n) for n in range(1, chain.iterations + 1) for s in STAGES]
     assert sorted(ran) == sorted(want), f"{chain.name}: each stage must run (commit) exactly once: {sorted(ran)}"
 
     rows, seen_markers = [], {}
@@ -401,6 +440,13 @@ def _check_lives(chain: Chain) -> list[dict]:
         started = [e for e in mine if e["stage"] == "workers" and e["action"] == "started"]
         committed_update = max([int(key[5:11]) for key in after["markers"] if key.endswith("/update")], default=0)
         assert started and started[0]["policy_version"] == committed_update, (chain.name, life["expected"], started)
+        # The trainers came back from the newest checkpoint that was whole at the kill, replaying the committed
+        # updates after it from storage, each to the same losses as the first time.
+        base = max([m for m in range(1, committed_update + 1) if _checkpoint_whole(after, m)], default=0)
+        replayed = [e for e in mine if e["action"] == "replayed"]
+        assert [(e["iteration"], e["from_checkpoint"]) for e in replayed] == \
+            [(m, base) for m in range(base + 1, committed_update + 1)], (chain.name, life["expected"], replayed)
+        assert all(e["max_metric_diff"] == 0.0 for e in replayed), replayed
 
         key = f"iter-{n:06d}/{stage}"
         if stage in STAGES:
@@ -418,6 +464,10 @@ def _check_lives(chain: Chain) -> list[dict]:
             assert after["uncommitted"][key] == [f"part-{i:05d}.parquet" for i in range(4)], after
         if name == "update.policy_saved":
             assert "policy" in after["checkpoints"][f"iter-{n:06d}"] and key not in after["markers"], after
+        if chain.stalls and name == "update.after_commit":  # killed while its checkpoint was being written
+            folder = after["checkpoints"][f"iter-{n:06d}"]
+            assert not _checkpoint_whole(after, n) and "_SUCCESS.json" not in folder, folder
+            assert not _checkpoint_whole(_snapshot(chain.run), n)  # and it never will be: nothing trusts half of it
         if life["expected"] == TORN_AFTER:
             assert not (chain.run / "checkpoints" / f"iter-{n:06d}" / "policy" / "junk").exists()
             assert (chain.run / key / "part-00000.parquet").read_bytes() != b"PAR1 torn"
@@ -441,7 +491,21 @@ def _check_lives(chain: Chain) -> list[dict]:
     requests = sum(json.loads((chain.run / f"iter-{n:06d}" / "generate" / "_SUCCESS.json").read_text())
                    ["engine_requests"] for n in generated)
     assert stopped["engine"]["requests"] == requests, (chain.name, stopped, generated)
+    # The reward was called once per score stage that ran: none for a replay, none for a committed iteration (a
+    # score killed before its marker runs again, calling it again).
+    rescored = sum(1 for p in chain.points if POINTS[_point(p)[0]][0] == "score" and not POINTS[_point(p)[0]][1])
+    assert len(chain.reward_calls.read_text()) == chain.iterations + rescored, chain.name
     return rows
+
+
+def _checkpoint_whole(snapshot: dict, n: int) -> bool:
+    """Whether checkpoint `n` was whole on disk in `snapshot` (storage/run.py checkpoint_complete): its update
+    committed, and every part that update names written (its `_PART-*.json`), or its `_SUCCESS.json` there."""
+    marker = snapshot["markers"].get(f"iter-{n:06d}/update")
+    ckpt = json.loads(marker).get("checkpoint") if marker else None
+    names = snapshot["checkpoints"].get(f"iter-{n:06d}", [])
+    return bool(ckpt) and ckpt.get("state", True) and (
+        "_SUCCESS.json" in names or all(f"_PART-{part}.json" in names for part in ckpt["parts"]))
 
 
 def _on_disk(after: dict, n: int, stage: str) -> str:

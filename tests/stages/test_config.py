@@ -65,7 +65,8 @@ def test_cli_rejects_bad_config_before_starting_anything(tmp_path):
 def test_flow_parameter_schema_is_pinned():
     """The flow parameter is public surface (Prefect draws its form from it): change it on purpose."""
     assert list(RunConfig.model_fields) == ["run_id", "seed", "iterations", "model", "data", "generation", "policy",
-                                            "critic", "algo", "reward", "storage", "ray", "flow", "eval", "tracking"]
+                                            "critic", "algo", "reward", "storage", "checkpoint", "ray", "flow", "eval",
+                                            "tracking"]
 
 
 @pytest.mark.parametrize("estimator", ["reinforce_baseline", "rloo", "group_norm", "dr_grpo"])

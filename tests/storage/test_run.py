@@ -164,3 +164,59 @@ def test_rotation_cut_short_leaves_the_newest_whole_and_is_finished_next_time(st
     store.fs.rm(store._path(store.checkpoint_uri(1)) + "/policy", recursive=True)
     assert store.checkpoint_files(3) == [{"name": f"{r}/state.pt", "bytes": 9} for r in ("critic", "hf", "policy")]
     assert store.rotate_checkpoints(1) == [1, 2] and _kept(store) == [3]
+
+
+def _checkpoint_in_parts(store, n, parts, written, state=True):
+    """Checkpoint `n` committed by its update marker as `parts`, of which only `written` are whole (a part marker
+    after its file); the others were cut short by a crash (a file, no marker)."""
+    from storage.checkpoint import write_part
+
+    uri = store.checkpoint_uri(n)
+    for part in parts:
+        name = f"{part.split('-')[0]}/{part}.pt"
+        store.fs.makedirs(store._path(f"{uri}/{name.split('/')[0]}"), exist_ok=True)
+        store.fs.pipe_file(store._path(f"{uri}/{name}"), b"part %d" % n)
+        if part in written:
+            write_part(uri, part, {name: 6}, store.fs.storage_options)
+    store.write_stage(n, "update", pa.Table.from_pylist(ROWS, schema=METRICS), "metrics", METRICS,
+                      checkpoint={"uri": uri, "parts": parts, "state": state, "hf": "hf" in parts})
+
+
+def test_a_checkpoint_is_trusted_once_its_update_committed_and_every_part_is_whole(store):
+    from storage.checkpoint import write_part
+
+    parts = ["policy-rank0", "policy-rank1", "critic-rank0", "hf"]
+    _checkpoint_in_parts(store, 3, parts, written=parts[:2])  # a crash while critic and HF export were written
+    assert not store.checkpoint_complete(3) and store.latest_checkpoint(5) == 0 and not store.hf_export_ready(3)
+    write_part(store.checkpoint_uri(3), "hf", {"hf/hf.pt": 6}, store.fs.storage_options)
+    assert store.hf_export_ready(3) and not store.checkpoint_complete(3)
+    write_part(store.checkpoint_uri(3), "critic-rank0", {"critic/critic-rank0.pt": 6}, store.fs.storage_options)
+    assert store.checkpoint_complete(3) and store.latest_checkpoint(5) == 3 and store.latest_checkpoint(2) == 0
+    success = json.loads(store.fs.cat_file(store._path(store.checkpoint_uri(3)) + f"/{MARKER}"))
+    assert sorted(success["files"]) == sorted(f"{p.split('-')[0]}/{p}.pt" for p in parts)
+
+    # Whole parts but no committed update (a crash between the writes and the update marker): never trusted.
+    uri = store.checkpoint_uri(4)
+    write_part(uri, "policy-rank0", {"policy/x.pt": 1}, store.fs.storage_options)
+    assert not store.checkpoint_complete(4) and store.latest_checkpoint(4) == 3
+    # An iteration that wrote only its HF export is no base to load the trainers' state from.
+    _checkpoint_in_parts(store, 6, ["hf"], written=["hf"], state=False)
+    assert store.checkpoint_complete(6) and store.hf_export_ready(6) and store.latest_checkpoint(6) == 3
+
+
+def test_rotation_counts_complete_checkpoints_and_spares_those_being_written(store):
+    parts = ["policy-rank0", "hf"]
+    for n in (1, 2, 3):
+        _checkpoint_in_parts(store, n, parts, written=parts)
+    _checkpoint_in_parts(store, 4, parts, written=["hf"])  # committed, still being written (no policy marker)
+    assert store.rotate_checkpoints(1) == [1, 2] and _kept(store) == [3, 4]
+    assert store.latest_checkpoint(4) == 3  # the base of a replay survives whatever `keep` says
+    _checkpoint_in_parts(store, 5, parts, written=parts)  # 5 complete: 4 will never be (its writer is gone)
+    assert store.rotate_checkpoints(2) == [4] and _kept(store) == [3, 5]
+
+
+def test_rotation_keeps_the_newest_state_checkpoint_behind_hf_exports(store):
+    _checkpoint_in_parts(store, 2, ["policy-rank0"], written=["policy-rank0"])
+    for n in (3, 4):
+        _checkpoint_in_parts(store, n, ["hf"], written=["hf"], state=False)
+    assert store.rotate_checkpoints(1) == [3] and _kept(store) == [2, 4]

@@ -2,7 +2,7 @@
 
 
 def test_threads_each_splits_a_models_threads_on_cpu_only(make_config):
-    from stages.common import threads_each
+    from workers.trainers import threads_each
 
     cpu = make_config()  # the quickstart: everything on CPU, policy.num_threads 2
     assert cpu.policy.num_threads == 2
