@@ -17,7 +17,7 @@ import time
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from stages.common import commit, fault_point, skip_if_committed, store_of
+from stages.common import commit, fault_point, skip_if_committed, stage_errors, store_of
 
 
 def _padded(rows: list, width: int):
@@ -129,5 +129,6 @@ def advantages(config, run_uri: str, iteration: int) -> dict:
 
 
 @task(name="advantages", task_run_name="advantages-{iteration}", cache_policy=NO_CACHE)
+@stage_errors
 def advantages_task(config, run_uri: str, iteration: int) -> dict:
     return advantages(config, run_uri, iteration)

@@ -177,3 +177,29 @@ def iteration_summary(store: RunStore, iteration: int) -> dict:
             row.update(marker.get("metrics", {}))
             row[f"time/{stage}_s"] = marker.get("seconds")
     return row
+
+
+def stage_errors(fn):
+    """Decorates a stage's task function so that a failed stage's state message in Prefect is the error's own text.
+
+    An exception raised inside a Ray actor reaches the driver as a RayTaskError whose text is the remote traceback
+    (ANSI colours and all), and Prefect puts `{type}: {text}` in the task's state message. The actor's exception is
+    raised instead (its message names the field or sample), chained to the RayTaskError so that the task's log keeps
+    the remote traceback."""
+    import functools
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        from ray.exceptions import RayTaskError
+
+        try:
+            return fn(*args, **kwargs)
+        except RayTaskError as err:
+            cause = err
+            while isinstance(cause, RayTaskError) and isinstance(cause.cause, Exception):
+                cause = cause.cause  # an actor that called another actor: the innermost error
+            if cause is err:
+                raise
+            raise cause from err
+
+    return run

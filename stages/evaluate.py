@@ -13,7 +13,8 @@ import time
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from stages.common import commit, engine_chunk_size, engines, generate_on_engines, skip_if_committed, store_of
+from stages.common import (commit, engine_chunk_size, engines, generate_on_engines, skip_if_committed, stage_errors,
+                           store_of)
 
 
 def due(config, iteration: int) -> bool:
@@ -75,5 +76,6 @@ def evaluate(config, run_uri: str, iteration: int) -> dict:
 
 
 @task(name="evaluate", task_run_name="evaluate-{iteration}", cache_policy=NO_CACHE)
+@stage_errors
 def evaluate_task(config, run_uri: str, iteration: int) -> dict:
     return evaluate(config, run_uri, iteration)

@@ -27,7 +27,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from stages.common import (commit, engine_chunk_size, engines, fault_point, generate_on_engines, logger,
-                           skip_if_committed, store_of)
+                           skip_if_committed, stage_errors, store_of)
 
 
 def prompt_order(n_prompts: int, start: int, count: int, seed: int, shuffle: bool) -> list[int]:
@@ -200,5 +200,6 @@ def sleep_engines(config, run_uri: str) -> None:
 
 
 @task(name="generate", task_run_name="generate-{iteration}", cache_policy=NO_CACHE)
+@stage_errors
 def generate_task(config, run_uri: str, iteration: int) -> dict:
     return generate(config, run_uri, iteration)

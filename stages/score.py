@@ -21,8 +21,8 @@ import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from stages.common import (actor, checkpoint_uri, commit, fault_point, on_all_ranks, skip_if_committed, store_of,
-                           threads_each, trainer_group)
+from stages.common import (actor, checkpoint_uri, commit, fault_point, on_all_ranks, skip_if_committed, stage_errors,
+                           store_of, threads_each, trainer_group)
 
 
 class RewardError(ValueError):
@@ -225,5 +225,6 @@ def _retry_unless_gate(task, task_run, state) -> bool:
 
 @task(name="score", task_run_name="score-{iteration}", cache_policy=NO_CACHE,
       retry_condition_fn=_retry_unless_gate)
+@stage_errors
 def score_task(config, run_uri: str, iteration: int) -> dict:
     return score(config, run_uri, iteration)

@@ -16,8 +16,8 @@ import time
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from stages.common import (checkpoint_uri, commit, engines, fault_point, on_all_ranks, skip_if_committed, store_of,
-                           trainer_group)
+from stages.common import (checkpoint_uri, commit, engines, fault_point, on_all_ranks, skip_if_committed, stage_errors,
+                           store_of, trainer_group)
 
 
 SYNC_TIMEOUT_S = 900.0
@@ -203,5 +203,6 @@ def sync(config, run_uri: str, iteration: int) -> dict:
 
 
 @task(name="sync", task_run_name="sync-{iteration}", cache_policy=NO_CACHE)
+@stage_errors
 def sync_task(config, run_uri: str, iteration: int) -> dict:
     return sync(config, run_uri, iteration)

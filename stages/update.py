@@ -13,8 +13,8 @@ import time
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from stages.common import (checkpoint_uri, commit, fault_point, on_all_ranks, skip_if_committed, store_of, threads_each,
-                           trainer_group)
+from stages.common import (checkpoint_uri, commit, fault_point, on_all_ranks, skip_if_committed, stage_errors,
+                           store_of, threads_each, trainer_group)
 
 
 def update(config, run_uri: str, iteration: int) -> dict:
@@ -73,5 +73,6 @@ def update(config, run_uri: str, iteration: int) -> dict:
 
 
 @task(name="update", task_run_name="update-{iteration}", cache_policy=NO_CACHE)
+@stage_errors
 def update_task(config, run_uri: str, iteration: int) -> dict:
     return update(config, run_uri, iteration)
