@@ -33,12 +33,12 @@ from prefect.cache_policies import NO_CACHE
 
 from stages.common import iteration_summary, logger, store_of
 
-COLUMNS = {  # artifact column → metric of iteration_summary
-    "reward": "rollout/reward_mean", "reward_std": "rollout/reward_std", "kl": "rollout/kl",
-    "eval_pass_rate": "eval/pass_rate", "eval_reward": "eval/reward_mean", "response_len": "rollout/response_len",
-    "policy_loss": "ppo/policy_loss", "value_loss": "critic/value_loss", "grad_norm": "ppo/grad_norm",
+COLUMNS = {  # artifact column → metric of iteration_summary; the UI shows them in this order, the first ones in view
+    "reward": "rollout/reward_mean", "kl": "rollout/kl", "eval_pass_rate": "eval/pass_rate",
     "generate_s": "time/generate_s", "score_s": "time/score_s", "advantages_s": "time/advantages_s",
     "update_s": "time/update_s", "sync_s": "time/sync_s", "eval_s": "time/eval_s",
+    "reward_std": "rollout/reward_std", "eval_reward": "eval/reward_mean", "response_len": "rollout/response_len",
+    "policy_loss": "ppo/policy_loss", "value_loss": "critic/value_loss", "grad_norm": "ppo/grad_norm",
 }
 ARTIFACTS = ("iterations", "rollouts", "overview", "progress")
 """Artifact names: the keys are `{run}-{name}`."""
