@@ -60,19 +60,25 @@ def _wait_worker(api: str, pool: str, worker: subprocess.Popen, timeout_s: float
 
 
 def _stop(proc: subprocess.Popen, sig: int, grace_s: float) -> None:
-    """`sig` to the process's group (the worker's includes its flow runs), SIGKILL to the group after `grace_s`.
+    """`sig` to the process's group (the worker's holds its flow runs), SIGKILL to what is left of it after `grace_s`.
 
     Each child runs in a process group of its own, so that a terminal's Ctrl-C reaches only this process, which stops
-    them in order: the worker would otherwise see a second SIGINT from us and SIGKILL itself mid-shutdown."""
+    them in order: the worker would otherwise see a second SIGINT from us and SIGKILL itself mid-shutdown. A flow run
+    gets the rest of the grace after its worker exits, to report its state to the server."""
+    deadline = time.monotonic() + grace_s
     try:
         os.killpg(proc.pid, sig)
-        proc.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        pass
     except ProcessLookupError:
         return
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                return  # the whole group is gone
+        time.sleep(0.1)
     try:
-        os.killpg(proc.pid, signal.SIGKILL)  # also what the group's leader left behind
+        os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
     proc.wait()

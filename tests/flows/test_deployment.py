@@ -77,9 +77,10 @@ def _events(run: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((run / "events").iterdir())]
 
 
-def test_deployment_run_trains_and_reports(prefect_api, tmp_path, tiny_model_dir, prompts_dir, test_scale):
+def test_deployment_run_trains_and_reports(prefect_api, tmp_path, sft_model_dir, prompts_dir, test_scale):
+    # The SFT'd tiny model: its rewards and pass rates differ from 0, so the UI's numbers have something to show.
     out = _prefect(prefect_api, "deployment", "run", "ppo-train/quickstart", "-p", "run_id=deployed",
-                   "-p", f"overrides={_overrides(tmp_path, tiny_model_dir, prompts_dir, test_scale, 2)}", "--watch")
+                   "-p", f"overrides={_overrides(tmp_path, sft_model_dir, prompts_dir, test_scale, 2)}", "--watch")
     assert out.returncode == 0 and "Completed" in out.stdout, out.stdout[-3000:] + out.stderr[-3000:]
     run = tmp_path / "runs" / "deployed"
     for n in (1, 2):
@@ -144,15 +145,18 @@ def _check_ui(ui: str, flow_run_id: str, run: Path, shots: Path) -> None:
                 card = page.get_by_text(f"deployed-{name}", exact=True)
                 card.wait_for()  # rendered text, not a sleep: the UI fetches the artifacts after the page
                 if name == "iterations":
-                    page.screenshot(path=shots / "flow-run-artifacts.png")
+                    snap("flow-run-artifacts")
                     assert {a: page.get_by_text(f"deployed-{a}", exact=True).count()
                             for a in ("iterations", "rollouts", "overview", "progress")} == dict.fromkeys(
                         ("iterations", "rollouts", "overview", "progress"), 1)  # updated in place, not one per report
                 card.click()
                 page.wait_for_url("**/artifacts/artifact/**")
                 page.get_by_text("Show raw data").wait_for()
-                page.screenshot(path=shots / f"{name}.png")
                 return page.locator(".p-layout-well__content").first.inner_text()
+
+            def snap(name: str) -> None:
+                # After the checks (the content is there); "disabled" ends the page's fade-in transition first.
+                page.screenshot(path=shots / f"{name}.png", animations="disabled")
 
             def table() -> list[dict]:
                 page.locator("tbody tr").first.wait_for()
@@ -170,21 +174,30 @@ def _check_ui(ui: str, flow_run_id: str, run: Path, shots: Path) -> None:
                 assert rows[str(n)]["kl"] == _shown(marker(n, "advantages")["metrics"]["rollout/kl"])
                 for stage in ("generate", "score", "advantages", "update", "sync"):
                     assert rows[str(n)][f"{stage}_s"] == _shown(marker(n, stage)["seconds"])
+            snap("iterations")
 
             open_artifact("rollouts")
-            samples = RunStore(str(run)).read_stage(2, "advantages").select(["sample_id", "reward"]).to_pylist()
+            samples = RunStore(str(run)).read_stage(2, "advantages").select(
+                ["sample_id", "reward", "prompt", "response"]).to_pylist()
             ranked = [s["sample_id"] for s in sorted(samples, key=lambda s: -s["reward"])]
             shown = table()
             assert [(r["which"], r["sample"]) for r in shown] == [("best", s) for s in ranked[:4]] + [
                 ("worst", s) for s in ranked[::-1][:4]]
-            assert all(r["prompt"].startswith("What is 2*") and r["response"] for r in shown)
+            rendered = lambda t: " ".join(t.replace("\n", "⏎").split())  # noqa: E731  (as the page shows it)
+            stored = {s["sample_id"]: s for s in samples}
+            for r in shown:
+                assert (rendered(r["prompt"]), rendered(r["response"])) == (
+                    rendered(stored[r["sample"]]["prompt"]), rendered(stored[r["sample"]]["response"])), r
+            snap("rollouts")
 
             text = open_artifact("overview")
             assert "run deployed: iteration 2 of 2" in text and f"storage: {run}" in text, text
             picture = page.locator("img[src^='data:image/png;base64,']")
             assert picture.evaluate("img => img.complete && img.naturalWidth") == 800  # decoded, not a broken icon
+            snap("overview")
 
             assert "Progress: 100%" in open_artifact("progress")
+            snap("progress")
         finally:
             browser.close()
 
