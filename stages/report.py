@@ -12,8 +12,9 @@ Parquet, so a resumed run reports the same.
 A flow run creates each artifact at its first report and updates it in place at the next ones: Prefect lists every
 artifact a flow run created, and a version per iteration would bury the latest under thirty others. The next flow run
 of the run (a resume) adds a version of each key. The curves are redrawn every `eval.every` iterations (where the pass
-rate gains a point), at the last iteration and at a flow run's first report; drawing takes a few tenths of a second
-beside the next iteration. An artifact that would be missing or empty fails the report (ReportError), naming it.
+rate gains a point), at the last iteration and at a flow run's first report: drawing is the report's costliest part,
+and it competes with the next iteration for the CPU. An artifact that would be missing or empty fails the report
+(ReportError), naming it.
 
 The table's rows stay in this process from one report to the next: each iteration's markers are read once, when it
 is reported (a process's first report reads every earlier committed iteration), rather than every marker of the run
@@ -102,7 +103,8 @@ def build_artifacts(config, store, iteration: int, table: list[dict], tracking: 
                                    f"`ppoflow rollouts {run} --iter {iteration} --order best --root {root}`\n"}
 
     done = sum(1 for r in table if r["iteration"] > 0)
-    out["progress"] = {"type": "progress", "data": round(100.0 * done / config.iterations, 2),
+    # Capped: a resumed run may lower `iterations` below what it has committed.
+    out["progress"] = {"type": "progress", "data": round(min(100.0, 100.0 * done / config.iterations), 2),
                        "description": f"run {run}: {done}/{config.iterations} iterations committed"}
     return out
 
