@@ -11,7 +11,6 @@ so a half-written stage is never shown, and the commands are safe to run while t
 plot, beside the run. Tests: tests/test_runs_cli.py
 """
 
-import io
 import os
 import random
 
@@ -20,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from stages.common import iteration_summary
+from stages.curves import curves_png
 from storage.run import RunStore, run_uri
 
 ITERATION_COLUMNS = [  # (header, metric of iteration_summary, format)
@@ -132,41 +132,11 @@ def show_run(run_id: str, root: str | None = None) -> int:
     console.print(f"{st['estimator'] or '?'} · {len(st['synced'])}/{st['target'] or '?'} iterations committed · "
                   f"{st['state']}" + (f" · partly committed: {'; '.join(partial)}" if partial else ""))
 
-    reward = [(r["iteration"], r["rollout/reward_mean"], r.get("rollout/reward_std", 0.0))
-              for r in rows if r.get("rollout/reward_mean") is not None]
-    kl = [(r["iteration"], r["rollout/kl"]) for r in rows if r.get("rollout/kl") is not None]
-    evals = [(r["iteration"], r["eval/pass_rate"]) for r in rows if r.get("eval/pass_rate") is not None]
-    if not reward and not kl:
+    png = curves_png(rows, f"run {store.run_id}")
+    if png is None:
         console.print("no scored iteration yet: nothing to plot")
         return 0
-    # Figure + savefig render with Agg without pyplot, so no global backend or figure registry is touched.
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
-    fig = Figure(figsize=(8, 6), dpi=100, layout="constrained")
-    ax_reward, ax_kl = fig.subplots(2, 1, sharex=True)
-    if reward:
-        x, mean, std = zip(*reward)
-        ax_reward.fill_between(x, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
-                               color="tab:blue", alpha=0.2, label="± std over samples")
-        ax_reward.plot(x, mean, "o-", color="tab:blue", label="rollout/reward_mean")
-    if evals:  # iteration 0 is the starting policy
-        ax_reward.plot(*zip(*evals), "s--", color="tab:green", label="eval/pass_rate (held-out prompts)")
-    if reward or evals:
-        ax_reward.legend(loc="best")
-    ax_reward.set_ylabel("reward")
-    ax_reward.set_title(f"run {store.run_id}")
-    if kl:
-        ax_kl.plot(*zip(*kl), "o-", color="tab:red", label="rollout/kl")
-        ax_kl.legend(loc="best")
-    ax_kl.set_ylabel("KL to reference")
-    ax_kl.set_xlabel("iteration")
-    ax_kl.xaxis.set_major_locator(MaxNLocator(integer=True))
-    for ax in (ax_reward, ax_kl):
-        ax.grid(alpha=0.3)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    console.print(f"curves: {store.write_file('plots/curves.png', buf.getvalue())}")
+    console.print(f"curves: {store.write_file('plots/curves.png', png)}")
     return 0
 
 

@@ -103,7 +103,8 @@ def stage(name: str, *, schema: str, on_skip: Callable | None = None, after_comm
           task_name: str | None = None, **task_options):
     """Make `body(s: StageRun) -> Output` the stage `name` (see the module docstring): returns the plain function
     `fn(config, run_uri, iteration) -> marker`, with its Prefect task as `fn.task` (`task_name`, default `name`;
-    task runs named `{task_name}-{n}`; no Prefect cache: the markers decide what is done). `on_skip(s)` runs when the stage was committed already;
+    task runs named `{task_name}-{n}`; no Prefect cache: the markers decide what is done; a failure inside an actor
+    is raised as the actor's own error, `stage_errors`). `on_skip(s)` runs when the stage was committed already;
     `after_commit(s, marker)` after its commit; `task_options` go to Prefect's @task (e.g. retry_condition_fn)."""
     from prefect import task
     from prefect.cache_policies import NO_CACHE
@@ -131,7 +132,8 @@ def stage(name: str, *, schema: str, on_skip: Callable | None = None, after_comm
         run.__name__, run.__qualname__, run.__module__ = body.__name__, body.__qualname__, body.__module__
         run.__doc__ = body.__doc__
         shown = task_name or name
-        run.task = task(name=shown, task_run_name=f"{shown}-{{iteration}}", cache_policy=NO_CACHE, **task_options)(run)
+        run.task = task(name=shown, task_run_name=f"{shown}-{{iteration}}", cache_policy=NO_CACHE,
+                        **task_options)(stage_errors(run))
         return run
 
     return wrap
@@ -148,3 +150,29 @@ def iteration_summary(store: RunStore, iteration: int) -> dict:
             row.update(marker.get("metrics", {}))
             row[f"time/{name}_s"] = marker.get("seconds")
     return row
+
+
+def stage_errors(fn):
+    """Decorates a stage's task function so that a failed stage's state message in Prefect is the error's own text.
+
+    An exception raised inside a Ray actor reaches the driver as a RayTaskError whose text is the remote traceback
+    (ANSI colours and all), and Prefect puts `{type}: {text}` in the task's state message. The actor's exception is
+    raised instead (its message names the field or sample), chained to the RayTaskError so that the task's log keeps
+    the remote traceback."""
+    import functools
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        from ray.exceptions import RayTaskError
+
+        try:
+            return fn(*args, **kwargs)
+        except RayTaskError as err:
+            cause = err
+            while isinstance(cause, RayTaskError) and isinstance(cause.cause, Exception):
+                cause = cause.cause  # an actor that called another actor: the innermost error
+            if cause is err:
+                raise
+            raise cause from err
+
+    return run

@@ -270,9 +270,41 @@ def _forward_logs_to_flow_run(ctx) -> None:
         log.addHandler(APILogHandler())
         log.setLevel(logging.INFO)
         log.propagate = False  # Ray prints the lines to stdout already
-    run_id = str(flow_run.id)
-    ctx.stop_log_forwarding = forward_worker_logs(ctx.uri, lambda line, is_err, source: log.log(
-        logging.WARNING if is_err else logging.INFO, "(%s) %s", source, line, extra={"flow_run_id": run_id}))
+    ctx.stop_log_forwarding = forward_worker_logs(ctx.uri, _flow_run_log_handler(log, str(flow_run.id)))
+
+
+AUTOSCALER_EVENT = ":event_summary:"
+"""Ray's mark on the autoscaler (v1) log lines that are events (ray_constants.LOG_PREFIX_EVENT_SUMMARY)."""
+
+
+def _flow_run_log_handler(log, flow_run_id: str):
+    """The `forward_worker_logs` handler: each line of the actors (stdout INFO, stderr WARNING) and of Ray's raylet and
+    GCS error logs goes to `log` for the flow run, blank lines aside. Of Ray's autoscaler monitor (source
+    `pid=autoscaler`) only its events pass, as Ray's own driver prints them ("Error: No available node types can
+    fulfill resource request ..."): the rest of its log is a cluster status dump every 5 s while a resource request
+    waits, and took 120 of the first 200 lines of a run's log."""
+    import json
+    import logging
+
+    def handle(line: str, is_err: bool, source: str) -> None:
+        if source.endswith("pid=autoscaler"):
+            if AUTOSCALER_EVENT in line:  # autoscaler v1: events inside its log lines
+                line = line.split(AUTOSCALER_EVENT, 1)[1]
+                is_err = is_err or line.startswith(("Error:", "Warning:"))
+            elif line.startswith("{"):  # autoscaler v2: its event log, one JSON event per line
+                try:
+                    event = json.loads(line)
+                    line = event["message"]
+                except (ValueError, KeyError, TypeError):
+                    return
+                is_err = is_err or event.get("severity") in ("WARNING", "ERROR", "FATAL")
+            else:
+                return
+        if line.strip():
+            log.log(logging.WARNING if is_err else logging.INFO, "(%s) %s", source, line,
+                    extra={"flow_run_id": flow_run_id})
+
+    return handle
 
 
 def close_run(config, run_uri: str, stop_workers: bool = True) -> None:

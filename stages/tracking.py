@@ -47,6 +47,9 @@ def flatten_config(config: dict, prefix: str = "") -> dict:
 class Tracker:
     """The tracker interface and the null tracker (`logger: none`): callers never branch on the logger."""
 
+    where = "nowhere (tracking.logger: none)"
+    """Where the run's metrics go, for people: the report shows it in the Prefect UI."""
+
     def log_config(self, config: dict) -> None:
         """Log the run's resolved config (`RunConfig.model_dump(mode="json")`)."""
 
@@ -76,6 +79,7 @@ class TensorBoardTracker(Tracker):
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(logdir)  # a new event file per writer; earlier files of the run stay
+        self.where = f"TensorBoard: `tensorboard --logdir {logdir}`"
         self.started = False
 
     def log_config(self, config: dict) -> None:
@@ -122,6 +126,7 @@ class MlflowTracker(Tracker):
         else:
             self.run_id = self.client.create_run(exp_id, run_name=run_id, tags={
                 "ppoflow.run_uri": run_uri, "ppoflow.run_id": run_id}).info.run_id
+        self.where = f"MLflow: run {self.run_id} of experiment {experiment!r} at {tracking_uri}"
 
     def log_config(self, config: dict) -> None:
         from mlflow.entities import Param
@@ -161,6 +166,7 @@ class WandbTracker(Tracker):
         # console off: the driver's stdout is Prefect's; no system stats: the GPUs are in the Ray workers, not here.
         self.run = wandb.init(project=project, id=wandb_id, name=run_id, dir=wandb_dir, mode=mode, resume="allow",
                               reinit="create_new", settings=wandb.Settings(console="off", x_disable_stats=True))
+        self.where = f"W&B ({mode}): run {project}/{wandb_id} in {wandb_dir}"
 
     def log_config(self, config: dict) -> None:
         self.run.config.update(config, allow_val_change=True)

@@ -99,10 +99,11 @@ def connect(address: str | None, num_cpus: int | None, namespace: str) -> None:
 
 def forward_worker_logs(run_uri: str, handler) -> Callable[[], None]:
     """Also pass every line the run's actors print to `handler(line, is_err, source)`, in the driver
-    (log_to_driver=True); returns the function that stops it. A line is the run's when its actor's `RunActor` name
-    starts with the run's prefix; Ray's own lines (the autoscaler's status dumps, anything not from an actor) go
-    nowhere. While an actor's constructor runs, Ray knows it only by its class (its name comes with `repr` once it is
-    built), so those lines go to every run forwarding at that moment: with one run per process, to that run.
+    (log_to_driver=True); returns the function that stops it. An actor's line is the run's when the actor's
+    `RunActor` name starts with the run's prefix. While an actor's constructor runs, Ray knows it only by its class
+    (its name comes with `repr` once it is built), so those lines, and Ray's own (the autoscaler's, the raylet's:
+    the handler decides what of them to keep), go to every run forwarding at that moment: with one run per process,
+    to that run.
 
     Ray offers no public hook for this; its driver-side dispatcher is a private API, so if it moves the lines are
     still printed to the driver's stdout and only the forwarding is lost. Calling again replaces the run's handler."""
@@ -113,10 +114,10 @@ def forward_worker_logs(run_uri: str, handler) -> Callable[[], None]:
     prefix, key = actor_name(run_uri, ""), f"ppoflow:{run_uri}"
 
     def on_batch(data: dict) -> None:
-        name = data.get("actor_name") or ""
-        if not name or (":" in name and not name.startswith(prefix)):  # not an actor's, or another run's
+        name = data.get("actor_name") or data.get("task_name") or ""
+        if ":" in name and not name.startswith(prefix):  # another run's actor
             return
-        source = f"{name.removeprefix(prefix)} pid={data.get('pid')}"
+        source = " ".join(filter(None, [name.removeprefix(prefix), f"pid={data.get('pid')}"]))
         for line in data.get("lines", []):
             handler(line, bool(data.get("is_err")), source)
 
