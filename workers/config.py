@@ -223,6 +223,19 @@ class TrainerConfig(BaseModel):
     GPU a small batch is bound by kernel launches, and the second forward can cost more than the prompt saves: with
     short prompts and long responses the GPU configs turn it off (bench/RESULTS.md); long prompts should gain."""
 
+    packing: bool | None = None
+    """Run forwards padding-free (workers/packing.py): a micro-batch's sequences packed into one row, attention kept
+    within each sequence, log-probs taken from the hidden states in chunks (never the full tokens × vocabulary
+    logits). None packs where the variable-length attention kernel runs (CUDA) and pads on CPU, where packed
+    attention falls back to a dense block-diagonal mask (right, but quadratic in the row). Same results to float
+    rounding either way; with packing, share_prompts does not apply."""
+
+    max_tokens_per_micro_batch: int | None = Field(None, ge=1)
+    """Cut micro-batches by tokens (prompt + response) instead of `micro_batch_size` samples: at most this many per
+    forward (a longer sample goes alone), as many micro-batches per optimizer step as the budget needs, a multiple of
+    num_ranks, balanced so every rank gets about the same tokens. The loss divides by the whole step's tokens, so
+    the gradient does not depend on the cut. The reference uses the policy's. None: micro_batch_size."""
+
     num_ranks: int = Field(1, ge=1)
     """Data-parallel DeepSpeed ranks of this model (one Ray actor each, `{run}:{role}` for rank 0 and
     `{run}:{role}-rank{r}` for the others), meeting at rank 0. Every optimizer step is split over the ranks by

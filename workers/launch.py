@@ -59,8 +59,7 @@ def start_workers(run_uri: str, config, timeout_s: float = 600.0) -> dict:
     actors.update(group("policy", PolicyWorker, config.policy, model.path, algo=config.algo,
                         norm_len=config.generation.max_new_tokens))
     actors["reference"] = ray.remote(ReferenceWorker).options(**options("reference", config.policy)).remote(
-        model.ref_path or model.path, model.dtype, config.policy.micro_batch_size, config.policy.num_threads,
-        config.policy.share_prompts)
+        model.ref_path or model.path, model.dtype, config.policy)
     if config.uses_critic:
         from transformers import AutoTokenizer
 

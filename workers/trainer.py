@@ -192,6 +192,52 @@ def sample_logprobs(model, prompt_ids: list, response_ids: list, pad_id: int, de
     return logp, mask, entropy_from_logits(logits) * mask
 
 
+def packed_logprobs(model, prompt_ids: list, response_ids: list, device=None, with_entropy: bool = False,
+                    entropy_grad: bool = False):
+    """`response_logprobs` of the samples, padding-free (workers/packing.py): the micro-batch packed into one row,
+    attention kept within each sequence, the log-probs (and entropy, with a gradient only if `entropy_grad`) taken
+    from the hidden states in chunks, never the full (tokens × vocabulary) logits. The same values to float rounding,
+    gradients included. `model` is a causal LM (or the DeepSpeed engine around one) with `get_decoder` and
+    `get_output_embeddings`, as HF causal LMs have."""
+    from workers.packing import pack, packed_forward, token_logprobs
+
+    batch = pack(prompt_ids, response_ids, device)
+    module = getattr(model, "module", model)
+    with packed_forward():
+        hidden = module.get_decoder()(input_ids=batch.input_ids, **batch.forward_kwargs()).last_hidden_state[0]
+    logp, entropy = token_logprobs(module.get_output_embeddings(), hidden[batch.predict], batch.targets,
+                                   with_entropy, entropy_grad)
+    logp, mask = batch.unflatten(logp)
+    return (logp, mask) if not with_entropy else (logp, mask, batch.unflatten(entropy)[0])
+
+
+def forward_logprobs(model, prompt_ids: list, response_ids: list, pad_id: int, device, how: str,
+                     with_entropy: bool = False, entropy_grad: bool = True):
+    """log π of every response token (B, A_max) float32, its mask, and the entropy when asked, by `how`:
+    `packed` (`packed_logprobs`), `shared` (each distinct prompt once, `sample_logprobs`) or `padded`."""
+    if how == "packed":
+        return packed_logprobs(model, prompt_ids, response_ids, device, with_entropy, entropy_grad)
+    return sample_logprobs(model, prompt_ids, response_ids, pad_id, device, how == "shared", with_entropy)
+
+
+def _lengths(table) -> np.ndarray:
+    """Tokens of every sample (prompt + response): what a token budget counts."""
+    import pyarrow.compute as pc
+
+    return (pc.list_value_length(table["prompt_ids"]).to_numpy()
+            + pc.list_value_length(table["response_ids"]).to_numpy())
+
+
+def _attention(packing: bool | None) -> tuple[str, bool]:
+    """The attention implementation models load with and whether forwards run packed: `packing` None packs where
+    the varlen kernel runs (CUDA with torch.nn.attention.varlen), else padded; packed on CPU uses SDPA with the
+    block-diagonal mask transformers builds from the restarting position ids (right, but quadratic in the row)."""
+    from workers.packing import VARLEN_ATTENTION, register_varlen_attention
+
+    varlen = register_varlen_attention()
+    return (VARLEN_ATTENTION if varlen else "sdpa"), (varlen if packing is None else packing)
+
+
 def _padded(column: list, a_max: int, device=None):
     """Per-token float lists → (B, a_max) float32 zero-padded on the right, on `device` (built on the CPU)."""
     import torch
@@ -217,8 +263,15 @@ def _use_threads(threads: int | None, configured: int) -> None:
     torch.set_num_threads(threads or configured)
 
 
-def _micro_batches(indices: np.ndarray, size: int):
-    return [indices[i : i + size] for i in range(0, len(indices), size)]
+def _micro_batches(cfg: TrainerConfig, indices: np.ndarray, lengths: np.ndarray, ranks: int = 1) -> list[np.ndarray]:
+    """`indices` as micro-batches, one forward each: of at most `cfg.max_tokens_per_micro_batch` tokens (`lengths`
+    counts each sample's), balanced over `ranks` (workers/packing.py token_budget_split), or of
+    `cfg.micro_batch_size` samples."""
+    from workers.packing import token_budget_split
+
+    if cfg.max_tokens_per_micro_batch is None:
+        return [indices[i : i + cfg.micro_batch_size] for i in range(0, len(indices), cfg.micro_batch_size)]
+    return token_budget_split(indices, lengths, cfg.max_tokens_per_micro_batch, ranks)
 
 
 def deepspeed_config(trainer: TrainerConfig, dtype: str, world_size: int, on_gpu: bool,
@@ -321,6 +374,7 @@ class _DeepSpeedWorker(RunActor):
         torch.set_num_threads(trainer.num_threads)
         self.model_path, self.cfg, self.dtype, self.seed = model_path, trainer, dtype, seed
         self.deepspeed_overrides = deepspeed_overrides
+        self.attention, self.packing = _attention(trainer.packing)
         self.rank, self.world_size = rank, world_size
         # DeepSpeed's autotuner imports MLflow whenever it is installed (~2.5 s of every trainer's start on 2 cores);
         # no trainer actor logs to it (tracking runs in the driver), so inside an actor it is hidden from that import.
@@ -465,18 +519,24 @@ class _DeepSpeedWorker(RunActor):
         dist.all_gather_object(out, obj)
         return out
 
-    def _sharded(self, n: int, compute) -> list:
-        """`compute(indices)` (one result per row) over rows 0..n-1, split over the group; the full list on every rank.
+    def _sharded(self, table, forward) -> list:
+        """`forward(indices)` (one result per row of a micro-batch) over every row of `table`, split over the group;
+        the full list, in row order, on every rank.
 
-        Rank r takes rows [r·k, (r+1)·k), k = ceil(n/N). Under ZeRO-3 each forward gathers the parameters with the
-        other ranks, so every rank must run as many forwards: a short share is padded with copies of a row whose
-        results are dropped."""
+        Rank r takes rows [r·k, (r+1)·k), k = ceil(n/N), cut into micro-batches. Under ZeRO-3 each forward
+        gathers the parameters with the other ranks, so every rank must run as many forwards: a rank with fewer
+        micro-batches repeats one whose results are dropped."""
+        n, lengths = table.num_rows, _lengths(table)
         if self.world_size == 1:
-            return compute(np.arange(n))
+            return [row for mb in _micro_batches(self.cfg, np.arange(n), lengths) for row in forward(mb)]
         k = -(-n // self.world_size)
-        mine = np.arange(self.rank * k, min((self.rank + 1) * k, n))
-        padded = np.concatenate([mine, np.full(k - len(mine), mine[0] if len(mine) else 0)]).astype(np.int64)
-        local = compute(padded)[: len(mine)] if k else []
+        shares = [np.arange(r * k, min((r + 1) * k, n)) for r in range(self.world_size)]
+        splits = [[mb for mb in _micro_batches(self.cfg, s, lengths) if len(mb)] for s in shares]
+        mine = splits[self.rank]
+        filler = mine[0] if mine else np.zeros(1, dtype=np.int64)
+        local = [row for mb in mine for row in forward(mb)]
+        for _ in range(max(len(s) for s in splits) - len(mine)):
+            forward(filler)
         return [row for share in self._gather(local) for row in share]
 
     def _full_state_dict(self) -> dict | None:
@@ -494,6 +554,11 @@ class _DeepSpeedWorker(RunActor):
         # Copies: tied embeddings share storage, which safetensors refuses to serialise. One copy whatever the device
         # (a GPU tensor's .to("cpu") already is one; .clone() after it would copy the weights twice).
         return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in sd.items()}
+
+    def _micro_step(self, last: bool) -> None:
+        """Before a micro-batch's forward: whether it ends the optimizer step. The trainers say so themselves, as
+        micro-batches cut by tokens vary in number from step to step (DeepSpeed's own count assumes a fixed one)."""
+        self.engine.set_gradient_accumulation_boundary(last)
 
     def _step(self) -> float | None:
         """engine.step() for one micro-batch; at an optimizer-step boundary returns the gradient norm (pre-clip).
@@ -514,12 +579,14 @@ class _DeepSpeedWorker(RunActor):
         self.engine.step()
         return None
 
-    def _optimizer_steps(self, n: int, seed: int):
-        """Per epoch, a seeded permutation cut into mini-batches (one optimizer step each) of micro-batches.
+    def _optimizer_steps(self, table, seed: int):
+        """Per epoch, a seeded permutation cut into mini-batches (one optimizer step each) of micro-batches (by
+        sample count, or by tokens with `max_tokens_per_micro_batch`).
 
         Yields (all micro-batches of the step, this rank's): micro-batch j goes to rank j mod N. Every rank draws the
         same permutation, so the step's global counts (the loss denominators) are known on each."""
-        mini, micro = self.cfg.mini_batch_size, self.cfg.micro_batch_size
+        n, lengths = table.num_rows, _lengths(table)
+        mini = self.cfg.mini_batch_size
         if self.world_size > 1 and n % mini:
             raise ValueError(
                 f"{n} experience rows are not a multiple of {self.role}.mini_batch_size ({mini}): with "
@@ -529,7 +596,7 @@ class _DeepSpeedWorker(RunActor):
         for _ in range(self._epochs):
             perm = rng.permutation(n)
             for start in range(0, n, mini):
-                step = _micro_batches(perm[start : start + mini], micro)
+                step = _micro_batches(self.cfg, perm[start : start + mini], lengths, self.world_size)
                 yield step, step[self.rank :: self.world_size]
 
     def _lr(self) -> float:
@@ -564,7 +631,15 @@ class PolicyWorker(_DeepSpeedWorker):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        return AutoModelForCausalLM.from_pretrained(self.model_path, dtype=_torch_dtype(self.dtype))
+        return AutoModelForCausalLM.from_pretrained(self.model_path, dtype=_torch_dtype(self.dtype),
+                                                    attn_implementation=self.attention)
+
+    def _how(self, training: bool) -> str:
+        """How forwards run: packed, shared prompts (not under gradient checkpointing in training: its
+        recomputation would append to the KV cache again), or padded."""
+        if self.packing:
+            return "packed"
+        return "shared" if self.cfg.share_prompts and not (training and self.cfg.gradient_checkpointing) else "padded"
 
     @staticmethod
     def _checkpointed_module(model):
@@ -577,18 +652,15 @@ class PolicyWorker(_DeepSpeedWorker):
 
         _use_threads(threads, self.cfg.num_threads)
 
-        def compute(indices) -> list:
-            out = []
-            for idx in _micro_batches(indices, self.cfg.micro_batch_size):
-                rows = table.take(idx)
-                out += _rows(*sample_logprobs(self.engine, rows["prompt_ids"].to_pylist(),
-                                              rows["response_ids"].to_pylist(), self.tokenizer.pad_token_id,
-                                              self.device, self.cfg.share_prompts))
-            return out
+        def forward(idx) -> list:
+            rows = table.take(idx)
+            return _rows(*forward_logprobs(self.engine, rows["prompt_ids"].to_pylist(),
+                                           rows["response_ids"].to_pylist(), self.tokenizer.pad_token_id,
+                                           self.device, self._how(training=False)))
 
         self.engine.eval()
         with torch.no_grad():
-            return self._sharded(table.num_rows, compute)
+            return self._sharded(table, forward)
 
     def train(self, table, new_version: int, seed: int, kl_coef: float, threads: int | None = None) -> list[dict]:
         """PPO policy update on an experience table; returns one metrics dict per optimizer step.
@@ -606,8 +678,8 @@ class PolicyWorker(_DeepSpeedWorker):
         cols = {c: table[c].to_pylist() for c in ("prompt_ids", "response_ids", "old_logprobs", "advantages",
                                                   "ref_logprobs", "engine_logprobs")}
         response_ids = cols["response_ids"]
-        share = self.cfg.share_prompts and not self.cfg.gradient_checkpointing  # see sample_logprobs
-        for micro_batches, mine in self._optimizer_steps(table.num_rows, seed):
+        how, entropy_grad = self._how(training=True), algo.entropy_coef > 0  # the entropy is a metric otherwise
+        for micro_batches, mine in self._optimizer_steps(table, seed):
             # Every micro-batch divides by the whole optimizer step's token (or sequence) count, so the gradient
             # does not depend on how the step is split into micro-batches or ranks.
             denominators = {"loss_denominator": float(sum(len(response_ids[i]) for mb in micro_batches for i in mb)),
@@ -616,10 +688,11 @@ class PolicyWorker(_DeepSpeedWorker):
             acc = {"ppo/policy_loss": 0.0, "ppo/clipfrac": 0.0, "ppo/approx_kl": 0.0, "ppo/kl_loss": 0.0,
                    "ppo/entropy": 0.0, "ppo/is_weight_mean": 0.0}
             lr = self._lr()
-            for mb in mine:
-                logp, mask, entropy = sample_logprobs(
+            for j, mb in enumerate(mine):
+                self._micro_step(last=j == len(mine) - 1)
+                logp, mask, entropy = forward_logprobs(
                     self.engine, [cols["prompt_ids"][i] for i in mb], [response_ids[i] for i in mb],
-                    self.tokenizer.pad_token_id, self.device, share, with_entropy=True)
+                    self.tokenizer.pad_token_id, self.device, how, with_entropy=True, entropy_grad=entropy_grad)
                 a_max = logp.shape[1]
                 column = lambda name: _padded([cols[name][i] for i in mb], a_max, logp.device)  # noqa: E731
                 old_lp = column("old_logprobs")
@@ -814,7 +887,7 @@ class PolicyWorker(_DeepSpeedWorker):
         return time.perf_counter() - t0
 
 
-def _value_model(model_path: str, dtype):
+def _value_model(model_path: str, dtype, attention: str = "sdpa"):
     """Critic network: the base transformer body and a scalar value head on every position's hidden state."""
     import torch
     from transformers import AutoModel
@@ -822,14 +895,16 @@ def _value_model(model_path: str, dtype):
     class ValueModel(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.body = AutoModel.from_pretrained(model_path, dtype=dtype)
+            self.body = AutoModel.from_pretrained(model_path, dtype=dtype, attn_implementation=attention)
             hidden = self.body.config.hidden_size
             self.value_head = torch.nn.Linear(hidden, 1, dtype=dtype)
             torch.nn.init.normal_(self.value_head.weight, std=1.0 / (hidden + 1) ** 0.5)
             torch.nn.init.zeros_(self.value_head.bias)
 
-        def forward(self, input_ids, attention_mask):
-            h = self.body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        def forward(self, input_ids, attention_mask=None, **forward_kwargs):
+            """V of every position, (B, L) float32; `forward_kwargs` carry a packed row's position ids and
+            cumulative lengths (workers/packing.py)."""
+            h = self.body(input_ids=input_ids, attention_mask=attention_mask, **forward_kwargs).last_hidden_state
             return self.value_head(h).squeeze(-1).float()
 
     return ValueModel()
@@ -844,11 +919,23 @@ class CriticWorker(_DeepSpeedWorker):
         super().__init__(*args, **kwargs)
 
     def _make_model(self):
-        return _value_model(self.model_path, _torch_dtype(self.dtype))
+        return _value_model(self.model_path, _torch_dtype(self.dtype), self.attention)
 
     @staticmethod
     def _checkpointed_module(model):
         return model.body  # the transformer; the value head is one linear layer
+
+    def _response_values(self, prompt_ids: list, response_ids: list):
+        """V(s_t) before every response token, (B, A_max), and its mask: packed (padding-free) or padded."""
+        if self.packing:
+            from workers.packing import pack, packed_forward
+
+            batch = pack(prompt_ids, response_ids, self.device)
+            with packed_forward():
+                values = self.engine(batch.input_ids, **batch.forward_kwargs())[0]
+            return batch.unflatten(values[batch.predict])
+        ids, attn, p_lens, a_lens = _collate(prompt_ids, response_ids, self.pad_token_id, self.device)
+        return _response_slice(self.engine(ids, attn)[:, :-1], p_lens, a_lens)
 
     def values(self, table, threads: int | None = None) -> list[list[float]]:
         """V(s_t) before every response token (every rank: the whole table in, the whole list out). `threads`: torch
@@ -857,18 +944,13 @@ class CriticWorker(_DeepSpeedWorker):
 
         _use_threads(threads, self.cfg.num_threads)
 
-        def compute(indices) -> list:
-            out = []
-            for idx in _micro_batches(indices, self.cfg.micro_batch_size):
-                rows = table.take(idx)
-                ids, attn, p_lens, a_lens = _collate(rows["prompt_ids"].to_pylist(), rows["response_ids"].to_pylist(),
-                                                     self.pad_token_id, self.device)
-                out += _rows(*_response_slice(self.engine(ids, attn)[:, :-1], p_lens, a_lens))
-            return out
+        def forward(idx) -> list:
+            rows = table.take(idx)
+            return _rows(*self._response_values(rows["prompt_ids"].to_pylist(), rows["response_ids"].to_pylist()))
 
         self.engine.eval()
         with torch.no_grad():
-            return self._sharded(table.num_rows, compute)
+            return self._sharded(table, forward)
 
     def train(self, table, new_version: int, seed: int, kl_coef: float = 0.0, threads: int | None = None) -> list[dict]:
         """Clipped value regression onto the experience's returns; one metrics dict per optimizer step. `threads`:
@@ -882,14 +964,13 @@ class CriticWorker(_DeepSpeedWorker):
         metrics = []
         prompt_ids, response_ids = table["prompt_ids"].to_pylist(), table["response_ids"].to_pylist()
         old_v, returns = table["values"].to_pylist(), table["returns"].to_pylist()
-        for micro_batches, mine in self._optimizer_steps(table.num_rows, seed):
+        for micro_batches, mine in self._optimizer_steps(table, seed):
             step_tokens = float(sum(len(response_ids[i]) for mb in micro_batches for i in mb))
             acc = {"critic/value_loss": 0.0, "critic/clipfrac": 0.0}
             lr = self._lr()
-            for mb in mine:
-                ids, attn, p_lens, a_lens = _collate([prompt_ids[i] for i in mb], [response_ids[i] for i in mb],
-                                                     self.pad_token_id, self.device)
-                v, mask = _response_slice(self.engine(ids, attn)[:, :-1], p_lens, a_lens)
+            for j, mb in enumerate(mine):
+                self._micro_step(last=j == len(mine) - 1)
+                v, mask = self._response_values([prompt_ids[i] for i in mb], [response_ids[i] for i in mb])
                 a_max = v.shape[1]
                 loss, stats = value_loss(v, _padded([old_v[i] for i in mb], a_max, v.device),
                                          _padded([returns[i] for i in mb], a_max, v.device), mask,
@@ -910,37 +991,38 @@ class ReferenceWorker(RunActor):
     """The frozen reference policy π_ref: a plain HF model in eval mode, no optimizer, no DeepSpeed; on cuda:0 when
     the actor was given a GPU (it shares the policy's `num_gpus`), else on the CPU."""
 
-    def __init__(self, model_path: str, dtype: str, micro_batch_size: int, num_threads: int,
-                 share_prompts: bool = True):
+    def __init__(self, model_path: str, dtype: str, trainer: TrainerConfig):
+        """`trainer`: the policy's config section, whose micro-batching, packing and threads the reference uses."""
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        torch.set_num_threads(num_threads)
-        self.num_threads = num_threads
+        torch.set_num_threads(trainer.num_threads)
+        self.cfg = trainer
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.pad_id = AutoTokenizer.from_pretrained(model_path).pad_token_id
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=_torch_dtype(dtype)).to(self.device).eval()
-        self.micro_batch_size, self.share_prompts = micro_batch_size, share_prompts
+        attention, self.packing = _attention(trainer.packing)
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=_torch_dtype(dtype),
+                                                          attn_implementation=attention).to(self.device).eval()
 
     def logprobs(self, table, threads: int | None = None) -> list[list[float]]:
         """log π_ref(a_t|s_t) for every response token; `threads`: torch threads for this call (None: the
         constructor's)."""
         import torch
 
-        _use_threads(threads, self.num_threads)
+        _use_threads(threads, self.cfg.num_threads)
+        how = "packed" if self.packing else "shared" if self.cfg.share_prompts else "padded"
         out = []
         with torch.no_grad():
-            for idx in _micro_batches(np.arange(table.num_rows), self.micro_batch_size):
+            for idx in _micro_batches(self.cfg, np.arange(table.num_rows), _lengths(table)):
                 rows = table.take(idx)
-                out += _rows(*sample_logprobs(self.model, rows["prompt_ids"].to_pylist(),
-                                              rows["response_ids"].to_pylist(), self.pad_id, self.device,
-                                              self.share_prompts))
+                out += _rows(*forward_logprobs(self.model, rows["prompt_ids"].to_pylist(),
+                                               rows["response_ids"].to_pylist(), self.pad_id, self.device, how))
         return out
 
 
 if __name__ == "__main__":
     import pyarrow as pa
 
-    ref = ReferenceWorker(sys.argv[1], "float32", 4, 2)
+    ref = ReferenceWorker(sys.argv[1], "float32", TrainerConfig(micro_batch_size=4, num_threads=2))
     demo = pa.table({"prompt_ids": [[1, 2, 3]], "response_ids": [[4, 5]]})
     print("reference logprobs:", ref.logprobs(demo))

@@ -1,5 +1,6 @@
-"""What of Ray's driver-side log stream reaches a flow run's log: the actors' lines (vLLM, DeepSpeed, ours; stderr as
-WARNING) and Ray's error logs pass, Ray's autoscaler status dumps do not, its events do. The batches are as Ray's
+"""What of Ray's driver-side log stream reaches a flow run's log: the run's actors' lines (vLLM, DeepSpeed, ours;
+stderr as WARNING) and Ray's error logs pass, another run's actors' lines and Ray's autoscaler status dumps do not,
+its events do. The batches are as Ray's
 dispatcher hands them to `forward_worker_logs`; the autoscaler block was recorded from Ray 2.60 while an actor waited
 for CPUs that the node lacks.
 
@@ -11,7 +12,9 @@ import logging
 import pytest
 
 from stages.setup import _flow_run_log_handler
-from workers.cluster import forward_worker_logs
+from workers.cluster import actor_name, forward_worker_logs
+
+RUN = "/runs/r1"  # the run whose flow run forwards; its actors are named `r1-<hash>:<role>` (RunActor's repr)
 
 AUTOSCALER_BLOCK = """\
 2026-12-07 03:42:15,690\tINFO autoscaler.py:147 -- The autoscaler took 0.0 seconds to fetch the list of non-terminated nodes.
@@ -61,18 +64,20 @@ def forwarded():
     log.handlers[0].emit = records.append
     log.setLevel(logging.INFO)
     log.propagate = False
-    forward_worker_logs(_flow_run_log_handler(log, "0f1e2d3c-flow-run"))
+    stop = forward_worker_logs(RUN, _flow_run_log_handler(log, "0f1e2d3c-flow-run"))
     yield dispatcher.emit, records
-    dispatcher.remove_handler("ppoflow")
+    stop()
 
 
 def test_autoscaler_status_is_dropped_and_actor_output_kept(forwarded):
     emit, records = forwarded
+    # while its constructor runs an actor is known by its class; then by its name
     emit({"pid": "16350", "is_err": True, "actor_name": "PolicyWorker", "lines": [DEEPSPEED_WARNING]})
     for _ in range(3):  # the monitor repeats its block every 5 s while the request waits
         emit({"pid": "autoscaler", "is_err": False, "actor_name": None, "lines": AUTOSCALER_BLOCK})
-    emit({"pid": "16377", "is_err": False, "actor_name": "VLLMEngine", "lines": [VLLM_INFO, "", "   "]})
-    emit({"pid": "16350", "is_err": True, "actor_name": "PolicyWorker", "lines": ACTOR_ERROR})
+    emit({"pid": "16377", "is_err": False, "actor_name": actor_name(RUN, "engine-0"), "lines": [VLLM_INFO, "", " "]})
+    emit({"pid": "16350", "is_err": True, "actor_name": actor_name(RUN, "policy"), "lines": ACTOR_ERROR})
+    emit({"pid": "16999", "is_err": True, "actor_name": actor_name("/runs/other", "policy"), "lines": ACTOR_ERROR})
     emit({"pid": "raylet", "is_err": True, "actor_name": None, "lines": [RAYLET_ERROR]})
 
     got = [(r.levelname, r.getMessage()) for r in records]
@@ -81,8 +86,8 @@ def test_autoscaler_status_is_dropped_and_actor_output_kept(forwarded):
     assert got == [
         ("WARNING", f"(PolicyWorker pid=16350) {DEEPSPEED_WARNING}"),
         *[("WARNING", f"(pid=autoscaler) {event}")] * 3,  # the event, as Ray's driver prints it, once per block
-        ("INFO", f"(VLLMEngine pid=16377) {VLLM_INFO}"),
-        *[("WARNING", f"(PolicyWorker pid=16350) {line}") for line in ACTOR_ERROR],
+        ("INFO", f"(engine-0 pid=16377) {VLLM_INFO}"),
+        *[("WARNING", f"(policy pid=16350) {line}") for line in ACTOR_ERROR],  # not the other run's
         ("WARNING", f"(pid=raylet) {RAYLET_ERROR}"),
     ]
     assert {r.flow_run_id for r in records} == {"0f1e2d3c-flow-run"}  # the API handler routes on it

@@ -11,6 +11,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 
 import pyarrow as pa
 import pytest
@@ -63,6 +64,10 @@ def test_tensorboard_events_in_the_run_folder_hold_every_metric_once(tmp_path):
     store = RunStore(uri)
     expected = {n: _commit_iteration(store, n) for n in (1, 2)}
     for n in (1, 2, 2):  # iteration 2 again: what a resumed run does
+        # TensorBoard reads a run's event files in name order: time in whole seconds, then a per-process counter
+        # that sorts as text (10 before 9). Writers of one run opened in one second could be read out of order once
+        # the process has opened ten: a second apart, as the flow runs that open them are.
+        time.sleep(1.05)
         row = track_iteration(config, uri, n)
     assert row["iteration"] == 2 and _finite({k: v for k, v in row.items() if k != "iteration"}) == _finite(expected[2])
 

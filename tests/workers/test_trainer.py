@@ -87,18 +87,24 @@ def _split_only_worker(rank: int, world_size: int):
     return w
 
 
+def _rows(n: int):
+    import pyarrow as pa
+
+    return pa.table({"prompt_ids": [[1, 2]] * n, "response_ids": [[3]] * n})
+
+
 def test_each_rank_takes_every_nth_micro_batch_of_a_step():
     as_lists = lambda mbs: [mb.tolist() for mb in mbs]  # noqa: E731
-    solo = list(_split_only_worker(0, 1)._optimizer_steps(48, seed=5))
+    solo = list(_split_only_worker(0, 1)._optimizer_steps(_rows(48), seed=5))
     assert len(solo) == 6 and all(len(step) == 4 and step == mine for step, mine in solo)  # 2 epochs × 3 steps
-    ranks = [list(_split_only_worker(r, 2)._optimizer_steps(48, seed=5)) for r in (0, 1)]
+    ranks = [list(_split_only_worker(r, 2)._optimizer_steps(_rows(48), seed=5)) for r in (0, 1)]
     for s, (step, _) in enumerate(solo):
         # Every rank sees the whole step (for the global loss denominators) and takes micro-batches j ≡ rank (mod 2).
         assert all(as_lists(r[s][0]) == as_lists(step) for r in ranks)
         assert as_lists(ranks[0][s][1]) == as_lists(step[0::2]) and as_lists(ranks[1][s][1]) == as_lists(step[1::2])
     # A ragged last step would give the ranks different numbers of micro-batches (a hang under ZeRO-3): refused.
     with pytest.raises(ValueError, match=r"40 experience rows .* policy.mini_batch_size \(16\)"):
-        next(_split_only_worker(1, 2)._optimizer_steps(40, seed=5))
+        next(_split_only_worker(1, 2)._optimizer_steps(_rows(40), seed=5))
 
 
 def test_a_call_runs_on_the_threads_it_is_given_and_computes_the_same(tiny_model_dir):
@@ -108,7 +114,9 @@ def test_a_call_runs_on_the_threads_it_is_given_and_computes_the_same(tiny_model
 
     before = torch.get_num_threads()
     try:
-        ref = trainer.ReferenceWorker(tiny_model_dir, "float32", 4, 2)
+        from workers.config import TrainerConfig
+
+        ref = trainer.ReferenceWorker(tiny_model_dir, "float32", TrainerConfig(micro_batch_size=4, num_threads=2))
         table = pa.table({"prompt_ids": [[5, 6, 7], [8, 9]], "response_ids": [[10, 11], [12, 13, 14]]})
         shared = ref.logprobs(table, threads=1)
         assert torch.get_num_threads() == 1

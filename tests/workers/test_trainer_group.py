@@ -209,20 +209,25 @@ def _assert_group_logprobs(group: Group, solo: Group, tokens) -> list:
 
 
 def test_zero2_group_is_the_one_rank_model(ray_session, tiny_model_dir, vocab, tmp_path):
-    """ZeRO-2, policy: 2 ranks × micro 8 and 1 rank × micro 16 (with gradient checkpointing) against 1 rank × micro 8:
-    same logprobs, same weights after one optimizer step, same losses and metrics over four, same LR schedule."""
+    """ZeRO-2, policy: 2 ranks × micro 8, 1 rank × micro 16 (with gradient checkpointing) and 2 ranks packed with
+    micro-batches cut by a token budget against 1 rank × micro 8: same logprobs, same weights after one optimizer
+    step, same losses and metrics over four, same LR schedule."""
     from workers.trainer import PolicyWorker
 
-    solo = split = duo = None
+    solo = split = duo = budget = None
     try:
         solo = Group(PolicyWorker, 1, tiny_model_dir, _trainer(), algo=_algo(), norm_len=8)
         split = Group(PolicyWorker, 1, tiny_model_dir, _trainer(micro_batch_size=16, gradient_checkpointing=True),
                       algo=_algo(), norm_len=8)
         duo = Group(PolicyWorker, 2, tiny_model_dir, _trainer(), algo=_algo(), norm_len=8)
+        # ~130 tokens a micro-batch: a 32-sample step of ~25-token samples is cut into ~6 (3 per rank), unevenly
+        budget = Group(PolicyWorker, 2, tiny_model_dir, _trainer(packing=True, max_tokens_per_micro_batch=130),
+                       algo=_algo(), norm_len=8)
         assert split.checkpointing() == [True] and solo.checkpointing() == [False]
 
         # 37 rows over 2 ranks: shares of 19 and 18 (+1 padding row), micro-batches of 8 padded differently.
         _assert_group_logprobs(duo, solo, _tokens(37, seed=1, vocab=vocab))
+        _assert_group_logprobs(budget, solo, _tokens(37, seed=1, vocab=vocab))
 
         tokens = _tokens(32 + 96, seed=2, vocab=vocab)
         (lp,) = solo.call("logprobs", tokens)
@@ -233,21 +238,26 @@ def test_zero2_group_is_the_one_rank_model(ray_session, tiny_model_dir, vocab, t
         (one,) = solo.call("train", first, 1, SEED, 0.05)
         (one_split,) = split.call("train", first, 1, SEED, 0.05)
         one_duo = duo.call("train", first, 1, SEED, 0.05)
+        one_budget = budget.call("train", first, 1, SEED, 0.05)
         assert len(one) == 1 and one[0]["ppo/grad_norm"] > 0
-        assert one_duo[0] == one_duo[1]  # every rank returns the global metrics
+        assert one_duo[0] == one_duo[1] and one_budget[0] == one_budget[1]  # every rank returns the global metrics
         _assert_same_metrics(one_split, one)
         _assert_same_metrics(one_duo[0], one)
+        _assert_same_metrics(one_budget[0], one)
         base, w_solo = _base_weights(tiny_model_dir), _weights(solo)
         assert _update_distance(w_solo, _weights(split), base) < WEIGHT_RTOL
         assert _update_distance(w_solo, _weights(duo), base) < WEIGHT_RTOL
+        assert _update_distance(w_solo, _weights(budget), base) < WEIGHT_RTOL
 
         # Three more steps: the loss trajectory, and the LR of each step (warmup 0.5, 1, then the cosine).
         (more,) = solo.call("train", rest, 2, SEED + 1, 0.05)
         more_duo = duo.call("train", rest, 2, SEED + 1, 0.05)
         (more_split,) = split.call("train", rest, 2, SEED + 1, 0.05)
+        more_budget = budget.call("train", rest, 2, SEED + 1, 0.05)
         assert more_duo[0] == more_duo[1]
         _assert_same_metrics(more_duo[0], more)
         _assert_same_metrics(more_split, more)
+        _assert_same_metrics(more_budget[0], more)
         lrs = [m["ppo/lr"] for m in one + more]
         assert lrs == pytest.approx([LR * 0.5, LR, LR, LR * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi / 4)))], rel=1e-9)
         assert lrs == pytest.approx([_lr_at(s) for s in range(4)], rel=1e-12)
@@ -272,7 +282,7 @@ def test_zero2_group_is_the_one_rank_model(ray_session, tiny_model_dir, vocab, t
         assert duo.call("ensure_version", 2, ckpt) == [True, True]
         assert duo.call("train", first, 3, SEED + 2, 0.05) == step
     finally:
-        _kill_all(solo, split, duo)
+        _kill_all(solo, split, duo, budget)
 
 
 def test_zero3_group_trajectory_and_checkpoint_survive_sigkill(ray_session, tiny_model_dir, vocab, tmp_path):

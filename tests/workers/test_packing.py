@@ -1,0 +1,111 @@
+"""Padding-free forwards (workers/packing.py): a packed micro-batch gives the padded path's log-probs, entropy, values
+and gradients to float rounding; the chunked log-probs never need the whole logits; token-budget micro-batches are
+whole, within budget, a multiple of the ranks and balanced. The same split inside a trainer group (1 rank vs 2) is in
+tests/workers/test_trainer_group.py.
+
+Run alone:  .venv/bin/pytest -q tests/workers/test_packing.py
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from workers.packing import pack, token_budget_split, token_logprobs
+from workers.trainer import _collate, _response_slice, packed_logprobs, response_logprobs
+
+
+def _samples(seed: int, vocab: int, n: int = 7):
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(3, vocab, rng.integers(2, 12)).tolist() for _ in range(n)]
+    responses = [rng.integers(3, vocab, rng.integers(1, 9)).tolist() for _ in range(n)]
+    return prompts, responses
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_packed_equals_padded_logprobs_entropy_and_gradients(model, seed):
+    prompts, responses = _samples(seed, model.config.vocab_size)
+    weights = torch.randn(len(prompts), 8, generator=torch.Generator().manual_seed(seed))
+
+    def run(packed: bool):
+        model.zero_grad()
+        if packed:
+            logp, mask, entropy = packed_logprobs(model, prompts, responses, with_entropy=True, entropy_grad=True)
+        else:
+            logp, mask, entropy = response_logprobs(model, *_collate(prompts, responses, 0), with_entropy=True)
+        w = weights[:, : logp.shape[1]]
+        (torch.where(mask, logp * w + 0.1 * entropy * w, 0).sum()).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return logp.detach(), mask, entropy.detach(), grads
+
+    lp_pad, mask_pad, ent_pad, g_pad = run(False)
+    lp_pack, mask_pack, ent_pack, g_pack = run(True)
+    assert torch.equal(mask_pad, mask_pack)
+    assert torch.allclose(lp_pack[mask_pack], lp_pad[mask_pad], atol=1e-5, rtol=0)
+    assert torch.allclose(ent_pack[mask_pack], ent_pad[mask_pad], atol=1e-5, rtol=0)
+    assert g_pad.keys() == g_pack.keys()
+    for name, g in g_pad.items():
+        assert torch.linalg.vector_norm(g_pack[name] - g) <= 1e-5 * torch.linalg.vector_norm(g) + 1e-8, name
+
+
+def test_packed_critic_values_equal_padded(tiny_model_dir):
+    from workers.trainer import _value_model
+
+    torch.manual_seed(0)
+    critic = _value_model(tiny_model_dir, torch.float32).eval()
+    prompts, responses = _samples(5, critic.body.config.vocab_size)
+    with torch.no_grad():
+        ids, attn, p_lens, a_lens = _collate(prompts, responses, 0)
+        padded, mask = _response_slice(critic(ids, attn)[:, :-1], p_lens, a_lens)
+        batch = pack(prompts, responses)
+        packed, packed_mask = batch.unflatten(critic(batch.input_ids, **batch.forward_kwargs())[0][batch.predict])
+    assert torch.equal(mask, packed_mask)
+    assert torch.allclose(packed[mask], padded[mask], atol=1e-5, rtol=0)
+
+
+def test_chunked_logprobs_equal_whole_and_keep_no_logits_for_the_backward():
+    """Chunk by chunk under checkpointing: the same values and gradients as one whole softmax; what autograd keeps
+    for the backward is the hidden states, not a chunk's logits."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 1000, bias=False)
+    hidden = torch.randn(300, 16, requires_grad=True)
+    targets = torch.randint(0, 1000, (300,))
+    logp, entropy = token_logprobs(head, hidden, targets, with_entropy=True, entropy_grad=False, chunk=64)
+    logp.sum().backward()
+    grad = hidden.grad.clone()
+    hidden.grad = None
+    whole = torch.log_softmax(head(hidden).float(), -1)
+    whole_logp = whole.gather(-1, targets[:, None]).squeeze(-1)
+    whole_logp.sum().backward()
+    assert torch.allclose(logp, whole_logp, atol=1e-5) and torch.allclose(hidden.grad, grad, atol=1e-5)
+    assert torch.allclose(entropy, -(whole.exp() * whole).sum(-1), atol=1e-4) and not entropy.requires_grad
+
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        token_logprobs(head, hidden, targets, chunk=64)
+    assert max(saved) < 64 * 1000, saved  # no chunk's (64 × vocab) logits kept for the backward
+
+
+def test_token_budget_split_is_whole_bounded_a_multiple_of_the_ranks_and_balanced():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        n, ranks = int(rng.integers(4, 40)), int(rng.integers(1, 4))
+        lengths = rng.integers(5, 300, n)
+        budget = int(rng.integers(50, 1500))
+        indices = rng.permutation(n)
+        bins = token_budget_split(indices, lengths, budget, ranks)
+        assert sorted(i for b in bins for i in b) == list(range(n))  # every sample once
+        assert len(bins) % ranks == 0 and len(bins) <= max(ranks, n)
+        loads = [int(lengths[b].sum()) for b in bins]
+        over = [b for b, load in zip(bins, loads) if load > budget and len(b) > 1]
+        assert not over or len(bins) >= n - n % ranks  # over budget only when there are no more samples to spread
+        per_rank = [sum(loads[r::ranks]) for r in range(ranks)]
+        assert max(per_rank) - min(per_rank) <= max(lengths)  # balanced to within one sample
+        assert [b.tolist() for b in token_budget_split(indices, lengths, budget, ranks)] == [b.tolist() for b in bins]
