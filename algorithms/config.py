@@ -12,7 +12,7 @@ GROUP_ESTIMATORS = ("reinforce_baseline", "rloo", "group_norm", "dr_grpo")
 
 
 class AlgoConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     estimator: Estimator = "gae"
     """Advantage estimator.

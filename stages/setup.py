@@ -64,18 +64,16 @@ def preflight(config) -> None:
     """Everything that can be checked without starting a worker, each error naming its config field."""
     from pathlib import Path
 
+    from stages.generate import read_prompt_rows
     from stages.score import load_reward_fn
-    from storage.prompts import read_prompts
 
     if config.storage.root.startswith("memory://"):
         raise RunSetupError("storage.root: memory:// lives inside one process and the Ray workers write checkpoints "
                             "from theirs; use a local folder or a shared object store (s3://...)")
     load_reward_fn(config.reward.fn)
-    prompt_sets = {"data.prompts": read_prompts(config.data.prompts, config.data.prompt_key,
-                                                config.storage.storage_options)}
+    prompt_sets = {"data.prompts": read_prompt_rows(config)}
     if config.eval.prompts is not None:
-        prompt_sets["eval.prompts"] = read_prompts(config.eval.prompts, config.data.prompt_key,
-                                                   config.storage.storage_options)
+        prompt_sets["eval.prompts"] = read_prompt_rows(config, "eval.prompts")
     for field, path in (("model.path", config.model.path), ("model.ref_path", config.model.ref_path),
                         ("model.critic_path", config.model.critic_path)):
         if path is None:
@@ -100,16 +98,18 @@ def preflight(config) -> None:
 
 def _reject_overlong_prompts(config, prompt_sets: dict) -> None:
     from stages.generate import _tokenizer, encode_prompt
+    from storage.prompts import prompt_text
 
     data, tok = config.data, _tokenizer(config.model.path)
     for field, rows in prompt_sets.items():
         for i, row in enumerate(rows):
-            ids, _ = encode_prompt(tok, row[data.prompt_key], data.apply_chat_template, 1 << 30)
+            ids, _ = encode_prompt(tok, row[data.prompt_key], data.apply_chat_template, 1 << 30, data.input_template)
             if len(ids) > data.max_prompt_tokens:
                 raise RunSetupError(
                     f"{field}: prompt {i} (0-based, in file order) is {len(ids)} tokens"
                     f"{' with the chat template' if data.apply_chat_template else ''}, over data.max_prompt_tokens="
-                    f"{data.max_prompt_tokens}: {row[data.prompt_key][:80]!r}. data.overlong_prompts=reject refuses "
+                    f"{data.max_prompt_tokens}: {prompt_text(row[data.prompt_key])[:80]!r}. "
+                    "data.overlong_prompts=reject refuses "
                     "it; shorten or drop it, raise data.max_prompt_tokens, or set data.overlong_prompts=truncate")
 
 

@@ -12,7 +12,7 @@ trackers and shown as a Prefect flow parameter."""
 
 
 class StorageConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     root: str = "runs"
     """fsspec URI of the storage root (a local folder, `memory://...`, `s3://bucket/prefix`); runs live in
