@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from stages.common import iteration_summary
-from storage.run import RunStore, run_uri
+from storage.run import RunStore, find_run
 
 ITERATION_COLUMNS = [  # (header, metric of iteration_summary, format)
     ("iter", "iteration", "{}"),
@@ -60,10 +60,10 @@ def _root(root: str | None) -> str:
 
 def _open(run_id: str, root: str | None) -> RunStore:
     root = _root(root)
-    store = RunStore(run_uri(root, run_id))
+    store = RunStore(find_run(root, run_id)[0])
     if store.read_manifest() is None and not store.iterations():
         known = ", ".join(s.run_id for s in RunStore.list_runs(root)) or "none"
-        raise RunNotFound(f"no run {run_id!r} under {root}/runs (runs there: {known}); pass --root to look elsewhere")
+        raise RunNotFound(f"no run {run_id!r} under {root} (runs there: {known}); pass --root to look elsewhere")
     return store
 
 
@@ -88,16 +88,17 @@ def _status(store: RunStore) -> dict:
 
 
 def list_runs(root: str | None = None) -> int:
-    """One row per run under `{root}/runs/`, oldest first."""
+    """One row per run under `root` (`{root}/{run_id}`, and `{root}/runs/{run_id}` of the old layout), oldest
+    first."""
     root = _root(root)
     console = _console()
     runs = [(store, _status(store)) for store in RunStore.list_runs(root)]
     if not runs:
-        console.print(f"no runs under {root}/runs")
+        console.print(f"no runs under {root}")
         return 0
     runs.sort(key=lambda r: (r[1]["created"] or "", r[0].run_id))  # ISO UTC timestamps sort as text
     # Titles and captions are printed as lines of their own: rich would wrap them to the table's width.
-    console.print(f"runs under {root}/runs")
+    console.print(f"runs under {root}")
     table = Table(box=box.SIMPLE_HEAD)
     table.add_column("run", no_wrap=True)
     table.add_column("created (UTC)", no_wrap=True)

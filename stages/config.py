@@ -252,7 +252,7 @@ class TrackingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     logger: Literal["tensorboard", "wandb", "mlflow", "none"] = "tensorboard"
-    """Where each iteration's metrics go. `tensorboard`: event files (`tensorboard --logdir {storage.root}/runs`).
+    """Where each iteration's metrics go. `tensorboard`: event files (`tensorboard --logdir {storage.root}`).
     `mlflow`: an MLflow run in `project` (a local SQLite store unless `mlflow_tracking_uri` names a server).
     `wandb`: a W&B run in `project` (offline unless `wandb_mode: online`). `none`: nothing is written.
     Credentials come from the environment only (WANDB_API_KEY, MLFLOW_TRACKING_TOKEN, ...), never from this config.
@@ -264,8 +264,8 @@ class TrackingConfig(BaseModel):
     dir: str | None = None
     """Local folder the file-based trackers write in: TensorBoard events in `{dir}/{run_id}/tensorboard`, W&B runs in
     `{dir}/{run_id}/wandb`, the default MLflow store in `{dir}/mlflow.db` (one store for all runs, so the MLflow UI
-    compares them). None: the runs folder of a local storage root (`{storage.root}/runs`, so the events sit inside
-    the run folder); with a non-local root (s3://...) `./tracking` in the driver's working directory, since these
+    compares them). None: a local storage root (`{storage.root}`, so the events sit inside the run folder, and
+    runs of the old layout keep `{storage.root}/runs`); with a non-local root (s3://...) `./tracking` in the driver's working directory, since these
     trackers write to a local disk — copy that folder or use an MLflow server / W&B online."""
 
     mlflow_tracking_uri: str | None = None

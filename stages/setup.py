@@ -182,13 +182,17 @@ def new_run_id() -> str:
 
 def open_run(config) -> dict:
     """Pre-flight, lock the run, write or check its manifest; returns the run URI and where to start."""
+    from stages.common import logger
     from storage.lock import RunLock
-    from storage.run import run_uri as make_run_uri
+    from storage.run import find_run
 
     preflight(config)
     check_cluster_storage(config)  # joins the cluster: its nodes must share storage.root
     run_id = config.run_id or new_run_id()
-    uri = make_run_uri(config.storage.root, run_id)
+    uri, legacy = find_run(config.storage.root, run_id, config.storage.storage_options)
+    if legacy:
+        logger().warning("run %s was started in the old layout and stays there: %s (new runs go to "
+                         "{storage.root}/{run_id})", run_id, uri)
     store = store_of(config, uri)
     lock = RunLock(uri, config.storage.storage_options).acquire()
     try:

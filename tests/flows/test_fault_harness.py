@@ -219,10 +219,10 @@ class Chain:
 
     def __init__(self, name: str, points: list[str], root: Path, base_args: list[str], env: dict, reap):
         self.name, self.points, self.root, self.reap = name, points, root, reap
-        self.run = root / "runs" / name
+        self.run = root / name
         self.once = root / f"faults-{name}"
-        (root / name).mkdir(parents=True)
-        self.head = RayHead(root / name, env, reap)
+        (root / f"ray-{name}").mkdir(parents=True)  # the head's files beside the run, not in it
+        self.head = RayHead(root / f"ray-{name}", env, reap)
         self.args = [*base_args, "--run-id", name]
         self.env = {**env, "PPOFLOW_FAULTS": ",".join(f"{p}=kill" for p in points),
                     "PPOFLOW_FAULTS_ONCE_DIR": str(self.once)}
@@ -331,7 +331,7 @@ def test_sigkill_at_every_fault_point_then_resume(tmp_path, tiny_model_dir, prom
     for c in chains:
         assert c.error is None, c.error
 
-    ref = tmp_path / "runs" / "reference"
+    ref = tmp_path / "reference"
     rows = []
     for c in chains:
         _check_equal_to_reference(c.run, ref)
