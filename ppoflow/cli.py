@@ -1,19 +1,21 @@
 """The `ppoflow` command.
 
-    ppoflow train --config configs/quickstart.yaml [--set algo.gamma=0.99 ...] [--run-id RUN]
+    ppoflow train --config configs/quickstart.yaml [--set algo.gamma=0.99 ...] [--run-id RUN] [--verbose]
     ppoflow make-tiny-model models/tiny [--sft-steps N]
     ppoflow make-prompts data/arith [--n-train N --n-eval N]
     ppoflow runs list [--root ROOT]
     ppoflow runs show RUN [--root ROOT]
     ppoflow rollouts RUN --iter N [--k 5] [--order best|worst|random|all] [--root ROOT]
 
-`train` with the id of an existing run resumes it from storage (committed stages are not redone). `runs` and
+`train` with the id of an existing run resumes it from storage (committed stages are not redone); it prints a header,
+one line per iteration and a summary, the workers' output going to `{run}/logs/` (ppoflow/console.py). `runs` and
 `rollouts` read what runs committed to storage (ppoflow/runs.py).
 """
 
 import argparse
 import os
 import sys
+import time
 
 
 def _env_defaults() -> None:
@@ -25,34 +27,10 @@ def _env_defaults() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-COLUMNS = [  # (header, metric name, format)
-    ("iter", "iteration", "{:>4}"),
-    ("reward", "rollout/reward_mean", "{:>7.3f}"),
-    ("kl", "rollout/kl", "{:>8.4f}"),
-    ("pg_loss", "ppo/policy_loss", "{:>8.4f}"),
-    ("v_loss", "critic/value_loss", "{:>8.4f}"),
-    ("resp_len", "rollout/response_len", "{:>8.1f}"),
-    ("gen_s", "time/generate_s", "{:>6.1f}"),
-    ("score_s", "time/score_s", "{:>7.1f}"),
-    ("adv_s", "time/advantages_s", "{:>6.2f}"),
-    ("upd_s", "time/update_s", "{:>6.1f}"),
-    ("sync_s", "time/sync_s", "{:>6.2f}"),
-]
-
-
-def format_table(rows: list[dict]) -> str:
-    lines = ["  ".join(f"{h:>{len(fmt.format(0)) if 'f' in fmt else 4}}" for h, _, fmt in COLUMNS)]
-    for row in rows:
-        cells = []
-        for header, key, fmt in COLUMNS:
-            value = row.get(key)
-            width = len(fmt.format(0)) if "f" in fmt else 4
-            cells.append(fmt.format(value) if value is not None else f"{'-':>{width}}")
-        lines.append("  ".join(cells))
-    return "\n".join(lines)
-
-
 def cmd_train(args) -> int:
+    if not args.verbose:
+        # Before Prefect is imported: its console handler, writing into driver.log, would add colour codes.
+        os.environ.setdefault("PREFECT_LOGGING_COLORS", "false")
     from stages.config import ConfigError, load_config
 
     try:
@@ -61,28 +39,50 @@ def cmd_train(args) -> int:
         print(f"ppoflow: {err}", file=sys.stderr)
         return 2
 
-    from flows.ppo import ppo_train
-    from ppoflow.progress import RunProgress
-    from stages.common import iteration_summary, store_of
     from stages.score import LogprobGateError, RewardError
-    from stages.setup import RunSetupError, new_run_id
+    from stages.setup import RunSetupError, new_run_id, preflight
     from storage.lock import RunLocked
     from storage.prompts import PromptFileError
-    from storage.run import run_uri
+    from storage.run import RunStore, find_run
 
-    if config.run_id is None:  # named here, so the progress bars know which run to watch
-        config = config.model_copy(update={"run_id": new_run_id()})
+    refused = (RunSetupError, RewardError, LogprobGateError, PromptFileError, RunLocked)
     try:
-        with RunProgress(run_uri(config.storage.root, config.run_id), config.iterations,
-                         config.storage.storage_options):
-            run = ppo_train(config=config)
-    except (RunSetupError, RewardError, LogprobGateError, PromptFileError, RunLocked) as err:
+        # open_run checks again, but here a bad input fails in a second: before Prefect's server starts, with
+        # nothing written.
+        preflight(config)
+    except refused as err:
         print(f"ppoflow: {err}", file=sys.stderr)
         return 2
-    store = store_of(config, run["run_uri"])
-    rows = [iteration_summary(store, n) for n in range(1, config.iterations + 1)]
-    print(f"\nrun {run['run_id']}  ({run['run_uri']})")
-    print(format_table(rows))
+    if config.run_id is None:  # named here, so the console knows which run to watch
+        config = config.model_copy(update={"run_id": new_run_id()})
+    uri, legacy = find_run(config.storage.root, config.run_id, config.storage.storage_options)
+    store = RunStore(uri, config.storage.storage_options)
+    committed = (None if store.read_manifest() is None
+                 else sum(store.stage_marker(n, "sync") is not None for n in range(1, config.iterations + 1)))
+
+    from ppoflow.console import RunConsole, header
+    from ppoflow.progress import RunProgress
+
+    started = time.perf_counter()
+    with RunConsole(config, uri, verbose=args.verbose) as console:
+        console.print(*header(config, config.run_id, uri, console.log_dir, committed, legacy))
+        from flows.ppo import ppo_train
+
+        try:
+            with RunProgress(uri, config.iterations, config.storage.storage_options, stream=console.out,
+                             report=console.poll):
+                ppo_train(config=config)
+        except refused as err:
+            print(f"ppoflow: {err}", file=console.err)
+            return 2
+        except KeyboardInterrupt:
+            print(f"ppoflow: interrupted; what was committed stays: resume with --run-id {config.run_id}",
+                  file=console.err)
+            return 130
+        except Exception as err:  # a stage that failed past its retries, an actor that died: say where to look
+            print(*console.failure(err), sep="\n", file=console.err)
+            return 1
+        console.print(*console.summary(time.perf_counter() - started))
     return 0
 
 
@@ -124,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", required=True, help="YAML run config")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override, repeatable")
     p.add_argument("--run-id", help="run to resume (or name of a new run)")
+    p.add_argument("--verbose", action="store_true",
+                   help="print what the engines, trainers, Ray and Prefect print (else only in {run}/logs/)")
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("make-tiny-model", help="build a small Qwen2 + tokenizer locally (HF format)")

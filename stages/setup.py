@@ -269,6 +269,11 @@ def _forward_logs_to_flow_run() -> None:
 def close_run(config, run_uri: str, stop_workers: bool = True) -> None:
     """Stop the actors (they would die with this process anyway, but a long-lived process — a test session, a
     notebook — should get its memory back), close the run's tracker and release the lock."""
+    from workers.cluster import forward_worker_logs
+
+    # The flow run's log ends with the run: Ray keeps forwarding lines (its autoscaler's) until the process exits,
+    # and Prefect's API log handler, shut down with the flow, answered each with a "--- Logging error ---".
+    forward_worker_logs(None)
     if stop_workers:
         import ray
 

@@ -6,11 +6,13 @@
 It lives in storage/ (which imports nothing of ours) so that points can sit inside the storage writes too (a Parquet
 part written, its marker not); stages import it from stages.common. The points: run.opened, run.workers_started, each
 stage's start / before_commit / after_commit, {stage}.mid_write and {stage}.before_marker inside the Parquet commit,
-update.after_train / policy_saved (mid-checkpoint), sync.before_engine_update.
+update.after_train / policy_saved (mid-checkpoint), sync.before_engine_update, and policy.train inside the policy's
+Ray actors (each rank; the actors inherit the driver's environment).
 """
 
 import os
 import signal
+import sys
 
 
 def fault_point(name: str, iteration: int) -> None:
@@ -32,6 +34,8 @@ def fault_point(name: str, iteration: int) -> None:
                     continue
                 os.makedirs(once, exist_ok=True)
                 open(flag, "w").close()
+            # Said before it happens, so a log (an actor's file, driver.log) shows where the process stopped.
+            print(f"ppoflow: injected fault at {point} ({action})", file=sys.stderr, flush=True)
             if action == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
             raise RuntimeError(f"injected fault at {point}")

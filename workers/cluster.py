@@ -53,11 +53,12 @@ def connect(address: str | None, num_cpus: int | None, namespace: str) -> None:
     ray.init(address=address or "local", **kwargs)
 
 
-def forward_worker_logs(handler) -> None:
+def forward_worker_logs(handler, name: str = "ppoflow") -> None:
     """Also pass every line the actors print to `handler(line, is_err, source)`, in the driver (log_to_driver=True).
 
     Ray offers no public hook for this; its driver-side dispatcher is a private API, so if it moves the lines are
-    still printed to the driver's stdout and only the forwarding is lost. Calling again replaces the handler."""
+    still printed to the driver's stdout and only the forwarding is lost. Handlers are kept by `name` (the flow
+    run's log, the log files of workers/logs.py): calling again replaces that name's handler, None removes it."""
     try:
         from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
     except ImportError:
@@ -68,8 +69,9 @@ def forward_worker_logs(handler) -> None:
         for line in data.get("lines", []):
             handler(line, bool(data.get("is_err")), source)
 
-    dispatcher.remove_handler("ppoflow")
-    dispatcher.add_handler("ppoflow", on_batch)
+    dispatcher.remove_handler(name)
+    if handler is not None:
+        dispatcher.add_handler(name, on_batch)
 
 
 def actor_name(run_uri: str, role: str) -> str:
