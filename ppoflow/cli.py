@@ -1,6 +1,8 @@
 """The `ppoflow` command.
 
     ppoflow train --config configs/quickstart.yaml [--set algo.gamma=0.99 ...] [--run-id RUN] [--verbose]
+    ppoflow config show [--config F] [--set key=value ...]   every field: value, description, default|file|override
+    ppoflow config schema [--out FILE]                        the run config's JSON schema
     ppoflow make-tiny-model models/tiny [--sft-steps N]
     ppoflow make-prompts data/arith [--n-train N --n-eval N]
     ppoflow runs list [--root ROOT]
@@ -101,6 +103,102 @@ def cmd_make_prompts(args) -> int:
     return 0
 
 
+def _described(model_cls, values: dict, sources: dict, prefix: str = "", indent: str = "") -> list[str]:
+    """`values` (a section of the resolved config) as YAML: each field's description as comments above it and where
+    its value came from (`sources`: dotted path -> default | file | override) after it."""
+    import json
+    import textwrap
+
+    import yaml
+    from pydantic import BaseModel
+
+    def scalar(value) -> str:
+        if isinstance(value, str) and value and yaml.safe_load(value) == value and not any(c in value for c in "#:{}[]"):
+            return value
+        return json.dumps(value, ensure_ascii=False)
+
+    lines = []
+    for name, field in model_cls.model_fields.items():
+        path, value = f"{prefix}{name}", values[name]
+        lines += textwrap.wrap(" ".join((field.description or "").split()), 116 - len(indent),
+                               initial_indent=f"{indent}# ", subsequent_indent=f"{indent}# ")
+        section = next((t for t in (field.annotation, *getattr(field.annotation, "__args__", ()))
+                        if isinstance(t, type) and issubclass(t, BaseModel)), None)
+        if section is not None and isinstance(value, dict):
+            lines.append(f"{indent}{name}:")
+            lines += _described(section, value, sources, f"{path}.", indent + "  ")
+        else:
+            lines.append(f"{indent}{name}: {scalar(value)}  # {sources.get(path, 'default')}")
+        if not indent:
+            lines.append("")
+    return lines
+
+
+def _sources(file_data: dict, overrides: list[str], config: dict) -> dict:
+    """Dotted path of every field of `config` -> where its value came from: `override` (a --set of it, of a key
+    inside it, or of a section value that holds it), `file` (in the YAML, not replaced by a --set), else `default`."""
+    import yaml
+
+    from stages.config import apply_overrides
+
+    def leaves(value, prefix: str) -> set:
+        if isinstance(value, dict):
+            return {prefix}.union(*(leaves(v, f"{prefix}.{k}") for k, v in value.items()))
+        return {prefix}
+
+    overridden = set()
+    for item in overrides:
+        key, _, raw = item.partition("=")
+        overridden |= leaves(yaml.safe_load(raw), key)
+    merged = apply_overrides(file_data, overrides)
+    out = {}
+
+    def walk(node: dict, given, prefix: str) -> None:
+        for k, v in node.items():
+            path = f"{prefix}{k}"
+            inner = given.get(k) if isinstance(given, dict) else None
+            if isinstance(v, dict) and v and not path.endswith(("storage_options", "resources")):
+                walk(v, inner, f"{path}.")
+            elif any(s == path or s.startswith(f"{path}.") for s in overridden):
+                out[path] = "override"
+            elif isinstance(given, dict) and k in given:
+                out[path] = "file"
+
+    walk(config, merged, "")
+    return out
+
+
+def cmd_config(args) -> int:
+    import json
+
+    from stages.config import ConfigError, RunConfig, load_config
+
+    if args.config_command == "schema":
+        text = json.dumps(RunConfig.model_json_schema(), indent=2) + "\n"
+        if args.out:
+            with open(args.out, "w", encoding="utf-8") as f:
+                f.write(text)
+            print(f"wrote {args.out}")
+        else:
+            sys.stdout.write(text)
+        return 0
+    import yaml
+
+    try:
+        config = load_config(args.config, args.set)
+        file_data = yaml.safe_load(open(args.config, encoding="utf-8")) if args.config else {}
+    except ConfigError as err:
+        print(f"ppoflow: {err}", file=sys.stderr)
+        return 2
+    values = config.model_dump(mode="json")
+    sources = _sources(file_data or {}, args.set, values)
+    origin = " + ".join(filter(None, [args.config, f"{len(args.set)} override(s)" if args.set else ""])) or "defaults"
+    print(f"# ppoflow run config, resolved from {origin}. Each field: what it means (above it) and where its value came")
+    print("# from (after it: default | file | override). This output is itself a valid config file.\n")
+    print("\n".join(_described(RunConfig, values, sources)).rstrip())
+    return 0
+
+
 def cmd_inspect(args) -> int:
     from ppoflow import runs
 
@@ -140,6 +238,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-eval", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_make_prompts)
+
+    p = sub.add_parser("config", help="show a resolved config with every field's description, or the JSON schema")
+    config_sub = p.add_subparsers(dest="config_command", required=True)
+    q = config_sub.add_parser("show", help="the resolved config: each field's value, description and source")
+    q.add_argument("--config", help="YAML run config")
+    q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override, repeatable")
+    q.set_defaults(fn=cmd_config)
+    q = config_sub.add_parser("schema", help="the JSON schema of the run config (what Prefect's form shows)")
+    q.add_argument("--out", help="file to write (default: stdout)")
+    q.set_defaults(fn=cmd_config)
 
     root_help = "storage root of the runs (storage.root of their config; default: runs)"
     p = sub.add_parser("runs", help="list runs, or show one run's iterations and reward/KL curves")

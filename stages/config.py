@@ -49,8 +49,8 @@ class DataConfig(BaseModel):
     None: no labels (the reward function can still read any column from its metadata)."""
 
     input_template: str | None = None
-    """Format string with one `{}` that wraps each string prompt before the chat template, e.g. "Question: {}\n
-    Answer:" (OpenRLHF's `--input_template`, which OpenRLHF applies only without the chat template). Refused for
+    """Format string with one `{}` that wraps each string prompt before the chat template, e.g. "Question: {}
+    Answer briefly." (OpenRLHF's `--input_template`, which OpenRLHF applies only without the chat template). Refused for
     prompts that are message lists. None: the prompt as it is."""
 
     prompts_per_iteration: int = Field(16, ge=1)
