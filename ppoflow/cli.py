@@ -113,7 +113,8 @@ def _described(model_cls, values: dict, sources: dict, prefix: str = "", indent:
     from pydantic import BaseModel
 
     def scalar(value) -> str:
-        if isinstance(value, str) and value and yaml.safe_load(value) == value and not any(c in value for c in "#:{}[]"):
+        plain = isinstance(value, str) and value and not any(c in value for c in "#:{}[]")
+        if plain and yaml.safe_load(value) == value:
             return value
         return json.dumps(value, ensure_ascii=False)
 
@@ -193,8 +194,8 @@ def cmd_config(args) -> int:
     values = config.model_dump(mode="json")
     sources = _sources(file_data or {}, args.set, values)
     origin = " + ".join(filter(None, [args.config, f"{len(args.set)} override(s)" if args.set else ""])) or "defaults"
-    print(f"# ppoflow run config, resolved from {origin}. Each field: what it means (above it) and where its value came")
-    print("# from (after it: default | file | override). This output is itself a valid config file.\n")
+    print(f"# ppoflow run config, resolved from {origin}. Each field: what it means (above it) and where its value")
+    print("# came from (after it: default | file | override). This output is itself a valid config file.\n")
     print("\n".join(_described(RunConfig, values, sources)).rstrip())
     return 0
 

@@ -265,8 +265,9 @@ class TrackingConfig(BaseModel):
     """Local folder the file-based trackers write in: TensorBoard events in `{dir}/{run_id}/tensorboard`, W&B runs in
     `{dir}/{run_id}/wandb`, the default MLflow store in `{dir}/mlflow.db` (one store for all runs, so the MLflow UI
     compares them). None: a local storage root (`{storage.root}`, so the events sit inside the run folder, and
-    runs of the old layout keep `{storage.root}/runs`); with a non-local root (s3://...) `./tracking` in the driver's working directory, since these
-    trackers write to a local disk — copy that folder or use an MLflow server / W&B online."""
+    runs of the old layout keep `{storage.root}/runs`); with a non-local root (s3://...) `./tracking` in the
+    driver's working directory, since these trackers write to a local disk — copy that folder or use an MLflow
+    server / W&B online."""
 
     mlflow_tracking_uri: str | None = None
     """MLflow tracking URI (`http://host:5000`, `sqlite:///path/mlflow.db`, `databricks`). None:
