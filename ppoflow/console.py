@@ -23,6 +23,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 
 from storage.run import RunStore
@@ -105,6 +106,8 @@ class RunConsole:
         self.out, self.err = sys.stdout, sys.stderr
         self.driver_log: str | None = None
         self._pending: str | None = None  # driver.log in a temporary file until the run folder exists
+        self._adopting = threading.Lock()  # the progress thread and a failure may both move it
+        self._failed = False
         self._next, self._header_done = 0, False
         self.actor_logs = None
 
@@ -140,8 +143,11 @@ class RunConsole:
 
     def _adopt_run_folder(self) -> None:
         """Move driver.log from its temporary file into the run's logs folder once the run exists."""
-        if self._pending is None or self.store.read_manifest() is None:
-            return
+        with self._adopting:
+            if self._pending is not None and self.store.read_manifest() is not None:
+                self._adopt()
+
+    def _adopt(self) -> None:
         os.makedirs(self.log_dir, exist_ok=True)
         self.driver_log = os.path.join(self.log_dir, "driver.log")
         with open(self.driver_log, "ab") as dst, open(self._pending, "rb") as src:
@@ -161,6 +167,9 @@ class RunConsole:
             self.actor_logs.detach()
         sys.stdout.flush()
         sys.stderr.flush()
+        self._adopt_run_folder()
+        if self._pending is not None and not self._failed:  # refused before the run existed: the error said it all
+            os.unlink(self._pending)
 
     def print(self, *lines: str) -> None:
         for line in lines:
@@ -221,6 +230,7 @@ class RunConsole:
         driver's), where the whole logs are. The traceback goes to driver.log."""
         import traceback
 
+        self._failed = True
         text = "".join(traceback.format_exception(err))
         if not self.verbose:
             sys.stderr.write(text)  # driver.log: Prefect logged it already, but maybe not this process's part

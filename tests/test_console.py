@@ -153,3 +153,41 @@ def test_a_failing_actor_shows_its_last_lines(tmp_path, tiny_model_dir, prompts_
     actor_lines = [line for line in (out + err).splitlines() if line.startswith("(PolicyWorker pid=")
                    or "PolicyWorker pid=" in line[:40]]
     assert bool(actor_lines) == verbose, (out + err)[-3000:]
+
+
+ADOPT = '''
+import json, os, sys
+from ppoflow.console import RunConsole
+from stages.config import load_config
+from storage.run import RunStore
+
+root, opened = sys.argv[1], sys.argv[2] == "opened"
+config = load_config({quickstart!r}, ["storage.root=" + root, "run_id=r"])
+with RunConsole(config, root + "/r") as console:
+    print("before the run exists")
+    os.system("echo from a subprocess")
+    console.print("on the console")
+    if opened:
+        RunStore(root + "/r").write_manifest({{"run_id": "r"}})
+        console.poll()  # the progress thread's tick
+        print("after", file=sys.stderr)
+'''
+
+
+@pytest.mark.parametrize("opened", [True, False])
+def test_driver_output_waits_for_the_run_folder(tmp_path, opened):
+    """Until open_run writes run.json the driver's output goes to a temporary file: a run refused at its start leaves
+    no folder; once the run exists, driver.log holds everything, from before and after."""
+    import tempfile
+
+    before = set(Path(tempfile.gettempdir()).glob("ppoflow-driver-*.log"))
+    proc = subprocess.run([sys.executable, "-c", ADOPT.format(quickstart=QUICKSTART), str(tmp_path),
+                           "opened" if opened else "refused"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "on the console\n" and proc.stderr == ""
+    assert set(Path(tempfile.gettempdir()).glob("ppoflow-driver-*.log")) == before  # the temporary file is gone
+    if opened:
+        driver = (tmp_path / "r" / "logs" / "driver.log").read_text()
+        assert driver == "before the run exists\nfrom a subprocess\nafter\n"
+    else:
+        assert list(tmp_path.iterdir()) == []
