@@ -12,6 +12,7 @@ plot, beside the run. Tests: tests/test_runs_cli.py
 """
 
 import io
+import json
 import os
 import random
 
@@ -208,7 +209,13 @@ def show_rollouts(run_id: str, iteration: int, k: int = 5, order: str = "random"
     out.add_column("finish", no_wrap=True)
     for r in picked:
         adv = r.get("advantages")
-        out.add_row(r["sample_id"], r["prompt"], r["response"], f"{r['reward']:.3f}",
+        prompt = r["prompt"]
+        if prompt.startswith("[{"):  # a chat-message prompt, stored as its JSON: one `role: content` line per turn
+            try:
+                prompt = "\n".join(f"{m['role']}: {m['content']}" for m in json.loads(prompt))
+            except (ValueError, KeyError, TypeError):
+                pass
+        out.add_row(r["sample_id"], prompt, r["response"], f"{r['reward']:.3f}",
                     f"{sum(adv) / len(adv):+.3f}" if adv else "-", str(len(r["response_ids"])), r["finish_reason"])
     console.print(out)
     rewards = table.column("reward")

@@ -222,3 +222,18 @@ def test_runs_of_the_old_layout_are_listed_and_shown(root, capsys):
     assert listed == ["b-grpo", "a-ppo", "c-live", "e-old"]
     assert main(["runs", "show", "e-old", "--root", root]) == 0
     assert f"run e-old  ({root}/runs/e-old)" in capsys.readouterr().out
+
+
+def test_rollouts_show_a_chat_message_prompt_turn_by_turn(tmp_path, capsys):
+    import json
+
+    store = write_run(str(tmp_path), "chat", "2026-01-06T00:00:00+00:00", "group_norm", 1, {})
+    rows = experience_rows(1)
+    chat = [{"role": "system", "content": "Answer with the number only."}, {"role": "user", "content": "What is 2*3?"}]
+    for r in rows:
+        r["prompt"] = json.dumps(chat)  # as the generate stage stores a message-list prompt
+    store.write_stage(1, "score", pa.Table.from_pylist(rows, schema=EXPERIENCE).select(SCORED.names), "scored",
+                      SCORED)
+    assert main(["rollouts", "chat", "--iter", "1", "--order", "all", "--root", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "system: Answer with the number only." in out and "user: What is 2*3?" in out and '"role"' not in out
