@@ -67,7 +67,7 @@ def cmd_train(args) -> int:
 
     started = time.perf_counter()
     with RunConsole(config, uri, verbose=args.verbose) as console:
-        console.print(*header(config, config.run_id, uri, console.log_dir, committed, legacy))
+        console.print(*header(config, config.run_id, uri, console.log_dir, committed, legacy, args.verbose))
         from flows.ppo import ppo_train
 
         try:

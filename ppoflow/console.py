@@ -59,7 +59,8 @@ def _duration(seconds: float) -> str:
     return f"{minutes} min {s} s" if minutes else f"{seconds:.1f} s"
 
 
-def header(config, run_id: str, uri: str, logs: str, committed: int | None, legacy: bool) -> list[str]:
+def header(config, run_id: str, uri: str, logs: str, committed: int | None, legacy: bool,
+           verbose: bool = False) -> list[str]:
     """The run, where it writes and logs, what runs where, and the plan (5 lines)."""
     gen, ray = config.generation, config.ray
     state = ("new run" if committed is None
@@ -85,7 +86,8 @@ def header(config, run_id: str, uri: str, logs: str, committed: int | None, lega
     return [
         f"ppoflow train: run {run_id} ({state})",
         f"  writes   {uri}" + ("  (a run of the old layout: it stays there)" if legacy else ""),
-        f"  logs     {logs}/  (one file per actor, driver.log; --verbose prints them here)",
+        f"  logs     {logs}/  " + ("(one file per actor; printed here too)" if verbose
+                                    else "(one file per actor, driver.log; --verbose prints them here)"),
         f"  workers  {where} · {engines} · DeepSpeed {config.model.dtype}: {', '.join(trainers)}",
         f"  plan     {config.algo.estimator} · {config.iterations} iterations × {config.data.prompts_per_iteration} "
         f"prompts × {gen.n_samples_per_prompt} samples{evaluation}",
