@@ -109,6 +109,7 @@ class RunConsole:
         self.driver_log: str | None = None
         self._pending: str | None = None  # driver.log in a temporary file until the run folder exists
         self._adopting = threading.Lock()  # the progress thread and a failure may both move it
+        self._waiting = False
         self._failed = False
         self._next, self._header_done = 0, False
         self.actor_logs = None
@@ -117,13 +118,15 @@ class RunConsole:
     def __enter__(self) -> "RunConsole":
         from workers.logs import ActorLogs, quiet_ray_console
 
+        # A run refused before it is opened (a lock, cluster storage, ...) must leave no folder: until open_run has
+        # written run.json, driver.log is a temporary file and the actors' lines wait in memory.
+        self._waiting = self.store.local and self.store.read_manifest() is None
         if not self.verbose:
             sys.stdout.flush()
             sys.stderr.flush()
             self.out = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8", errors="replace")
             self.err = os.fdopen(os.dup(2), "w", buffering=1, encoding="utf-8", errors="replace")
-            if self.store.local and self.store.read_manifest() is None:
-                # A run refused before it is opened (a config diff, a lock, cluster storage) must leave no folder.
+            if self._waiting:
                 fd, self._pending = tempfile.mkstemp(prefix="ppoflow-driver-", suffix=".log")
                 os.close(fd)
                 target = self._pending
@@ -132,7 +135,7 @@ class RunConsole:
                 target = self.driver_log = os.path.join(self.log_dir, "driver.log")
             self._redirect(target)
             quiet_ray_console()
-        self.actor_logs = ActorLogs(self.log_dir).attach()
+        self.actor_logs = ActorLogs(self.log_dir, hold=self._waiting).attach()
         return self
 
     @staticmethod
@@ -144,10 +147,14 @@ class RunConsole:
         os.close(fd)
 
     def _adopt_run_folder(self) -> None:
-        """Move driver.log from its temporary file into the run's logs folder once the run exists."""
+        """Once the run exists: move driver.log from its temporary file into the run's logs folder, let the actors'
+        lines reach their files."""
         with self._adopting:
-            if self._pending is not None and self.store.read_manifest() is not None:
-                self._adopt()
+            if self._waiting and self.store.read_manifest() is not None:
+                if self._pending is not None:
+                    self._adopt()
+                self.actor_logs.release()
+                self._waiting = False
 
     def _adopt(self) -> None:
         os.makedirs(self.log_dir, exist_ok=True)
@@ -165,11 +172,11 @@ class RunConsole:
         self._pending = None
 
     def __exit__(self, *exc) -> None:
-        if self.actor_logs is not None:
-            self.actor_logs.detach()
         sys.stdout.flush()
         sys.stderr.flush()
         self._adopt_run_folder()
+        if self.actor_logs is not None:
+            self.actor_logs.detach()
         if self._pending is not None and not self._failed:  # refused before the run existed: the error said it all
             os.unlink(self._pending)
 

@@ -71,6 +71,14 @@ def test_actor_lines_go_to_one_file_per_actor(tmp_path, monkeypatch):
     assert logs.files_of("no actor here") == []
     logs.detach()
 
+    held = ActorLogs(str(tmp_path / "held"), hold=True)  # until the run's folder exists
+    held("step 1", False, "PolicyWorker pid=101")
+    assert not (tmp_path / "held").exists() and held.tail("policy") == ["step 1"]
+    held.release()
+    held("step 2", False, "PolicyWorker pid=101")
+    assert (tmp_path / "held" / "policy.log").read_text() == "step 1\nstep 2\n"
+    held.detach()
+
 
 # ---- the real CLI ------------------------------------------------------------------------------------------------
 
@@ -166,6 +174,7 @@ config = load_config({quickstart!r}, ["storage.root=" + root, "run_id=r"])
 with RunConsole(config, root + "/r") as console:
     print("before the run exists")
     os.system("echo from a subprocess")
+    console.actor_logs("Resized to 1 node", False, "pid=autoscaler")  # as Ray forwards its notices
     console.print("on the console")
     if opened:
         RunStore(root + "/r").write_manifest({{"run_id": "r"}})
@@ -189,5 +198,6 @@ def test_driver_output_waits_for_the_run_folder(tmp_path, opened):
     if opened:
         driver = (tmp_path / "r" / "logs" / "driver.log").read_text()
         assert driver == "before the run exists\nfrom a subprocess\nafter\n"
+        assert (tmp_path / "r" / "logs" / "ray.log").read_text() == "Resized to 1 node\n"
     else:
         assert list(tmp_path.iterdir()) == []

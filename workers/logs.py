@@ -20,12 +20,17 @@ from collections import deque
 
 class ActorLogs:
     """A `forward_worker_logs` handler writing each line to its actor's file under `log_dir`; remembers the last
-    lines of every file (`tail`) and which pids wrote to which file (`file_of`)."""
+    lines of every file (`tail`) and which pids wrote to which file (`files_of`).
+
+    With `hold`, lines are kept in memory (at most `HELD` of them) until `release()` writes them and opens the
+    files: a run refused before its folder exists (Ray's notices arrive as soon as Ray starts) must leave none."""
 
     HANDLER = "ppoflow-files"
+    HELD = 10_000
 
-    def __init__(self, log_dir: str, keep: int = 40):
-        self.log_dir, self.keep = log_dir, keep  # made with the first file: a run refused at its start has none
+    def __init__(self, log_dir: str, keep: int = 40, hold: bool = False):
+        self.log_dir, self.keep = log_dir, keep  # made with the first file written
+        self._held: deque | None = deque(maxlen=self.HELD) if hold else None
         self._files: dict[str, object] = {}
         self._tails: dict[str, deque] = {}
         self._names: dict[str, str] = {}  # pid -> file name (without .log)
@@ -47,19 +52,33 @@ class ActorLogs:
                 f.close()
             self._files.clear()
 
+    def release(self) -> None:
+        """Write the held lines and every later one to the files."""
+        with self._lock:
+            held, self._held = self._held, None
+            for name, line in held or ():
+                self._write(name, line)
+
     def __call__(self, line: str, is_err: bool, source: str) -> None:
         # `source` is "<actor class or task name> pid=<pid>" (workers/cluster.py forward_worker_logs).
         label, _, pid = source.rpartition("pid=")
         with self._lock:
             name = self._file_name(label.strip(), pid)
-            f = self._files.get(name)
-            if f is None:
-                os.makedirs(self.log_dir, exist_ok=True)
-                f = self._files[name] = open(os.path.join(self.log_dir, f"{name}.log"), "a", buffering=1,
-                                             encoding="utf-8", errors="replace")
+            if name not in self._tails:
                 self._tails[name] = deque(maxlen=self.keep)
-            f.write(line + "\n")
             self._tails[name].append(line)
+            if self._held is not None:
+                self._held.append((name, line))
+            else:
+                self._write(name, line)
+
+    def _write(self, name: str, line: str) -> None:
+        f = self._files.get(name)
+        if f is None:
+            os.makedirs(self.log_dir, exist_ok=True)
+            f = self._files[name] = open(os.path.join(self.log_dir, f"{name}.log"), "a", buffering=1,
+                                         encoding="utf-8", errors="replace")
+        f.write(line + "\n")
 
     def _file_name(self, label: str, pid: str) -> str:
         if pid in ("autoscaler", "raylet"):
