@@ -107,12 +107,14 @@ def _errors(text: str) -> list[str]:
 @pytest.mark.slow
 def test_a_quickstart_run_prints_a_short_console_and_logs_per_actor(tmp_path, tiny_model_dir, prompts_dir,
                                                                     reap_session):
-    """The quickstart as shipped (vLLM engine, PPO with a critic, evaluation) but 3 iterations, evaluating every one."""
+    """The quickstart as shipped (vLLM engine, PPO with a critic, evaluation) but 3 iterations, evaluating 64 prompts
+    after every one."""
     iterations = 3
     rc, out, err = _train(tmp_path, [
         "--config", QUICKSTART, "--run-id", "quiet", "--set", f"model.path={tiny_model_dir}",
         "--set", f"data.prompts={prompts_dir}/train.jsonl", "--set", f"eval.prompts={prompts_dir}/eval.jsonl",
-        "--set", f"storage.root={tmp_path}", "--set", f"iterations={iterations}", "--set", "eval.every=1"],
+        "--set", f"storage.root={tmp_path}", "--set", f"iterations={iterations}", "--set", "eval.every=1",
+        "--set", "eval.max_prompts=64"],
         reap_session)
     assert rc == 0, out + err
     lines = (out + err).splitlines()
