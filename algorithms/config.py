@@ -15,7 +15,7 @@ PolicyLossName = Literal[tuple(POLICY_LOSSES)]
 
 
 class AlgoConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     estimator: Estimator = "gae"
     """Advantage estimator, a name of algorithms/estimators.py's registry: `gae` (with a critic), `reinforce`

@@ -14,7 +14,7 @@ again through `RunStore.write_stage` into a temporary run (what a stage commit d
 `pyarrow.parquet` into a temporary file; per iteration, persistence = the five stage writes + the three reads the next
 stages make (score reads generate, advantages reads score, update reads advantages).
 
-Run:  .venv/bin/python bench/overhead.py RUN_DIR [--skip 1]     (e.g. runs/runs/my-run)
+Run:  .venv/bin/python bench/overhead.py RUN_DIR [--skip 1]     (e.g. runs/my-run)
 Results: bench/RESULTS.md ("Orchestration overhead and Parquet persistence").
 """
 
@@ -79,7 +79,7 @@ def parquet_costs(store, n: int, scratch) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("run", help="a run folder or URI ({root}/runs/{run_id})")
+    p.add_argument("run", help="a run folder or URI ({root}/{run_id})")
     p.add_argument("--skip", type=int, default=1, help="leading iterations left out of the means (warm-up)")
     args = p.parse_args(argv)
 

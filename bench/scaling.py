@@ -29,7 +29,7 @@ def run_point(root: str, prompts: int, new_tokens: int, args) -> dict:
     from overhead import iteration_times
 
     from stages.common import iteration_summary
-    from storage.run import RunStore
+    from storage.run import RunStore, run_uri
 
     run_id = f"p{prompts}-t{new_tokens}"
     sets = [f"iterations={args.iterations}", "eval.prompts=null", f"storage.root={root}",
@@ -46,7 +46,7 @@ def run_point(root: str, prompts: int, new_tokens: int, args) -> dict:
     wall = time.perf_counter() - t0
     if proc.returncode:
         raise SystemExit(f"{run_id} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    store = RunStore(f"{root}/runs/{run_id}")
+    store = RunStore(run_uri(root, run_id))
     times = [t for n in range(2, args.iterations + 1) if (t := iteration_times(store, n)) is not None]
     mean = {k: sum(t[k] for t in times) / len(times) for k in ("span", "stages", *STAGES)}
     resp = [iteration_summary(store, n).get("rollout/response_len") for n in range(2, args.iterations + 1)]

@@ -46,7 +46,7 @@ def run_ppoflow(backend: str, iterations: int, root: str, model: str, max_new_to
     sys.path.insert(0, str(REPO / "bench"))
     from overhead import iteration_times
 
-    from storage.run import RunStore
+    from storage.run import RunStore, run_uri
 
     sets = [f"iterations={iterations}", "eval.prompts=null", f"storage.root={root}", f"generation.backend={backend}",
             f"model.path={model}", *(["generation.num_threads=2"] if backend == "hf" else []),
@@ -61,7 +61,7 @@ def run_ppoflow(backend: str, iterations: int, root: str, model: str, max_new_to
     wall = time.perf_counter() - t0
     if proc.returncode:
         raise SystemExit(f"ppoflow ({backend}) failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    store = RunStore(f"{root}/runs/{backend}")
+    store = RunStore(run_uri(root, backend))
     spans = [t["span"] for n in range(2, iterations + 1) if (t := iteration_times(store, n)) is not None]
     return {"system": "ppoflow", "engine": backend, "iterations": spans, "wall": wall}
 

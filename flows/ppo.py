@@ -41,7 +41,14 @@ def ppo_iteration(config: RunConfig, run_uri: str, iteration: int) -> dict:
 def ppo_train(config: RunConfig | None = None, config_path: str | None = None, overrides: list[str] | None = None,
               run_id: str | None = None) -> dict:
     """Train (or resume) a run. Give `config`, or `config_path` plus dotted `overrides` (`algo.gamma=0.99`);
-    `run_id` resumes or names the run."""
+    `run_id` resumes or names the run.
+
+    Args:
+        config: The whole run config (stages/config.py RunConfig); `overrides` apply on top of it.
+        config_path: YAML run config, relative to the working directory (deployments: the repository).
+        overrides: Dotted `key=value` overrides, values parsed as YAML (`algo.gamma=0.99`, `iterations=5`).
+        run_id: Run to resume, or name of a new run; None names it after the flow run.
+    """
     base = config.model_dump(mode="json") if config is not None else None
     extra = [f"run_id={run_id}"] if run_id else []
     config = load_config(config_path, list(overrides or []) + extra, base=base)

@@ -1,19 +1,23 @@
 """The `ppoflow` command.
 
-    ppoflow train --config configs/quickstart.yaml [--set algo.gamma=0.99 ...] [--run-id RUN]
+    ppoflow train --config configs/quickstart.yaml [--set algo.gamma=0.99 ...] [--run-id RUN] [--verbose]
+    ppoflow config show [--config F] [--set key=value ...]   every field: value, description, default|file|override
+    ppoflow config schema [--out FILE]                        the run config's JSON schema
     ppoflow make-tiny-model models/tiny [--sft-steps N]
     ppoflow make-prompts data/arith [--n-train N --n-eval N]
     ppoflow runs list [--root ROOT]
     ppoflow runs show RUN [--root ROOT]
     ppoflow rollouts RUN --iter N [--k 5] [--order best|worst|random|all] [--root ROOT]
 
-`train` with the id of an existing run resumes it from storage (committed stages are not redone). `runs` and
+`train` with the id of an existing run resumes it from storage (committed stages are not redone); it prints a header,
+one line per iteration and a summary, the workers' output going to `{run}/logs/` (ppoflow/console.py). `runs` and
 `rollouts` read what runs committed to storage (ppoflow/runs.py).
 """
 
 import argparse
 import os
 import sys
+import time
 
 
 def _env_defaults() -> None:
@@ -25,34 +29,10 @@ def _env_defaults() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-COLUMNS = [  # (header, metric name, format)
-    ("iter", "iteration", "{:>4}"),
-    ("reward", "rollout/reward_mean", "{:>7.3f}"),
-    ("kl", "rollout/kl", "{:>8.4f}"),
-    ("pg_loss", "ppo/policy_loss", "{:>8.4f}"),
-    ("v_loss", "critic/value_loss", "{:>8.4f}"),
-    ("resp_len", "rollout/response_len", "{:>8.1f}"),
-    ("gen_s", "time/generate_s", "{:>6.1f}"),
-    ("score_s", "time/score_s", "{:>7.1f}"),
-    ("adv_s", "time/advantages_s", "{:>6.2f}"),
-    ("upd_s", "time/update_s", "{:>6.1f}"),
-    ("sync_s", "time/sync_s", "{:>6.2f}"),
-]
-
-
-def format_table(rows: list[dict]) -> str:
-    lines = ["  ".join(f"{h:>{len(fmt.format(0)) if 'f' in fmt else 4}}" for h, _, fmt in COLUMNS)]
-    for row in rows:
-        cells = []
-        for header, key, fmt in COLUMNS:
-            value = row.get(key)
-            width = len(fmt.format(0)) if "f" in fmt else 4
-            cells.append(fmt.format(value) if value is not None else f"{'-':>{width}}")
-        lines.append("  ".join(cells))
-    return "\n".join(lines)
-
-
 def cmd_train(args) -> int:
+    if not args.verbose:
+        # Before Prefect is imported: its console handler, writing into driver.log, would add colour codes.
+        os.environ.setdefault("PREFECT_LOGGING_COLORS", "false")
     from stages.config import ConfigError, load_config
 
     try:
@@ -61,28 +41,50 @@ def cmd_train(args) -> int:
         print(f"ppoflow: {err}", file=sys.stderr)
         return 2
 
-    from flows.ppo import ppo_train
-    from ppoflow.progress import RunProgress
-    from stages.common import iteration_summary, store_of
     from stages.score import LogprobGateError, RewardError
-    from stages.setup import RunSetupError, new_run_id
+    from stages.setup import RunSetupError, new_run_id, preflight
     from storage.lock import RunLocked
     from storage.prompts import PromptFileError
-    from storage.run import run_uri
+    from storage.run import RunStore, find_run
 
-    if config.run_id is None:  # named here, so the progress bars know which run to watch
-        config = config.model_copy(update={"run_id": new_run_id()})
+    refused = (RunSetupError, RewardError, LogprobGateError, PromptFileError, RunLocked)
     try:
-        with RunProgress(run_uri(config.storage.root, config.run_id), config.iterations,
-                         config.storage.storage_options):
-            run = ppo_train(config=config)
-    except (RunSetupError, RewardError, LogprobGateError, PromptFileError, RunLocked) as err:
+        # open_run checks again, but here a bad input fails in a second: before Prefect's server starts, with
+        # nothing written.
+        preflight(config)
+    except refused as err:
         print(f"ppoflow: {err}", file=sys.stderr)
         return 2
-    store = store_of(config, run["run_uri"])
-    rows = [iteration_summary(store, n) for n in range(1, config.iterations + 1)]
-    print(f"\nrun {run['run_id']}  ({run['run_uri']})")
-    print(format_table(rows))
+    if config.run_id is None:  # named here, so the console knows which run to watch
+        config = config.model_copy(update={"run_id": new_run_id()})
+    uri, legacy = find_run(config.storage.root, config.run_id, config.storage.storage_options)
+    store = RunStore(uri, config.storage.storage_options)
+    committed = (None if store.read_manifest() is None
+                 else sum(store.stage_marker(n, "sync") is not None for n in range(1, config.iterations + 1)))
+
+    from ppoflow.console import RunConsole, header
+    from ppoflow.progress import RunProgress
+
+    started = time.perf_counter()
+    with RunConsole(config, uri, verbose=args.verbose) as console:
+        console.print(*header(config, config.run_id, uri, console.log_dir, committed, legacy, args.verbose))
+        from flows.ppo import ppo_train
+
+        try:
+            with RunProgress(uri, config.iterations, config.storage.storage_options, stream=console.out,
+                             report=console.poll):
+                ppo_train(config=config)
+        except refused as err:
+            print(f"ppoflow: {err}", file=console.err)
+            return 2
+        except KeyboardInterrupt:
+            print(f"ppoflow: interrupted; what was committed stays: resume with --run-id {config.run_id}",
+                  file=console.err)
+            return 130
+        except Exception as err:  # a stage that failed past its retries, an actor that died: say where to look
+            print(*console.failure(err), sep="\n", file=console.err)
+            return 1
+        console.print(*console.summary(time.perf_counter() - started))
     return 0
 
 
@@ -98,6 +100,103 @@ def cmd_make_prompts(args) -> int:
     from ppoflow.tasks.arith import write_prompts
 
     print(write_prompts(args.out_dir, n_train=args.n_train, n_eval=args.n_eval, seed=args.seed))
+    return 0
+
+
+def _described(model_cls, values: dict, sources: dict, prefix: str = "", indent: str = "") -> list[str]:
+    """`values` (a section of the resolved config) as YAML: each field's description as comments above it and where
+    its value came from (`sources`: dotted path -> default | file | override) after it."""
+    import json
+    import textwrap
+
+    import yaml
+    from pydantic import BaseModel
+
+    def scalar(value) -> str:
+        plain = isinstance(value, str) and value and not any(c in value for c in "#:{}[]")
+        if plain and yaml.safe_load(value) == value:
+            return value
+        return json.dumps(value, ensure_ascii=False)
+
+    lines = []
+    for name, field in model_cls.model_fields.items():
+        path, value = f"{prefix}{name}", values[name]
+        lines += textwrap.wrap(" ".join((field.description or "").split()), 116 - len(indent),
+                               initial_indent=f"{indent}# ", subsequent_indent=f"{indent}# ")
+        section = next((t for t in (field.annotation, *getattr(field.annotation, "__args__", ()))
+                        if isinstance(t, type) and issubclass(t, BaseModel)), None)
+        if section is not None and isinstance(value, dict):
+            lines.append(f"{indent}{name}:")
+            lines += _described(section, value, sources, f"{path}.", indent + "  ")
+        else:
+            lines.append(f"{indent}{name}: {scalar(value)}  # {sources.get(path, 'default')}")
+        if not indent:
+            lines.append("")
+    return lines
+
+
+def _sources(file_data: dict, overrides: list[str], config: dict) -> dict:
+    """Dotted path of every field of `config` -> where its value came from: `override` (a --set of it, of a key
+    inside it, or of a section value that holds it), `file` (in the YAML, not replaced by a --set), else `default`."""
+    import yaml
+
+    from stages.config import apply_overrides
+
+    def leaves(value, prefix: str) -> set:
+        if isinstance(value, dict):
+            return {prefix}.union(*(leaves(v, f"{prefix}.{k}") for k, v in value.items()))
+        return {prefix}
+
+    overridden = set()
+    for item in overrides:
+        key, _, raw = item.partition("=")
+        overridden |= leaves(yaml.safe_load(raw), key)
+    merged = apply_overrides(file_data, overrides)
+    out = {}
+
+    def walk(node: dict, given, prefix: str) -> None:
+        for k, v in node.items():
+            path = f"{prefix}{k}"
+            inner = given.get(k) if isinstance(given, dict) else None
+            if isinstance(v, dict) and v and not path.endswith(("storage_options", "resources")):
+                walk(v, inner, f"{path}.")
+            elif any(s == path or s.startswith(f"{path}.") for s in overridden):
+                out[path] = "override"
+            elif isinstance(given, dict) and k in given:
+                out[path] = "file"
+
+    walk(config, merged, "")
+    return out
+
+
+def cmd_config(args) -> int:
+    import json
+
+    from stages.config import ConfigError, RunConfig, load_config
+
+    if args.config_command == "schema":
+        text = json.dumps(RunConfig.model_json_schema(), indent=2) + "\n"
+        if args.out:
+            with open(args.out, "w", encoding="utf-8") as f:
+                f.write(text)
+            print(f"wrote {args.out}")
+        else:
+            sys.stdout.write(text)
+        return 0
+    import yaml
+
+    try:
+        config = load_config(args.config, args.set)
+        file_data = yaml.safe_load(open(args.config, encoding="utf-8")) if args.config else {}
+    except ConfigError as err:
+        print(f"ppoflow: {err}", file=sys.stderr)
+        return 2
+    values = config.model_dump(mode="json")
+    sources = _sources(file_data or {}, args.set, values)
+    origin = " + ".join(filter(None, [args.config, f"{len(args.set)} override(s)" if args.set else ""])) or "defaults"
+    print(f"# ppoflow run config, resolved from {origin}. Each field: what it means (above it) and where its value")
+    print("# came from (after it: default | file | override). This output is itself a valid config file.\n")
+    print("\n".join(_described(RunConfig, values, sources)).rstrip())
     return 0
 
 
@@ -124,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", required=True, help="YAML run config")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override, repeatable")
     p.add_argument("--run-id", help="run to resume (or name of a new run)")
+    p.add_argument("--verbose", action="store_true",
+                   help="print what the engines, trainers, Ray and Prefect print (else only in {run}/logs/)")
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("make-tiny-model", help="build a small Qwen2 + tokenizer locally (HF format)")
@@ -138,6 +239,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-eval", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_make_prompts)
+
+    p = sub.add_parser("config", help="show a resolved config with every field's description, or the JSON schema")
+    config_sub = p.add_subparsers(dest="config_command", required=True)
+    q = config_sub.add_parser("show", help="the resolved config: each field's value, description and source")
+    q.add_argument("--config", help="YAML run config")
+    q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override, repeatable")
+    q.set_defaults(fn=cmd_config)
+    q = config_sub.add_parser("schema", help="the JSON schema of the run config (what Prefect's form shows)")
+    q.add_argument("--out", help="file to write (default: stdout)")
+    q.set_defaults(fn=cmd_config)
 
     root_help = "storage root of the runs (storage.root of their config; default: runs)"
     p = sub.add_parser("runs", help="list runs, or show one run's iterations and reward/KL curves")

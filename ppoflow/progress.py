@@ -1,8 +1,9 @@
-"""Progress bars for `ppoflow train`: iterations of the run and the stages of the current iteration, read from storage.
+"""Progress of `ppoflow train`, read from storage: two bars (iterations of the run, stages of the current iteration)
+and the lines a `report` callback returns each tick (the console's iteration lines, ppoflow/console.py).
 
-The bars watch the run's commit markers from a thread of the CLI process, so they show what is committed (a resumed
-run starts at its committed iterations) and need no hook in the flow, the stages or the actors. They are drawn only
-on a terminal and never under CI (`CI` set): logs stay clean where nobody watches.
+A thread of the CLI process watches the run's commit markers, so what it shows is what is committed (a resumed run
+starts at its committed iterations) and it needs no hook in the flow, the stages or the actors. The bars are drawn
+only on a terminal and never under CI (`CI` set); the lines are printed either way, above the bars.
 
 Try it:  ppoflow train --config configs/quickstart.yaml   (in a terminal)
 """
@@ -42,29 +43,58 @@ def snapshot(store: RunStore, iterations: int) -> dict:
 
 
 class RunProgress:
-    """Two rich bars refreshed every `interval` seconds until `stop()`; a no-op when `enabled()` is false."""
+    """Two rich bars refreshed every `interval` seconds until the context ends (drawn only where `enabled(stream)`),
+    and the lines `report()` returns printed on `stream` each tick and once more at the end."""
 
-    def __init__(self, run_uri: str, iterations: int, storage_options: dict | None = None, interval: float = 1.0):
+    def __init__(self, run_uri: str, iterations: int, storage_options: dict | None = None, interval: float = 1.0,
+                 stream=None, report=None):
         self.store, self.iterations, self.interval = RunStore(run_uri, storage_options), iterations, interval
+        self.stream = stream if stream is not None else sys.stderr
+        self.report = report
+        self._bars = enabled(self.stream)
         self._stop = threading.Event()
         self._thread = None
 
     def __enter__(self):
-        if enabled():
-            self._thread = threading.Thread(target=self._draw, name="ppoflow-progress", daemon=True)
+        if self._bars or self.report is not None:
+            self._thread = threading.Thread(target=self._draw if self._bars else self._lines,
+                                            name="ppoflow-progress", daemon=True)
             self._thread.start()
         return self
 
     def __exit__(self, *exc):
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=5)
+            self._thread.join(timeout=30)
+        self._print(self._report())  # what committed since the last tick (the run's last iteration)
+
+    def _report(self) -> list[str]:
+        if self.report is None:
+            return []
+        try:
+            return self.report()
+        except Exception:  # storage briefly unreadable (e.g. mid-write): try again next tick
+            return []
+
+    def _print(self, lines: list[str], bars=None) -> None:
+        for line in lines:
+            if bars is not None:
+                bars.console.print(line, markup=False, highlight=False, soft_wrap=True)
+            else:
+                self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def _lines(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._print(self._report())
 
     def _draw(self) -> None:
+        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         with Progress(TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(),
-                      TextColumn("{task.fields[info]}"), TimeElapsedColumn(), transient=False) as bars:
+                      TextColumn("{task.fields[info]}"), TimeElapsedColumn(), transient=True,
+                      console=Console(file=self.stream)) as bars:
             run = bars.add_task("iterations", total=self.iterations, info="")
             stage = bars.add_task("stages", total=len(STAGES), info="")
             while True:
@@ -78,5 +108,6 @@ class RunProgress:
                     bars.update(run, completed=s["done"], info=info)
                     bars.update(stage, completed=s["stages_done"], description=f"iteration {s['current']}",
                                 info=s["stage"])
+                self._print(self._report(), bars)
                 if self._stop.wait(self.interval):
                     break

@@ -11,6 +11,7 @@ so a half-written stage is never shown, and the commands are safe to run while t
 plot, beside the run. Tests: tests/test_runs_cli.py
 """
 
+import json
 import os
 import random
 
@@ -20,7 +21,7 @@ from rich.table import Table
 
 from stages.common import iteration_summary
 from stages.curves import curves_png
-from storage.run import RunStore, run_uri
+from storage.run import RunStore, find_run
 
 ITERATION_COLUMNS = [  # (header, metric of iteration_summary, format)
     ("iter", "iteration", "{}"),
@@ -60,10 +61,10 @@ def _root(root: str | None) -> str:
 
 def _open(run_id: str, root: str | None) -> RunStore:
     root = _root(root)
-    store = RunStore(run_uri(root, run_id))
+    store = RunStore(find_run(root, run_id)[0])
     if store.read_manifest() is None and not store.iterations():
         known = ", ".join(s.run_id for s in RunStore.list_runs(root)) or "none"
-        raise RunNotFound(f"no run {run_id!r} under {root}/runs (runs there: {known}); pass --root to look elsewhere")
+        raise RunNotFound(f"no run {run_id!r} under {root} (runs there: {known}); pass --root to look elsewhere")
     return store
 
 
@@ -88,16 +89,17 @@ def _status(store: RunStore) -> dict:
 
 
 def list_runs(root: str | None = None) -> int:
-    """One row per run under `{root}/runs/`, oldest first."""
+    """One row per run under `root` (`{root}/{run_id}`, and `{root}/runs/{run_id}` of the old layout), oldest
+    first."""
     root = _root(root)
     console = _console()
     runs = [(store, _status(store)) for store in RunStore.list_runs(root)]
     if not runs:
-        console.print(f"no runs under {root}/runs")
+        console.print(f"no runs under {root}")
         return 0
     runs.sort(key=lambda r: (r[1]["created"] or "", r[0].run_id))  # ISO UTC timestamps sort as text
     # Titles and captions are printed as lines of their own: rich would wrap them to the table's width.
-    console.print(f"runs under {root}/runs")
+    console.print(f"runs under {root}")
     table = Table(box=box.SIMPLE_HEAD)
     table.add_column("run", no_wrap=True)
     table.add_column("created (UTC)", no_wrap=True)
@@ -177,7 +179,13 @@ def show_rollouts(run_id: str, iteration: int, k: int = 5, order: str = "random"
     out.add_column("finish", no_wrap=True)
     for r in picked:
         adv = r.get("advantages")
-        out.add_row(r["sample_id"], r["prompt"], r["response"], f"{r['reward']:.3f}",
+        prompt = r["prompt"]
+        if prompt.startswith("[{"):  # a chat-message prompt, stored as its JSON: one `role: content` line per turn
+            try:
+                prompt = "\n".join(f"{m['role']}: {m['content']}" for m in json.loads(prompt))
+            except (ValueError, KeyError, TypeError):
+                pass
+        out.add_row(r["sample_id"], prompt, r["response"], f"{r['reward']:.3f}",
                     f"{sum(adv) / len(adv):+.3f}" if adv else "-", str(len(r["response_ids"])), r["finish_reason"])
     console.print(out)
     rewards = table.column("reward")

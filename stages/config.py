@@ -29,14 +29,30 @@ class ConfigError(ValueError):
 
 
 class DataConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     prompts: str | list[str]
-    """URI of the training prompts: a JSONL or Parquet file with one prompt per row, or a list of such files read in
-    order as one prompt set (what retraining passes: the files that arrived since the previous run)."""
+    """The training prompts, one per row: a JSONL or Parquet file (local or any fsspec URI), a folder or a glob of
+    such files, a Hugging Face `datasets` folder written by `save_to_disk` (`DIR@split` for a DatasetDict), or a
+    hub dataset name (`owner/name@split`, where the network allows); or a list of these read in order as one
+    prompt set (what retraining passes: the files that arrived since the previous run). storage/prompts.py reads
+    them."""
 
     prompt_key: str = "prompt"
-    """Column holding the prompt text; the row's other columns reach the reward function as metadata."""
+    """Column holding the prompt: a string (the user's message), or a list of chat messages
+    `[{"role": ..., "content": ...}, ...]`, system turns included (verl's format; needs apply_chat_template). The
+    rollout table stores a string prompt as it is and a message list as its JSON text. The row's other columns
+    reach the reward function as metadata (OpenRLHF's `--input_key`, verl's `data.prompt_key`)."""
+
+    label_key: str | None = None
+    """Column of the reference answer, handed to the reward function as its `labels` argument (see reward.fn); a
+    dotted path reaches into nested columns (`reward_model.ground_truth`, verl's format). Every row must hold one.
+    None: no labels (the reward function can still read any column from its metadata)."""
+
+    input_template: str | None = None
+    """Format string with one `{}` that wraps each string prompt before the chat template, e.g. "Question: {}
+    Answer briefly." (OpenRLHF's `--input_template`, which OpenRLHF applies only without the chat template). Refused for
+    prompts that are message lists. None: the prompt as it is."""
 
     prompts_per_iteration: int = Field(16, ge=1)
     """Prompts drawn per PPO iteration (the batch holds prompts_per_iteration × n_samples_per_prompt samples)."""
@@ -50,14 +66,33 @@ class DataConfig(BaseModel):
     to start when any prompt of data.prompts or eval.prompts is over the limit, naming the first one."""
 
     apply_chat_template: bool = True
-    """Wrap each prompt as a user turn with the tokenizer's chat template (with the generation prompt)."""
+    """Render each prompt with the tokenizer's chat template (with the generation prompt): a string as one user
+    turn, a message list as it is. False feeds a string prompt as plain text (OpenRLHF's default) and refuses
+    message lists."""
 
     shuffle: bool = True
     """Shuffle prompts once per pass over the file (seeded by the run seed and the pass number)."""
 
+    @field_validator("input_template")
+    @classmethod
+    def _one_placeholder(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        import string
+
+        try:
+            fields = [f for _, f, _, _ in string.Formatter().parse(v) if f is not None]
+        except ValueError:  # a lone { or }
+            fields = None
+        ok = fields == [""]
+        if not ok:
+            raise ValueError(f"expected a format string with exactly one {{}} for the prompt (write {{{{ and }}}} for "
+                             f"literal braces), got {v!r}")
+        return v
+
 
 class RewardModelConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     path: str
     """HF model id or local folder of a reward model that `AutoModelForSequenceClassification.from_pretrained` loads
@@ -88,7 +123,7 @@ class RewardModelConfig(BaseModel):
 
 
 class RemoteRewardConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     url: str
     """HTTP(S) endpoint, POSTed JSON `{"prompts": [...], "responses": [...], "metadata": [...]}` (metadata: each
@@ -151,12 +186,17 @@ class RewardConfig(BaseModel):
     """The reward of a sample: Σ weight × reward of each configured source — a rule function, a reward model, a
     remote endpoint (at least one). A config that names none of them keeps the rule `fn` with weight 1."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     fn: str | None = "ppoflow.tasks.arith:reward"
-    """Rule reward `module:function`, called as fn(prompts, responses, metadata) -> list[float]. The default applies
-    only while `model` and `remote` are unset: with either of them and no `fn` given there is no rule reward (write
-    `fn` to combine one with them). null: no rule reward."""
+    """Rule reward `module:function`, called on the whole batch as fn(prompts, responses, metadata) -> list[float]:
+    `prompts` as the rollout table stores them (a message list as its JSON text), `metadata` each prompt row's other
+    columns. A function that also takes labels — a parameter named `labels` (or **kwargs), or a 4th positional
+    parameter — gets them: fn(prompts, responses, metadata, labels), `labels` the value at data.label_key of each
+    sample's prompt row, or None when data.label_key is unset; the signature decides (inspect.signature), so
+    three-argument functions keep working. The default applies only while `model` and `remote` are unset: with
+    either of them and no `fn` given there is no rule reward (write `fn` to combine one with them). null: no rule
+    reward."""
 
     fn_weight: float = Field(1.0, allow_inf_nan=False)
     """Weight of the rule reward in the combined reward."""
@@ -188,7 +228,7 @@ class RewardConfig(BaseModel):
 
 
 class EvalConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     prompts: str | list[str] | None = None
     """Held-out prompts (JSONL/Parquet, same columns as data.prompts); None turns evaluation off."""
@@ -210,10 +250,10 @@ class EvalConfig(BaseModel):
 
 
 class TrackingConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     logger: Literal["tensorboard", "wandb", "mlflow", "none"] = "tensorboard"
-    """Where each iteration's metrics go. `tensorboard`: event files (`tensorboard --logdir {storage.root}/runs`).
+    """Where each iteration's metrics go. `tensorboard`: event files (`tensorboard --logdir {storage.root}`).
     `mlflow`: an MLflow run in `project` (a local SQLite store unless `mlflow_tracking_uri` names a server).
     `wandb`: a W&B run in `project` (offline unless `wandb_mode: online`). `none`: nothing is written.
     Credentials come from the environment only (WANDB_API_KEY, MLFLOW_TRACKING_TOKEN, ...), never from this config.
@@ -225,9 +265,10 @@ class TrackingConfig(BaseModel):
     dir: str | None = None
     """Local folder the file-based trackers write in: TensorBoard events in `{dir}/{run_id}/tensorboard`, W&B runs in
     `{dir}/{run_id}/wandb`, the default MLflow store in `{dir}/mlflow.db` (one store for all runs, so the MLflow UI
-    compares them). None: the runs folder of a local storage root (`{storage.root}/runs`, so the events sit inside
-    the run folder); with a non-local root (s3://...) `./tracking` in the driver's working directory, since these
-    trackers write to a local disk — copy that folder or use an MLflow server / W&B online."""
+    compares them). None: a local storage root (`{storage.root}`, so the events sit inside the run folder, and
+    runs of the old layout keep `{storage.root}/runs`); with a non-local root (s3://...) `./tracking` in the
+    driver's working directory, since these trackers write to a local disk — copy that folder or use an MLflow
+    server / W&B online."""
 
     mlflow_tracking_uri: str | None = None
     """MLflow tracking URI (`http://host:5000`, `sqlite:///path/mlflow.db`, `databricks`). None:
@@ -248,7 +289,7 @@ class TrackingConfig(BaseModel):
 
 
 class FlowConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     retries: int = Field(1, ge=0)
     """Prefect retries of each stage task; a retry resumes from what the stage committed."""
@@ -270,10 +311,10 @@ OPERATIONAL_FIELDS = ("run_id", "iterations", "ray", "flow", "eval", "tracking",
 class RunConfig(BaseModel):
     """Everything a run needs. Sections mirror the components that own them."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     run_id: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    """Run name under `{storage.root}/runs/`; the same id resumes the run. None generates one."""
+    """Run name: the run lives in `{storage.root}/{run_id}`; the same id resumes the run. None generates one."""
 
     seed: int = 0
     """Seed of data order, sampling and training."""
@@ -282,18 +323,43 @@ class RunConfig(BaseModel):
     """PPO iterations of the run in total (a resumed run continues to this number)."""
 
     model: ModelConfig
+    """The starting policy and, optionally, separate reference and critic initialisations."""
+
     data: DataConfig
+    """Training prompts: where they are, which columns hold the prompt and the label, how they become model input."""
+
     generation: GenerationConfig = GenerationConfig()
+    """Rollout sampling and the generation engines (vLLM or HF) that do it."""
+
     policy: TrainerConfig = TrainerConfig()
+    """The policy's DeepSpeed trainer (its ranks, optimizer, batch sizes); the reference model shares its resources."""
+
     critic: TrainerConfig = TrainerConfig()
+    """The critic's DeepSpeed trainer; used by `algo.estimator: gae` only."""
+
     algo: AlgoConfig = AlgoConfig()
+    """The RL algorithm: advantage estimator, KL penalty, policy-loss variants (algorithms/config.py)."""
+
     reward: RewardConfig = RewardConfig()
+    """How a sample is scored: a rule function, a reward model, a remote endpoint, or a weighted sum of them."""
+
     storage: StorageConfig = StorageConfig()
+    """Where runs are stored (any fsspec URI) and how much of them is kept."""
+
     checkpoint: CheckpointConfig = CheckpointConfig()
+    """How often the trainers' state is written, and whether in the background; a resumed run may change it."""
+
     ray: RayConfig = RayConfig()
+    """The Ray cluster (a local one, or one to join) and where each group of actors goes on it."""
+
     flow: FlowConfig = FlowConfig()
+    """Prefect orchestration: retries of the stage tasks, subflows per iteration."""
+
     eval: EvalConfig = EvalConfig()
+    """Held-out evaluation before training and every few iterations; off without eval.prompts."""
+
     tracking: TrackingConfig = TrackingConfig()
+    """Experiment tracker of each iteration's metrics (TensorBoard, MLflow, W&B or none)."""
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> "RunConfig":

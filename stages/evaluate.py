@@ -23,9 +23,9 @@ def evaluate(s: StageRun) -> Output:
     import numpy as np
     import pyarrow as pa
 
-    from stages.generate import _tokenizer, encode_prompt
+    from stages.generate import _tokenizer, encode_prompt, read_prompt_rows
     from stages.score import compute_rewards
-    from storage.prompts import read_prompts
+    from storage.prompts import prompt_text
     from storage.schema import EVAL, ROLLOUT
     from workers.engine_pool import check_serving
 
@@ -35,10 +35,11 @@ def evaluate(s: StageRun) -> Output:
     pool.bring_to(iteration)
     check_serving(pool.handles, iteration)
     pool.wake()
-    rows = read_prompts(ev.prompts, data.prompt_key, config.storage.storage_options)[: ev.max_prompts]
+    rows = read_prompt_rows(config, "eval.prompts")[: ev.max_prompts]
     tok = _tokenizer(config.model.path)
     requests = [{
-        "prompt_ids": encode_prompt(tok, r[data.prompt_key], data.apply_chat_template, data.max_prompt_tokens)[0],
+        "prompt_ids": encode_prompt(tok, r[data.prompt_key], data.apply_chat_template, data.max_prompt_tokens,
+                                    data.input_template)[0],
         "n": ev.n_samples, "temperature": ev.temperature, "top_p": 1.0 if ev.temperature == 0 else gen.top_p,
         "top_k": -1 if ev.temperature == 0 else gen.top_k, "max_new_tokens": gen.max_new_tokens,
         "stop": gen.stop or None, "seed": (config.seed * 1_000_003 + i * ev.n_samples) % (2**31 - 1),
@@ -46,14 +47,14 @@ def evaluate(s: StageRun) -> Output:
     results = pool.generate(requests, iteration, "eval", iteration)
 
     out = [{"sample_id": f"eval{iteration}-p{i}-s{k}", "prompt_index": i, "sample_index": k,
-            "prompt": r[data.prompt_key], "response": s["text"], "response_len": len(s["response_ids"]),
+            "prompt": prompt_text(r[data.prompt_key]), "response": s["text"], "response_len": len(s["response_ids"]),
             "finish_reason": s["finish_reason"], "policy_version": iteration,
             "metadata": json.dumps({c: v for c, v in r.items() if c != data.prompt_key}, default=str)}
            for i, (r, samples) in enumerate(zip(rows, results)) for k, s in enumerate(samples)]
     # the reward function sees eval samples exactly as it sees rollouts
     columns = ("sample_id", "prompt", "response", "metadata")
     rewards = compute_rewards(config.reward.fn, pa.Table.from_pylist(
-        out, schema=pa.schema([ROLLOUT.field(c) for c in columns])))
+        out, schema=pa.schema([ROLLOUT.field(c) for c in columns])), label_key=data.label_key)
     for o, reward in zip(out, rewards):
         o.update(reward=reward, passed=reward >= ev.pass_threshold)
     metrics = {"eval/reward_mean": float(np.mean(rewards)),

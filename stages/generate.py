@@ -58,13 +58,38 @@ def _tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path)
 
 
-def encode_prompt(tokenizer, text: str, chat: bool, max_tokens: int) -> tuple[list[int], bool]:
-    """Token ids fed to the engine; over-long prompts keep their last tokens (the generation prompt survives)."""
+def encode_prompt(tokenizer, prompt: str | list[dict], chat: bool, max_tokens: int,
+                  input_template: str | None = None) -> tuple[list[int], bool]:
+    """Token ids fed to the engine; over-long prompts keep their last tokens (the generation prompt survives).
+
+    A string prompt is first formatted with `input_template` (data.input_template, e.g. "Question: {}\nAnswer:"),
+    then, with the chat template (`chat`), wrapped as one user turn; a list of chat messages (system turns included)
+    is rendered by the chat template as it is."""
+    if isinstance(prompt, str) and input_template is not None:
+        prompt = input_template.format(prompt)
     if chat:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                             add_generation_prompt=True)
+        # Parquet structs give every message every key of the column, None where a message has none.
+        messages = ([{"role": "user", "content": prompt}] if isinstance(prompt, str)
+                    else [{k: v for k, v in m.items() if v is not None} for m in prompt])
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    elif isinstance(prompt, str):
+        text = prompt
+    else:
+        raise ValueError("a list of chat messages becomes model input only through the chat template "
+                         "(data.apply_chat_template: true)")
     ids = tokenizer(text, add_special_tokens=not chat)["input_ids"]
     return (ids[-max_tokens:], True) if len(ids) > max_tokens else (ids, False)
+
+
+def read_prompt_rows(config, field: str = "data.prompts") -> list[dict]:
+    """The rows of data.prompts or eval.prompts (`field`), checked against the data section: a prompt of the right
+    type in data.prompt_key, a label at data.label_key when set (storage/prompts.py)."""
+    from storage.prompts import read_prompts
+
+    data = config.data
+    return read_prompts(data.prompts if field == "data.prompts" else config.eval.prompts, data.prompt_key,
+                        config.storage.storage_options, label_key=data.label_key, chat=data.apply_chat_template,
+                        input_template=data.input_template, field=field)
 
 
 def _sleep_engines(s: StageRun) -> None:
@@ -81,7 +106,7 @@ def generate(s: StageRun) -> Output:
 
     from algorithms.dapo import informative_groups
     from stages.score import compute_rewards
-    from storage.prompts import read_prompts
+    from storage.prompts import prompt_text
     from storage.schema import ROLLOUT
     from workers.engine_pool import check_serving
 
@@ -94,8 +119,9 @@ def generate(s: StageRun) -> Output:
 
     data, gen, algo = config.data, config.generation, config.algo
     batch, n = data.prompts_per_iteration, gen.n_samples_per_prompt
-    rows = read_prompts(data.prompts, data.prompt_key, config.storage.storage_options)
-    fingerprint = hashlib.sha256("\x1f".join(r[data.prompt_key] for r in rows).encode()).hexdigest()[:16]
+    rows = read_prompt_rows(config)
+    text = "\x1f".join(prompt_text(r[data.prompt_key]) for r in rows)
+    fingerprint = hashlib.sha256(text.encode()).hexdigest()[:16]
     previous = store.stage_marker(iteration - 1, "generate") if iteration > 1 else None
     position = start = data_start(previous, fingerprint, iteration, batch)
     tok = _tokenizer(config.model.path)
@@ -105,7 +131,7 @@ def generate(s: StageRun) -> Output:
         groups = []
         for index in prompt_order(len(rows), position, batch, config.seed, data.shuffle):
             ids, truncated = encode_prompt(tok, rows[index][data.prompt_key], data.apply_chat_template,
-                                           data.max_prompt_tokens)
+                                           data.max_prompt_tokens, data.input_template)
             groups.append({"index": index, "ids": ids, "truncated": truncated})
         requests = [{
             "prompt_ids": g["ids"], "n": n, "temperature": gen.temperature, "top_p": gen.top_p, "top_k": gen.top_k,
@@ -125,7 +151,7 @@ def generate(s: StageRun) -> Output:
             g["rows"] = [{
                 "sample_id": f"it{iteration}-r{rounds}-p{g['index']}-s{k}", "iteration": iteration,
                 "prompt_index": g["index"], "group_id": -1, "sample_index": k,
-                "prompt": rows[g["index"]][data.prompt_key],
+                "prompt": prompt_text(rows[g["index"]][data.prompt_key]),
                 "prompt_ids": g["ids"], "prompt_truncated": g["truncated"], "response": s["text"],
                 "response_ids": s["response_ids"], "engine_logprobs": s["logprobs"],
                 "finish_reason": s["finish_reason"], "policy_version": version,
@@ -135,7 +161,8 @@ def generate(s: StageRun) -> Output:
             kept = groups
             break
         flat = [r for g in groups for r in g["rows"]]
-        scores = torch.tensor(compute_rewards(config.reward.fn, pa.Table.from_pylist(flat, schema=ROLLOUT)))
+        scores = torch.tensor(compute_rewards(config.reward.fn, pa.Table.from_pylist(flat, schema=ROLLOUT),
+                                              label_key=data.label_key))
         keep = informative_groups(scores, torch.tensor([j for j, g in enumerate(groups) for _ in g["rows"]]))
         keep = keep.view(len(groups), n)[:, 0].tolist()
         kept += [g for g, ok in zip(groups, keep) if ok]

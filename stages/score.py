@@ -83,7 +83,7 @@ def _checked(source: str, values, ids: list[str]) -> list[float]:
     return [float(r) for r in values]
 
 
-def rewards_by_source(reward, rollout, reward_model=None) -> dict[str, list[float]]:
+def rewards_by_source(reward, rollout, reward_model=None, label_key: str | None = None) -> dict[str, list[float]]:
     """Each configured source's rewards, checked: {"fn": rule function, "model": reward model, "remote": endpoint}.
 
     The reward model's request goes to its actor (`reward_model`, the run's `reward` actor) first, so it scores while
@@ -98,7 +98,7 @@ def rewards_by_source(reward, rollout, reward_model=None) -> dict[str, list[floa
     model_ref = reward_model.score.remote(prompts, responses) if reward.model is not None else None
     out = {}
     if reward.fn is not None:
-        out["fn"] = rule_rewards(reward.fn, rollout)
+        out["fn"] = rule_rewards(reward.fn, rollout, label_key)
     if reward.remote is not None:
         r = reward.remote
         client = RemoteReward(r.url, batch_size=r.batch_size, concurrency=r.concurrency, timeout_s=r.timeout_s,
@@ -128,25 +128,57 @@ def combine_rewards(reward, by_source: dict[str, list[float]]) -> list[float]:
                   axis=0).tolist()
 
 
-def rule_rewards(fn_path: str, rollout) -> list[float]:
-    """Call the rule function on the whole batch and check what it returns, naming the first bad sample."""
+def labels_argument(fn) -> str | None:
+    """How `fn` takes labels: "keyword" (a `labels` parameter or **kwargs), "positional" (a 4th positional
+    parameter, or *args), or None (fn(prompts, responses, metadata) only, the original contract)."""
+    import inspect
+
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # a builtin or C callable without a signature: the original contract
+        return None
+    if any(p.name == "labels" and p.kind is not p.POSITIONAL_ONLY for p in params) or any(
+            p.kind is p.VAR_KEYWORD for p in params):
+        return "keyword"
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(positional) >= 4 or any(p.kind is p.VAR_POSITIONAL for p in params):
+        return "positional"
+    return None
+
+
+def rule_rewards(fn_path: str, rollout, label_key: str | None = None) -> list[float]:
+    """Call the rule function on the whole batch and check what it returns, naming the first bad sample.
+
+    A function that takes labels (`labels_argument`) gets the reference answers read from each sample's metadata
+    at data.label_key (`label_key`), or None when it is unset; others are called as fn(prompts, responses,
+    metadata)."""
+    from storage.prompts import MISSING, lookup
+
     fn = load_reward_fn(fn_path)
     metadata = [json.loads(m) for m in rollout["metadata"].to_pylist()]
-    rewards = fn(rollout["prompt"].to_pylist(), rollout["response"].to_pylist(), metadata)
+    args = (rollout["prompt"].to_pylist(), rollout["response"].to_pylist(), metadata)
+    takes = labels_argument(fn)
+    labels = None if label_key is None else [None if (v := lookup(m, label_key)) is MISSING else v for m in metadata]
+    if takes == "keyword":
+        rewards = fn(*args, labels=labels)
+    elif takes == "positional":
+        rewards = fn(*args, labels)
+    else:
+        rewards = fn(*args)
     return _checked(f"reward.fn {fn_path}", rewards, rollout["sample_id"].to_pylist())
 
 
-def compute_rewards(reward, rollout, reward_model=None) -> list[float]:
+def compute_rewards(reward, rollout, reward_model=None, label_key: str | None = None) -> list[float]:
     """Every sample's reward. `reward` is the RewardConfig (the weighted sum of its sources; `reward_model` is the
     run's `reward` actor when reward.model is set), or a rule function path alone, as evaluation and dynamic
-    sampling pass it (`config.reward.fn`)."""
+    sampling pass it (`config.reward.fn`). `label_key` is data.label_key (the rule function's labels)."""
     if isinstance(reward, str):
-        return rule_rewards(reward, rollout)
+        return rule_rewards(reward, rollout, label_key)
     if reward is None:
         raise RewardError("reward.fn is null, but evaluation and algo.dynamic_sampling score with the rule function "
                           "alone: set reward.fn (the rule they judge by), or turn them off (eval.prompts: null, "
                           "algo.dynamic_sampling: false)")
-    return combine_rewards(reward, rewards_by_source(reward, rollout, reward_model))
+    return combine_rewards(reward, rewards_by_source(reward, rollout, reward_model, label_key))
 
 
 def _retry_unless_gate(task, task_run, state) -> bool:
@@ -181,7 +213,7 @@ def score(s: StageRun) -> Output:
         pending["values"] = on_all_ranks(critic, "values", tokens, threads_each(config, config.critic, working))
     # Rule function and remote endpoint run here, the reward model in its actor, all while the trainers work.
     reward_model = s.actor("reward") if config.reward.model is not None else None
-    by_source = rewards_by_source(config.reward, rollout, reward_model)
+    by_source = rewards_by_source(config.reward, rollout, reward_model, config.data.label_key)
     rewards = combine_rewards(config.reward, by_source)
     if config.algo.overlong_buffer is not None:
         import torch

@@ -71,18 +71,16 @@ def preflight(config) -> None:
     """Everything that can be checked without starting a worker, each error naming its config field."""
     from pathlib import Path
 
+    from stages.generate import read_prompt_rows
     from stages.score import load_reward_fn
-    from storage.prompts import read_prompts
 
     if config.storage.root.startswith("memory://"):
         raise RunSetupError("storage.root: memory:// lives inside one process and the Ray workers write checkpoints "
                             "from theirs; use a local folder or a shared object store (s3://...)")
     load_reward_fn(config.reward.fn)
-    prompt_sets = {"data.prompts": read_prompts(config.data.prompts, config.data.prompt_key,
-                                                config.storage.storage_options)}
+    prompt_sets = {"data.prompts": read_prompt_rows(config)}
     if config.eval.prompts is not None:
-        prompt_sets["eval.prompts"] = read_prompts(config.eval.prompts, config.data.prompt_key,
-                                                   config.storage.storage_options)
+        prompt_sets["eval.prompts"] = read_prompt_rows(config, "eval.prompts")
     for field, path in (("model.path", config.model.path), ("model.ref_path", config.model.ref_path),
                         ("model.critic_path", config.model.critic_path)):
         if path is None:
@@ -113,16 +111,18 @@ def preflight(config) -> None:
 
 def _reject_overlong_prompts(config, prompt_sets: dict) -> None:
     from stages.generate import _tokenizer, encode_prompt
+    from storage.prompts import prompt_text
 
     data, tok = config.data, _tokenizer(config.model.path)
     for field, rows in prompt_sets.items():
         for i, row in enumerate(rows):
-            ids, _ = encode_prompt(tok, row[data.prompt_key], data.apply_chat_template, 1 << 30)
+            ids, _ = encode_prompt(tok, row[data.prompt_key], data.apply_chat_template, 1 << 30, data.input_template)
             if len(ids) > data.max_prompt_tokens:
                 raise RunSetupError(
                     f"{field}: prompt {i} (0-based, in file order) is {len(ids)} tokens"
                     f"{' with the chat template' if data.apply_chat_template else ''}, over data.max_prompt_tokens="
-                    f"{data.max_prompt_tokens}: {row[data.prompt_key][:80]!r}. data.overlong_prompts=reject refuses "
+                    f"{data.max_prompt_tokens}: {prompt_text(row[data.prompt_key])[:80]!r}. "
+                    "data.overlong_prompts=reject refuses "
                     "it; shorten or drop it, raise data.max_prompt_tokens, or set data.overlong_prompts=truncate")
 
 
@@ -195,13 +195,17 @@ def new_run_id() -> str:
 
 def open_run(config) -> dict:
     """Pre-flight, lock the run, write or check its manifest; returns the run URI and where to start."""
+    from stages.common import logger
     from storage.lock import RunLock
-    from storage.run import run_uri as make_run_uri
+    from storage.run import find_run
 
     preflight(config)
     check_cluster_storage(config)  # joins the cluster: its nodes must share storage.root
     run_id = config.run_id or new_run_id()
-    uri = make_run_uri(config.storage.root, run_id)
+    uri, legacy = find_run(config.storage.root, run_id, config.storage.storage_options)
+    if legacy:
+        logger().warning("run %s was started in the old layout and stays there: %s (new runs go to "
+                         "{storage.root}/{run_id})", run_id, uri)
     store = store_of(config, uri)
     lock = RunLock(uri, config.storage.storage_options).acquire()
     try:
@@ -310,6 +314,12 @@ def _flow_run_log_handler(log, flow_run_id: str):
 def close_run(config, run_uri: str, stop_workers: bool = True) -> None:
     """Stop the actors (they would die with this process anyway, but a long-lived process — a test session, a
     notebook — should get its memory back), close the run's tracker, release the lock and drop the run's context."""
+    # The flow run's log ends with the run: Ray keeps forwarding lines (its autoscaler's, the actors' shutdown) until
+    # the process exits, and Prefect's API log handler, shut down with the flow, answered each with a
+    # "--- Logging error ---".
+    if (ctx := run_context(run_uri, create=False)) is not None and ctx.stop_log_forwarding is not None:
+        ctx.stop_log_forwarding()
+        ctx.stop_log_forwarding = None
     if stop_workers:
         import ray
 

@@ -14,7 +14,7 @@ first use. The settings, `TrackingConfig`, live in stages/config.py with the res
 
 Run alone to log every committed iteration of an existing run (a run trained before tracking was on, or into
 another tracker):
-    python -m stages.tracking runs/runs/my-run --set tracking.logger=mlflow
+    python -m stages.tracking runs/my-run --set tracking.logger=mlflow
 Tests: tests/stages/test_tracking.py
 """
 
@@ -179,7 +179,7 @@ class WandbTracker(Tracker):
 
 
 def open_tracker(config: TrackingConfig, run_uri: str) -> Tracker:
-    """The tracker of the run at `run_uri` (`{root}/runs/{run_id}`); use it as a context manager or close it."""
+    """The tracker of the run at `run_uri` (`{root}/{run_id}`); use it as a context manager or close it."""
     if config.logger == "none":
         return Tracker()
     import fsspec
@@ -251,7 +251,7 @@ if __name__ == "__main__":
     uri = uri if "://" in uri else os.path.abspath(uri)  # the flow's run URI of a local run is an absolute path
     store = RunStore(uri)
     if (manifest := store.read_manifest()) is None:
-        sys.exit(f"{uri}: no run.json; give the folder of a run, `{{storage.root}}/runs/{{run_id}}`")
+        sys.exit(f"{uri}: no run.json; give the folder of a run, `{{storage.root}}/{{run_id}}`")
     run_config = load_config(base=manifest["config"], overrides=[args[i + 1] for i, a in enumerate(args)
                                                                  if a == "--set"])
     for n in store.iterations():

@@ -12,11 +12,11 @@ trackers and shown as a Prefect flow parameter."""
 
 
 class StorageConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     root: str = "runs"
     """fsspec URI of the storage root (a local folder, `memory://...`, `s3://bucket/prefix`); runs live in
-    `{root}/runs/{run_id}`."""
+    `{root}/{run_id}` (runs started before that layout stay in `{root}/runs/{run_id}` and are found there)."""
 
     storage_options: dict = Field(default_factory=dict)
     """Keyword arguments for the fsspec filesystem (`endpoint_url`, `anon`, `profile`, `client_kwargs`, ...).

@@ -11,11 +11,13 @@ It lives in storage/ (which imports nothing of ours) so that points can sit insi
 part written, its marker not). The points: run.opened, run.workers_started; each stage's start / before_commit /
 after_commit (the stage skeleton, stages/common.py); {stage}.mid_write and {stage}.before_marker inside the Parquet
 commit; update.after_train / policy_saved (mid-checkpoint); checkpoint.writing (a trainer writing a checkpoint file,
-in its background writer thread when checkpoint.background); sync.before_engine_update.
+in its background writer thread when checkpoint.background); sync.before_engine_update; policy.train inside the
+policy's Ray actors (each rank).
 """
 
 import os
 import signal
+import sys
 import threading
 
 
@@ -23,9 +25,9 @@ def fault_point(name: str, iteration: int) -> None:
     """Deterministic fault injection for tests: PPOFLOW_FAULTS="update.after_train@2=kill,score.start@1=raise".
 
     `kill` SIGKILLs this process (a crash: no cleanup, no finally); `raise` raises RuntimeError; `stall` never
-    returns. With
-    PPOFLOW_FAULTS_ONCE_DIR set, each point fires once (a flag file there, named `point@iteration` and written just
-    before the fault, remembers it), so a retried or resumed run that inherits the same environment gets past it."""
+    returns. With PPOFLOW_FAULTS_ONCE_DIR set, each point fires once (a flag file there, named `point@iteration` and
+    written just before the fault, remembers it), so a retried or resumed run that inherits the same environment gets
+    past it."""
     spec = os.environ.get("PPOFLOW_FAULTS", "")
     if not spec:
         return
@@ -39,6 +41,8 @@ def fault_point(name: str, iteration: int) -> None:
                     continue
                 os.makedirs(once, exist_ok=True)
                 open(flag, "w").close()
+            # Said before it happens, so a log (an actor's file, driver.log) shows where the process stopped.
+            print(f"ppoflow: injected fault at {point} ({action})", file=sys.stderr, flush=True)
             if action == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
             if action == "stall":

@@ -4,7 +4,7 @@ files that arrived since the parent started.
 Layout: `{root}/lineages/{name}/{run_id}.json`, one record per run of the lineage, run ids `{name}-0001`, `-0002`, ...
 
     lineage        name of the lineage
-    run_id         the run under `{root}/runs/`
+    run_id         the run `{root}/{run_id}`
     parent         run id of the previous run of the lineage; None for the first
     prompt_files   the prompt file URIs this run trains on: consumed from the moment the record exists, so no file is
                    trained on twice (a crashed run is resumed, not replaced) and none is skipped

@@ -1,6 +1,7 @@
 """One run's folder: layout, stage commits, the run manifest and event records, on any fsspec filesystem.
 
-Layout (every path below the run URI `{root}/runs/{run_id}`):
+Layout (every path below the run URI `{root}/{run_id}`; runs started before that layout live in
+`{root}/runs/{run_id}` and are found there, see `find_run`):
 
     run.json                                  run manifest: config, config hash, seeds, package versions
     _LOCK.json                                held by the one process writing the run (storage.lock)
@@ -12,6 +13,7 @@ Layout (every path below the run URI `{root}/runs/{run_id}`):
     checkpoints/iter-000001/_SUCCESS.json     the checkpoint is complete: its update committed, every part whole
     checkpoints/iter-000001/_PINNED.json      kept by rotation whatever its age (a lineage's final policy)
     events/*.json                             one record per stage execution (ran / skipped), for operators and tests
+    logs/{actor}.log, logs/driver.log         what the actors and the driver printed (`ppoflow train`; local runs)
 
 A stage folder without a readable marker is never trusted: it is wiped and rewritten. A committed stage is never
 overwritten. Run alone to list a run's committed stages:  python -m storage.run RUN_URI
@@ -50,12 +52,41 @@ def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
+LEGACY_FOLDER = "runs"
+"""Runs started before runs moved to `{root}/{run_id}` live in `{root}/runs/{run_id}` (a storage root `runs`, the
+default, gave `runs/runs/{run_id}`)."""
+
+
 def run_uri(root: str, run_id: str) -> str:
-    """`{root}/runs/{run_id}`; a local root becomes an absolute path so every process agrees on it."""
+    """`{root}/{run_id}`; a local root becomes an absolute path so every process agrees on it."""
     fs, path = fsspec.core.url_to_fs(root)
     if "file" in fs.protocol:
         root = path
-    return f"{root.rstrip('/')}/runs/{run_id}"
+    return f"{root.rstrip('/')}/{run_id}"
+
+
+def find_run(root: str, run_id: str, storage_options: dict | None = None) -> tuple[str, bool]:
+    """(URI, legacy) of run `run_id`: `{root}/{run_id}`, or the old layout's `{root}/runs/{run_id}` when a run was
+    started there (it holds run.json) and the new place holds none, so existing runs resume and show where they
+    are; `legacy` says which. A new run gets the new place."""
+    uri = run_uri(root, run_id)
+    old = run_uri(f"{root.rstrip('/')}/{LEGACY_FOLDER}", run_id)
+    fs, _ = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    if not fs.exists(f"{fs._strip_protocol(uri)}/run.json") and fs.exists(f"{fs._strip_protocol(old)}/run.json"):
+        return old, True
+    return uri, False
+
+
+def log_dir(run_uri: str) -> str:
+    """Local folder of a run's log files (what each actor and the driver printed): `{run}/logs` for a local run,
+    `./logs/{run_id}` in the working directory for a run in an object store (log files are appended line by line,
+    which object stores cannot do)."""
+    import os
+
+    fs, path = fsspec.core.url_to_fs(run_uri)
+    if "file" in fs.protocol:
+        return f"{path.rstrip('/')}/logs"
+    return os.path.abspath(os.path.join("logs", run_uri.rstrip("/").rsplit("/", 1)[-1]))
 
 
 def write_json(fs, path: str, obj: dict) -> None:
@@ -310,14 +341,19 @@ class RunStore:
     # ---- listing runs, files beside the run (plots) -------------------------------------------------------
     @classmethod
     def list_runs(cls, root: str, storage_options: dict | None = None) -> list["RunStore"]:
-        """Every run folder under `{root}/runs/`, by name (with or without a manifest); [] when there is none."""
+        """Every run under `root`, by name: each folder `{root}/{run_id}` holding a run.json or a _LOCK.json (a run
+        being opened), and those of the old layout (`{root}/runs/{run_id}`) that the new one does not shadow; []
+        when there is none."""
         fs, path = fsspec.core.url_to_fs(root, **(storage_options or {}))
-        try:
-            entries = fs.ls(f"{path.rstrip('/')}/runs", detail=True)
-        except FileNotFoundError:
-            return []
-        names = sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e["type"] == "directory")
-        return [cls(run_uri(root, name), storage_options) for name in names]
+        base = path.rstrip("/")
+        found: dict[str, str] = {}
+        for pattern, parent in ((f"{base}/{LEGACY_FOLDER}/*/", f"{root.rstrip('/')}/{LEGACY_FOLDER}"),
+                                (f"{base}/*/", root)):
+            for name in ("run.json", "_LOCK.json"):
+                for p in fs.glob(pattern + name):
+                    run_id = p.rsplit("/", 2)[-2]
+                    found[run_id] = run_uri(parent, run_id)  # the new layout, globbed last, wins
+        return [cls(found[name], storage_options) for name in sorted(found)]
 
     def write_file(self, relative_path: str, data: bytes) -> str:
         """Write a derived file (a plot, a report) at `{run}/{relative_path}`, replacing it; returns its URI.

@@ -18,7 +18,7 @@ ROLLOUT = pa.schema(
         pa.field("prompt_index", pa.int64()),  # row of the prompt in the prompt file
         pa.field("group_id", pa.int64()),  # prompt position within this iteration's batch; samples of a prompt share it
         pa.field("sample_index", pa.int32()),  # k in 0..n_samples_per_prompt-1
-        pa.field("prompt", pa.string()),  # the prompt text as it appears in the prompt file
+        pa.field("prompt", pa.string()),  # the prompt as in the prompt file: its text, or a chat-message list's JSON
         pa.field("prompt_ids", pa.list_(pa.int32())),  # (P,) token ids fed to the engine (chat template applied)
         pa.field("prompt_truncated", pa.bool_()),  # the templated prompt was longer than data.max_prompt_tokens
         pa.field("response", pa.string()),  # decoded response, special tokens skipped
@@ -74,7 +74,7 @@ EVAL = pa.schema(
         pa.field("sample_id", pa.string()),  # "eval{iteration}-p{prompt_index}-s{k}"
         pa.field("prompt_index", pa.int64()),  # row of the prompt in the evaluation prompt set
         pa.field("sample_index", pa.int64()),  # 0..eval.n_samples-1
-        pa.field("prompt", pa.string()),  # raw prompt text
+        pa.field("prompt", pa.string()),  # the prompt as in the prompt file (text, or a message list's JSON)
         pa.field("response", pa.string()),  # decoded response (special tokens skipped)
         pa.field("response_len", pa.int64()),  # response tokens
         pa.field("finish_reason", pa.string()),  # "stop" | "length"

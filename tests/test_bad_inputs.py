@@ -123,7 +123,6 @@ def test_storage_options_without_credentials_are_kept():
 
 # ---- the CLI: a bad prompt file ends in one clear line and exit code 2 ------------------------------------------------
 
-@pytest.mark.slow  # Prefect's ephemeral server starts before the pre-flight runs (~10-60 s on a busy machine)
 def test_cli_names_the_bad_line_of_a_prompt_file(tmp_path, tiny_model_dir):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "What is 2*3?", "answer": "6"}\n{"prompt": "What is 2*4?", "answer": 8\n')
@@ -133,10 +132,9 @@ def test_cli_names_the_bad_line_of_a_prompt_file(tmp_path, tiny_model_dir):
          "--run-id", "bad-prompts"],
         cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2, proc.stderr[-3000:]
-    # One line of its own (Prefect's log around it carries the failed task's traceback, for the curious).
-    mine = [line for line in proc.stderr.splitlines() if line.startswith("ppoflow: ")]
-    assert mine == [f"ppoflow: {prompts} line 2: invalid JSON (Expecting ',' delimiter at column 39)"], proc.stderr
-    assert not (tmp_path / "runs" / "bad-prompts").exists()  # refused before the lock or the manifest
+    # The CLI's own pre-flight, before Prefect or Ray start: one line, nothing else, nothing written.
+    assert proc.stderr == f"ppoflow: {prompts} line 2: invalid JSON (Expecting ',' delimiter at column 39)\n"
+    assert proc.stdout == "" and sorted(p.name for p in tmp_path.iterdir()) == ["prompts.jsonl"]
 
 
 # ---- nothing committed is overwritten: a committed run resumed with bad inputs -----------------------------------

@@ -1,6 +1,7 @@
 """The `ppoflow train` progress bars: what they read from storage, and when they are drawn at all."""
 
 import io
+import time
 
 import pyarrow as pa
 
@@ -44,3 +45,20 @@ def test_drawn_on_a_terminal_only_and_never_in_ci(monkeypatch):
     assert enabled(_Tty()) and not enabled(io.StringIO())
     monkeypatch.setenv("CI", "true")
     assert not enabled(_Tty())
+
+
+def test_report_lines_are_printed_with_or_without_bars(tmp_path, monkeypatch):
+    """The console's iteration lines come through `report`, each tick and once more at the end; on a terminal they
+    print above the bars."""
+    from ppoflow.progress import RunProgress
+
+    monkeypatch.delenv("CI", raising=False)
+    for stream in (io.StringIO(), _Tty()):
+        pending = [["iteration 1"], [], ["iteration 2", "iteration 3"]]
+        report = lambda: pending.pop(0) if pending else ["the end"]  # noqa: E731
+        with RunProgress(run_uri(str(tmp_path), "r"), 3, interval=0.05, stream=stream, report=report):
+            while pending:
+                time.sleep(0.01)
+        out = stream.getvalue()
+        positions = [out.index(f"iteration {n}") for n in (1, 2, 3)]
+        assert positions == sorted(positions) and out.rstrip().endswith("the end")

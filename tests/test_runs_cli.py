@@ -109,7 +109,7 @@ def test_lock_left_by_a_dead_process_means_stopped(root, capsys):
 
 def test_runs_list_of_empty_root(tmp_path, capsys):
     assert main(["runs", "list", "--root", str(tmp_path)]) == 0
-    assert f"no runs under {tmp_path}/runs" in capsys.readouterr().out
+    assert f"no runs under {tmp_path}\n" in capsys.readouterr().out
 
 
 def test_runs_show_prints_iterations_and_writes_curves_png(root, capsys):
@@ -141,7 +141,7 @@ def test_runs_show_writes_the_png_through_storage(capsys, tmp_path):
     root = f"memory://ppoflow-runs-cli-{tmp_path.name}"
     store = write_run(root, "m1", "2026-01-01T00:00:00+00:00", "gae", 2, {1: 5, 2: 5})
     assert main(["runs", "show", "m1", "--root", root]) == 0
-    assert f"curves: {root}/runs/m1/plots/curves.png" in capsys.readouterr().out
+    assert f"curves: {root}/m1/plots/curves.png" in capsys.readouterr().out
     assert Image.open(io.BytesIO(store.read_file("plots/curves.png"))).size == (800, 600)
 
 
@@ -191,7 +191,7 @@ def test_rollouts_fall_back_to_the_scored_table(root, capsys):
 def test_unknown_run_is_a_clear_error(root, capsys):
     assert main(["runs", "show", "nope", "--root", root]) == 2
     err = capsys.readouterr().err
-    assert f"no run 'nope' under {root}/runs (runs there: a-ppo, b-grpo, c-live)" in err
+    assert f"no run 'nope' under {root} (runs there: a-ppo, b-grpo, c-live)" in err
     assert main(["rollouts", "nope", "--iter", "1", "--root", root]) == 2
     assert "no run 'nope'" in capsys.readouterr().err
 
@@ -202,3 +202,38 @@ def test_iteration_without_samples_is_a_clear_error(root, capsys, iteration, com
     err = capsys.readouterr().err
     assert (f"run c-live has no scored samples for iteration {iteration} (committed there: {committed}); "
             "iterations with samples: 1") in err
+
+
+def test_runs_of_the_old_layout_are_listed_and_shown(root, capsys):
+    """Runs lived in {root}/runs/{run_id} before; a folder that is no run (logs of a refused start, lineages) is
+    not listed."""
+    from pathlib import Path
+
+    from storage.run import find_run
+
+    write_run(f"{root}/runs", "e-old", "2026-01-05T00:00:00+00:00", "gae", 1, {1: 5})
+    (Path(root) / "lineages" / "daily").mkdir(parents=True)
+    (Path(root) / "refused" / "logs").mkdir(parents=True)
+    assert find_run(root, "e-old") == (f"{root}/runs/e-old", True)
+    assert find_run(root, "a-ppo") == (f"{root}/a-ppo", False)
+    assert main(["runs", "list", "--root", root]) == 0
+    out = capsys.readouterr().out
+    listed = [line.split()[0] for line in out.splitlines() if line.split()[:1] and "-" in line.split()[0][1:]]
+    assert listed == ["b-grpo", "a-ppo", "c-live", "e-old"]
+    assert main(["runs", "show", "e-old", "--root", root]) == 0
+    assert f"run e-old  ({root}/runs/e-old)" in capsys.readouterr().out
+
+
+def test_rollouts_show_a_chat_message_prompt_turn_by_turn(tmp_path, capsys):
+    import json
+
+    store = write_run(str(tmp_path), "chat", "2026-01-06T00:00:00+00:00", "group_norm", 1, {})
+    rows = experience_rows(1)
+    chat = [{"role": "system", "content": "Answer with the number only."}, {"role": "user", "content": "What is 2*3?"}]
+    for r in rows:
+        r["prompt"] = json.dumps(chat)  # as the generate stage stores a message-list prompt
+    store.write_stage(1, "score", pa.Table.from_pylist(rows, schema=EXPERIENCE).select(SCORED.names), "scored",
+                      SCORED)
+    assert main(["rollouts", "chat", "--iter", "1", "--order", "all", "--root", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "system: Answer with the number only." in out and "user: What is 2*3?" in out and '"role"' not in out

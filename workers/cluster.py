@@ -97,27 +97,29 @@ def connect(address: str | None, num_cpus: int | None, namespace: str) -> None:
         ray.init(address=address or "local", **kwargs)
 
 
-def forward_worker_logs(run_uri: str, handler) -> Callable[[], None]:
+def forward_worker_logs(run_uri: str | None, handler, name: str | None = None) -> Callable[[], None]:
     """Also pass every line the run's actors print to `handler(line, is_err, source)`, in the driver
-    (log_to_driver=True); returns the function that stops it. An actor's line is the run's when the actor's
-    `RunActor` name starts with the run's prefix. While an actor's constructor runs, Ray knows it only by its class
-    (its name comes with `repr` once it is built), so those lines, and Ray's own (the autoscaler's, the raylet's:
-    the handler decides what of them to keep), go to every run forwarding at that moment: with one run per process,
-    to that run.
+    (log_to_driver=True); returns the function that stops it. With `run_uri` None, every actor's line. Otherwise an
+    actor's line is the run's when the actor's `RunActor` name starts with the run's prefix. While an actor's
+    constructor runs, Ray knows it only by its class (its name comes with `repr` once it is built), so those lines,
+    and Ray's own (the autoscaler's, the raylet's: the handler decides what of them to keep), go to every run
+    forwarding at that moment: with one run per process, to that run. Handlers are kept by `name` (default: one per
+    run): calling again replaces that name's handler.
 
     Ray offers no public hook for this; its driver-side dispatcher is a private API, so if it moves the lines are
-    still printed to the driver's stdout and only the forwarding is lost. Calling again replaces the run's handler."""
+    still printed to the driver's stdout and only the forwarding is lost."""
     try:
         from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
     except ImportError:
         return lambda: None
-    prefix, key = actor_name(run_uri, ""), f"ppoflow:{run_uri}"
+    prefix = actor_name(run_uri, "") if run_uri is not None else ""
+    key = name or f"ppoflow:{run_uri}"
 
     def on_batch(data: dict) -> None:
-        name = data.get("actor_name") or data.get("task_name") or ""
-        if ":" in name and not name.startswith(prefix):  # another run's actor
+        who = data.get("actor_name") or data.get("task_name") or ""
+        if prefix and ":" in who and not who.startswith(prefix):  # another run's actor
             return
-        source = " ".join(filter(None, [name.removeprefix(prefix), f"pid={data.get('pid')}"]))
+        source = " ".join(filter(None, [who.removeprefix(prefix), f"pid={data.get('pid')}"]))
         for line in data.get("lines", []):
             handler(line, bool(data.get("is_err")), source)
 

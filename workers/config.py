@@ -6,7 +6,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 
 class ModelConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     path: str
     """HF model id or local folder of the starting policy, loaded with `from_pretrained`."""
@@ -22,7 +22,7 @@ class ModelConfig(BaseModel):
 
 
 class GenerationConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     backend: Literal["vllm", "hf"] = "vllm"
     """Generation engine: `vllm` (workers/vllm_engine.py) or `hf` (workers/hf_engine.py: a transformers forward pass
@@ -162,7 +162,7 @@ def deepspeed_overrides(path: str) -> dict:
 
 
 class TrainerConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     lr: float = Field(1e-5, gt=0.0)
     """Peak AdamW learning rate; `lr_warmup_steps` and `lr_schedule` shape it over the run."""
@@ -282,7 +282,7 @@ class TrainerConfig(BaseModel):
 class GroupPlacement(BaseModel):
     """Where one group of actors (the engines, or the trainers) may go in a Ray cluster of several nodes."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     """Ray placement-group strategy of the group's bundles: `PACK` on as few nodes as fit (best effort), `SPREAD` over
@@ -308,7 +308,7 @@ class GroupPlacement(BaseModel):
 
 
 class RayConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     address: str | None = None
     """Existing Ray cluster to join: "auto" (the cluster `ray start` runs on this machine), "HOST:6379" (its head),

@@ -62,11 +62,21 @@ class RewardModelWorker(RunActor):
 
     def text(self, prompt: str, response: str) -> str:
         """The text scored for one sample: the conversation in the reward model's chat template, else the two
-        strings joined."""
+        strings joined. A prompt that was a list of chat messages arrives as their JSON text (storage/prompts.py
+        prompt_text) and is scored as that conversation."""
+        import json
+
+        turns = [{"role": "user", "content": prompt}]
+        if prompt.startswith("[{"):
+            try:
+                decoded = json.loads(prompt)
+            except json.JSONDecodeError:
+                decoded = None
+            if isinstance(decoded, list) and all(isinstance(m, dict) and "content" in m for m in decoded):
+                turns = [{k: v for k, v in m.items() if v is not None} for m in decoded]
         if not self.apply_chat_template:
-            return prompt + response
-        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
-        return self.tokenizer.apply_chat_template(messages, tokenize=False)
+            return "\n".join(m["content"] for m in turns) + response
+        return self.tokenizer.apply_chat_template(turns + [{"role": "assistant", "content": response}], tokenize=False)
 
     def encode(self, prompt: str, response: str) -> list[int]:
         # A rendered template already holds its special tokens; plain text gets the tokenizer's (e.g. a bos).

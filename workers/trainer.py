@@ -669,6 +669,9 @@ class PolicyWorker(_DeepSpeedWorker):
         threads for this call (None: policy.num_threads)."""
         from algorithms.kl import kl_estimate
         from algorithms.losses import aggregate, importance_weights, policy_loss
+        from storage.faults import fault_point
+
+        fault_point("policy.train", new_version)  # inside the actor (rank 0 and every other rank)
 
         _use_threads(threads, self.cfg.num_threads)
 

@@ -13,7 +13,9 @@ keeps rising with more training. An SFT stopped part-way therefore leaves a poli
 a digit or two off on many others: room for RL to improve.
 
 Rows are `{"prompt": "What is 2*4827?", "answer": "9654"}`; `prompt` is the raw user message (the chat template is
-applied by whoever generates) and every other column reaches `reward` as that row's `metadata`.
+applied by whoever generates) and every other column reaches `reward` as that row's `metadata`. The same task in
+another layout (OpenRLHF's `input`/`label`, verl's chat list and `reward_model.ground_truth`) is scored through
+data.label_key: `reward` takes the labels then.
 
 Reward, a rule in [0, 1] (referenced from configs as `ppoflow.tasks.arith:reward`):
   1.0  the response, with surrounding whitespace stripped, is exactly the answer ("9654");
@@ -71,22 +73,29 @@ def write_prompts(out_dir: str, *, n_train: int = 2048, n_eval: int = 256, seed:
     return paths
 
 
-def reward(prompts: list[str], responses: list[str], metadata: list[dict]) -> list[float]:
-    """Score each decoded response against `metadata[i]["answer"]`; the rule is in the module docstring."""
-    if not len(prompts) == len(responses) == len(metadata):
+def reward(prompts: list[str], responses: list[str], metadata: list[dict],
+           labels: list | None = None) -> list[float]:
+    """Score each decoded response against its reference answer: `labels[i]` when the run sets data.label_key
+    (e.g. `label` of OpenRLHF-style rows, `reward_model.ground_truth` of verl-style ones), else
+    `metadata[i]["answer"]` (the rows write_prompts makes); the rule is in the module docstring."""
+    if not len(prompts) == len(responses) == len(metadata) == len(labels if labels is not None else metadata):
         raise ValueError(
-            f"arith.reward: got {len(prompts)} prompts, {len(responses)} responses and {len(metadata)} metadata rows; "
-            "they must be aligned one to one"
+            f"arith.reward: got {len(prompts)} prompts, {len(responses)} responses, {len(metadata)} metadata rows"
+            f"{f' and {len(labels)} labels' if labels is not None else ''}; they must be aligned one to one"
         )
     scores = []
     for i, (response, meta) in enumerate(zip(responses, metadata)):
-        if "answer" not in meta:
+        if labels is not None:
+            answer = labels[i]
+        elif "answer" in meta:
+            answer = meta["answer"]
+        else:
             raise KeyError(
-                f"arith.reward: metadata row {i} has no 'answer' (columns: {sorted(meta)}); "
-                "the prompt file must come from ppoflow.tasks.arith.write_prompts"
+                f"arith.reward: metadata row {i} has no 'answer' (columns: {sorted(meta)}); the prompt file must come "
+                "from ppoflow.tasks.arith.write_prompts, or name the answer's column in data.label_key"
             )
         text = response.strip() if isinstance(response, str) else ""
-        if text == str(meta["answer"]):
+        if text == str(answer):
             scores.append(CORRECT_REWARD)
         elif _INTEGER.fullmatch(text):
             scores.append(FORMAT_REWARD)

@@ -82,7 +82,7 @@ def test_deployment_run_trains_and_reports(prefect_api, tmp_path, sft_model_dir,
     out = _prefect(prefect_api, "deployment", "run", "ppo-train/quickstart", "-p", "run_id=deployed",
                    "-p", f"overrides={_overrides(tmp_path, sft_model_dir, prompts_dir, test_scale, 2)}", "--watch")
     assert out.returncode == 0 and "Completed" in out.stdout, out.stdout[-3000:] + out.stderr[-3000:]
-    run = tmp_path / "runs" / "deployed"
+    run = tmp_path / "deployed"
     for n in (1, 2):
         for stage in ("generate", "score", "advantages", "update", "sync"):
             assert (run / f"iter-{n:06d}" / stage / "_SUCCESS.json").exists()
@@ -213,7 +213,7 @@ def test_killed_flow_run_is_retried_without_recomputing_committed_stages(prefect
                      "--job-variable", f"env={json.dumps(env)}", "--watch")
     assert first.returncode != 0 and "Crashed" in first.stdout, first.stdout[-3000:] + first.stderr[-3000:]
     flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", first.stdout).group(1)
-    run = tmp_path / "runs" / "killed"
+    run = tmp_path / "killed"
     assert (run / "iter-000001" / "advantages" / "_SUCCESS.json").exists()
     assert not (run / "iter-000001" / "update" / "_SUCCESS.json").exists()
     before = {p: p.read_bytes() for p in run.glob("iter-*/*/_SUCCESS.json")}

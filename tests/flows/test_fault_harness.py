@@ -246,11 +246,11 @@ class Chain:
     def __init__(self, name: str, spec: dict, root: Path, base_args: list[str], env: dict, reap):
         self.name, self.points, self.root, self.reap = name, spec["kills"], root, reap
         self.stalls, self.iterations = spec.get("stalls", []), spec["iterations"]
-        self.run = root / "runs" / name
+        self.run = root / name
         self.once = root / f"faults-{name}"
         self.reward_calls = root / f"reward-calls-{name}"
-        (root / name).mkdir(parents=True)
-        self.head = RayHead(root / name, env, reap)
+        (root / f"ray-{name}").mkdir(parents=True)  # the head's files beside the run, not in it
+        self.head = RayHead(root / f"ray-{name}", env, reap)
         self.args = [*base_args, "--run-id", name, "--set", f"iterations={self.iterations}",
                      *(a for s in spec.get("sets", []) for a in ("--set", s))]
         faults = [f"{p}=kill" for p in self.points] + [f"{p}=stall" for p in self.stalls]
@@ -370,7 +370,7 @@ def test_sigkill_at_every_fault_point_then_resume(tmp_path, tiny_model_dir, prom
     for c in chains:
         assert c.error is None, c.error
 
-    ref = tmp_path / "runs" / "reference"
+    ref = tmp_path / "reference"
     rows = []
     for c in chains:
         _check_equal_to_reference(c.run, ref, c.iterations)

@@ -35,7 +35,7 @@ def test_lineage_trains_on_new_files_only_and_warm_starts(tmp_path, tiny_model_d
     two = ppo_retrain("daily", str(incoming), QUICKSTART, overrides)
     assert two["run_id"] == "daily-0002" and two["parent"] == "daily-0001"
     assert two["prompt_files"] == [second_file]  # only what arrived since
-    run = tmp_path / "runs" / "daily-0002"
+    run = tmp_path / "daily-0002"
     prompts = set(pq.read_table(run / "iter-000001" / "generate").column("prompt").to_pylist())
     assert prompts and all(int(p.split("*")[1].rstrip("?")) >= 500 for p in prompts)
     config = json.loads((run / "run.json").read_text())["config"]
@@ -46,7 +46,7 @@ def test_lineage_trains_on_new_files_only_and_warm_starts(tmp_path, tiny_model_d
 
     three = ppo_retrain("daily", str(incoming), QUICKSTART, overrides)
     assert three["action"] == "nothing_new" and "no new prompt files" in three["message"]
-    assert not (tmp_path / "runs" / "daily-0003").exists()
+    assert not (tmp_path / "daily-0003").exists()
     records = sorted((tmp_path / "lineages" / "daily").glob("*.json"))
     assert [json.loads(p.read_text())["status"] for p in records] == ["complete", "complete"]
 

@@ -76,8 +76,8 @@ def test_quickstart_on_s3_commits_in_the_bucket_resumes_and_leaks_no_secret(
                  f"tracking.dir={tmp_path / 'tracking'}"]
     config = make_config(*overrides, "iterations=2")
     result = ppo_train(config=config)
-    assert result["run_uri"] == f"{s3_bucket.uri('runs-prefix')}/runs/on-s3" and not result["resumed"]
-    run_key = f"{s3_bucket.name}/runs-prefix/runs/on-s3"
+    assert result["run_uri"] == f"{s3_bucket.uri('runs-prefix')}/on-s3" and not result["resumed"]
+    run_key = f"{s3_bucket.name}/runs-prefix/on-s3"
 
     # Read back with plain s3fs + pyarrow, not through storage/.
     fs = s3_bucket.fs

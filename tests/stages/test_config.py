@@ -67,6 +67,29 @@ def test_flow_parameter_schema_is_pinned():
     assert list(RunConfig.model_fields) == ["run_id", "seed", "iterations", "model", "data", "generation", "policy",
                                             "critic", "algo", "reward", "storage", "checkpoint", "ray", "flow", "eval",
                                             "tracking"]
+    # data.label_key and data.input_template joined DataConfig (issue 26)
+    assert list(RunConfig.model_fields["data"].annotation.model_fields) == [
+        "prompts", "prompt_key", "label_key", "input_template", "prompts_per_iteration", "max_prompt_tokens",
+        "overlong_prompts", "apply_chat_template", "shuffle"]
+
+
+def test_prefect_parameter_schema_describes_every_field():
+    """Prefect's deployment form shows each field's description: the field docstrings are pydantic descriptions
+    (use_attribute_docstrings), for the flow's parameters and every field of every nested section."""
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.ppo import ppo_train
+
+    schema = parameter_schema(ppo_train).model_dump()
+    models = {"ppo_train": schema, **schema["definitions"]}
+    assert {"RunConfig", "DataConfig", "AlgoConfig", "TrainerConfig", "GenerationConfig", "StorageConfig",
+            "RayConfig", "GroupPlacement", "RewardModelConfig", "RemoteRewardConfig"} <= set(models)
+    fields = [(name, prop, p) for name, d in models.items() for prop, p in d.get("properties", {}).items()]
+    assert len(fields) > 120  # every field of every section, not a few
+    assert [f"{name}.{prop}" for name, prop, p in fields if not p.get("description")] == []
+    described = {f"{name}.{prop}": p["description"] for name, prop, p in fields}
+    assert described["AlgoConfig.gamma"] == "Discount γ per token (gae, reinforce)."
+    assert described["ppo_train.overrides"].startswith("Dotted `key=value` overrides")
 
 
 @pytest.mark.parametrize("estimator", ["reinforce_baseline", "rloo", "group_norm", "dr_grpo"])

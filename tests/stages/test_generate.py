@@ -32,3 +32,24 @@ def test_encode_prompt_applies_template_and_truncates_from_the_left(tiny_model_d
     assert not truncated and "What is 1+2?" in text and text.rstrip().endswith("assistant")
     short, truncated = encode_prompt(tok, "What is 1+2?", chat=True, max_tokens=5)
     assert truncated and short == ids[-5:]
+
+
+def test_chat_message_prompts_and_the_input_template(tiny_model_dir):
+    """A message list (system turn included) is rendered by the chat template as it is; input_template formats a
+    string prompt before the template wraps it (and is all there is without the template)."""
+    import pytest
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    chat = [{"role": "system", "content": "Answer with the number only."},
+            {"role": "user", "content": "What is 1+2?", "name": None}]  # Parquet structs give absent keys as None
+    ids, _ = encode_prompt(tok, chat, chat=True, max_tokens=128)
+    assert ids == tok(tok.apply_chat_template([chat[0], {"role": "user", "content": "What is 1+2?"}], tokenize=False,
+                                              add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+    assert "Answer with the number only." in tok.decode(ids)
+    templated, _ = encode_prompt(tok, "1+2", chat=True, max_tokens=128, input_template="What is {}?")
+    assert templated == encode_prompt(tok, "What is 1+2?", chat=True, max_tokens=128)[0]
+    plain, _ = encode_prompt(tok, "1+2", chat=False, max_tokens=128, input_template="Q: {}\nA:")
+    assert tok.decode(plain) == "Q: 1+2\nA:"
+    with pytest.raises(ValueError, match="data.apply_chat_template"):
+        encode_prompt(tok, chat, chat=False, max_tokens=128)

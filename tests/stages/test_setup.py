@@ -28,7 +28,7 @@ def test_preflight_errors_name_the_field_and_write_nothing(make_config, tmp_path
     id starts the run, rather than tripping the resume guard on a manifest of the broken config."""
     with pytest.raises(error, match=field):
         open_run(make_config(*override.split(), "run_id=bad"))
-    assert not (tmp_path / "runs").exists()
+    assert list(tmp_path.iterdir()) == []  # the storage root (make_config: tmp_path) holds nothing
 
 
 def test_second_writer_refused_and_changed_config_refused(make_config, tmp_path):
@@ -44,7 +44,7 @@ def test_second_writer_refused_and_changed_config_refused(make_config, tmp_path)
     close_run(config, run["run_uri"], stop_workers=False)
     with pytest.raises(RunSetupError, match="algo.kl_coef"):
         open_run(make_config("run_id=r", "algo.kl_coef=0.5"))
-    assert not (tmp_path / "runs" / "r" / "_LOCK.json").exists()  # refused runs release the lock
+    assert not (tmp_path / "r" / "_LOCK.json").exists()  # refused runs release the lock
 
 
 def test_a_run_started_before_a_field_existed_resumes_while_it_keeps_its_default(make_config, tmp_path):
@@ -52,7 +52,7 @@ def test_a_run_started_before_a_field_existed_resumes_while_it_keeps_its_default
 
     config = make_config("run_id=old")
     close_run(config, open_run(config)["run_uri"], stop_workers=False)
-    manifest = tmp_path / "runs" / "old" / "run.json"
+    manifest = tmp_path / "old" / "run.json"
     stored = json.loads(manifest.read_text())
     del stored["config"]["policy"]["lr_schedule"]  # as written by a ppoflow without that field
     stored["config_hash"] = "from-an-older-ppoflow"
@@ -82,7 +82,7 @@ def test_a_wrong_model_path_fails_before_anything_starts(make_config, tmp_path, 
         open_run(make_config(f"{field}={bad}", "run_id=bad"))
     assert str(err.value).startswith(f"{field}: {bad}") or str(err.value).startswith(f"{field}: cannot load")
     assert re.search(message, str(err.value)), str(err.value)
-    assert not (tmp_path / "runs").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["bad-model"]
 
 
 def test_overlong_prompts_are_rejected_before_anything_starts_when_asked(make_config, tmp_path):
@@ -93,4 +93,27 @@ def test_overlong_prompts_are_rejected_before_anything_starts_when_asked(make_co
     with pytest.raises(RunSetupError, match=r"data\.prompts: prompt 0 \(0-based, in file order\) is 1\d tokens with "
                                             r"the chat template, over data\.max_prompt_tokens=10: 'What is 2\*"):
         preflight(make_config("data.overlong_prompts=reject", "data.max_prompt_tokens=10"))
-    assert not (tmp_path / "runs").exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_run_of_the_old_layout_resumes_where_it_is(make_config, tmp_path, caplog):
+    """Runs lived in {storage.root}/runs/{run_id} before: such a run continues there (with a note), new runs go to
+    {storage.root}/{run_id}."""
+    import shutil
+
+    config = make_config("run_id=legacy")
+    run = open_run(config)
+    assert run["run_uri"] == str(tmp_path / "legacy")
+    close_run(config, run["run_uri"], stop_workers=False)
+    (tmp_path / "runs").mkdir()
+    shutil.move(tmp_path / "legacy", tmp_path / "runs" / "legacy")  # where an older ppoflow wrote it
+
+    with caplog.at_level("WARNING"):
+        again = open_run(config)
+    assert again["resumed"] and again["run_uri"] == str(tmp_path / "runs" / "legacy")
+    assert f"run legacy was started in the old layout and stays there: {tmp_path}/runs/legacy" in caplog.text
+    close_run(config, again["run_uri"], stop_workers=False)
+    assert not (tmp_path / "legacy").exists()
+    fresh = open_run(make_config("run_id=fresh"))
+    assert fresh["run_uri"] == str(tmp_path / "fresh") and not fresh["resumed"]
+    close_run(config, fresh["run_uri"], stop_workers=False)

@@ -120,7 +120,7 @@ def test_mlflow_offline_store_resumes_the_same_run(tmp_path):
     logging.getLogger("ppoflow").removeHandler(handler)
     assert any("changed since: iterations" in w for w in warnings)  # the params MLflow can't change are named
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/runs/mlflow.db")
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     experiment = client.get_experiment_by_name("ppoflow-test")
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.info.run_name == "r1" and run.data.tags["ppoflow.run_uri"] == uri

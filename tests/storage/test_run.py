@@ -71,7 +71,7 @@ def test_part_file_changed_after_commit_is_detected(store):
 def test_plain_pyarrow_reads_committed_parts(tmp_path):
     store = RunStore(run_uri(str(tmp_path), "r2"))
     store.write_stage(1, "update", pa.Table.from_pylist(ROWS, schema=METRICS), "metrics", METRICS)
-    folder = tmp_path / "runs" / "r2" / "iter-000001" / "update"
+    folder = tmp_path / "r2" / "iter-000001" / "update"
     assert pq.read_table(folder / "part-00000.parquet").column("value").to_pylist() == [r["value"] for r in ROWS]
     assert json.loads((folder / MARKER).read_text())["rows"] == 10
 
@@ -121,9 +121,11 @@ def test_list_runs_finds_every_run_folder(tmp_path):
     for root in (str(tmp_path), f"memory://ppoflow-list-{tmp_path.name}"):
         assert RunStore.list_runs(root) == []
         RunStore(run_uri(root, "b")).write_manifest({"run_id": "b"})
-        RunStore(run_uri(root, "a")).write_stage(1, "update", pa.Table.from_pylist(ROWS, schema=METRICS), "metrics",
-                                                 METRICS)
-        runs = RunStore.list_runs(root)
+        a = RunStore(run_uri(root, "a"))
+        a.write_manifest({"run_id": "a"})
+        a.write_stage(1, "update", pa.Table.from_pylist(ROWS, schema=METRICS), "metrics", METRICS)
+        RunStore(run_uri(root, "c")).write_file("logs/driver.log", b"a refused start leaves only logs")
+        runs = RunStore.list_runs(root)  # a run folder holds a run.json (or the lock of a run being opened)
         assert [s.uri for s in runs] == [run_uri(root, "a"), run_uri(root, "b")]
         assert runs[0].read_stage(1, "update").num_rows == 10 and runs[1].read_manifest() == {"run_id": "b"}
 

@@ -39,18 +39,18 @@ def test_marker_is_one_put_without_a_rename(store, s3_bucket, monkeypatch):
     store.write_stage(1, "score", pa.Table.from_pylist(ROWS, schema=METRICS), "metrics", METRICS, rows_per_part=4)
     write_json(store.fs, f"{store.path}/extra.json", {"a": 1})
     assert _keys(s3_bucket, "runs-prefix") == [
-        "runs-prefix/runs/r1/extra.json", f"runs-prefix/runs/r1/iter-000001/score/{MARKER}",
-        *[f"runs-prefix/runs/r1/iter-000001/score/part-{i:05d}.parquet" for i in range(3)]]  # no temporary objects
+        "runs-prefix/r1/extra.json", f"runs-prefix/r1/iter-000001/score/{MARKER}",
+        *[f"runs-prefix/r1/iter-000001/score/part-{i:05d}.parquet" for i in range(3)]]  # no temporary objects
 
 
 def test_committed_stage_reads_back_with_pyarrow_own_s3_client(store, s3_bucket):
     """What a stage commits is ordinary S3 objects: pyarrow's S3 client (not fsspec) reads them."""
     store.write_stage(2, "update", pa.Table.from_pylist(ROWS, schema=METRICS), "metrics", METRICS)
     s3 = pyarrow.fs.S3FileSystem(endpoint_override=s3_bucket.endpoint_url, region="us-east-1")  # keys: environment
-    folder = f"{s3_bucket.name}/runs-prefix/runs/r1/iter-000002/update"
+    folder = f"{s3_bucket.name}/runs-prefix/r1/iter-000002/update"
     with s3.open_input_stream(f"{folder}/{MARKER}") as f:
         marker = json.loads(f.read())
-    assert marker["rows"] == 10 and marker["uri"] == f"{s3_bucket.uri('runs-prefix')}/runs/r1/iter-000002/update"
+    assert marker["rows"] == 10 and marker["uri"] == f"{s3_bucket.uri('runs-prefix')}/r1/iter-000002/update"
     table = pq.read_table(f"{folder}/part-00000.parquet", filesystem=s3)
     assert table.to_pylist() == ROWS
 
@@ -80,7 +80,7 @@ def test_checkpoint_left_without_commit_is_cleared_before_rewrite(store, s3_buck
     with local_dir_for_write(f"{store.checkpoint_uri(3)}/policy", s3_bucket.storage_options) as d:
         (Path(d) / "half.pt").write_bytes(b"x")
     store.clear_uncommitted_checkpoint(3)
-    assert _keys(s3_bucket, "runs-prefix/runs/r1/checkpoints") == []
+    assert _keys(s3_bucket, "runs-prefix/r1/checkpoints") == []
 
 
 # ---- the run lock on S3: conditional PUTs (If-None-Match: *, If-Match: ETag) -----------------------------------------

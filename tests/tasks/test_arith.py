@@ -93,3 +93,14 @@ def test_default_files_are_disjoint(tmp_path):
     eval_ = {json.loads(line)["prompt"] for line in open(paths["eval"])}
     assert (len(train), len(eval_)) == (2048, 256)
     assert not train & eval_
+
+
+def test_labels_replace_the_answer_column():
+    """With data.label_key the reference answers come as labels (OpenRLHF's `label`, verl's ground truth)."""
+    prompts, responses = ["What is 2*3?", "What is 2*4?"], ["6", "9"]
+    assert arith.reward(prompts, responses, [{}, {}], labels=["6", "8"]) == [1.0, pytest.approx(0.1)]
+    assert arith.reward(prompts, responses, [{"answer": "6"}, {"answer": "9"}]) == [1.0, 1.0]
+    with pytest.raises(ValueError, match="and 1 labels; they must be aligned"):
+        arith.reward(prompts, responses, [{}, {}], labels=["6"])
+    with pytest.raises(KeyError, match="or name the answer's column in data.label_key"):
+        arith.reward(prompts, responses, [{}, {}])

@@ -275,7 +275,7 @@ def test_engine_and_trainers_on_two_nodes_with_shared_storage(cluster, tmp_path,
     assert seen["head"] == {"HFEngine"}, seen
     assert seen["worker"] == {"PolicyWorker", "CriticWorker", "ReferenceWorker"}, seen
 
-    store = RunStore(str(root / "runs" / "two-nodes"))
+    store = RunStore(str(root / "two-nodes"))
     for n in (1, 2):
         assert store.committed_stages(n) == ["generate", "score", "advantages", "update", "sync"], n
         sync = store.read_stage(n, "sync").to_pylist()

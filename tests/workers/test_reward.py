@@ -69,6 +69,20 @@ def test_reward_model_actor_scores_like_the_hf_model_and_is_deterministic(reward
     assert len({round(s, 4) for s in first}) == len(PROMPTS)  # the texts really reach the model
 
 
+def test_a_chat_message_prompt_is_scored_as_its_conversation(reward_model_dir):
+    """A message-list prompt reaches the reward model as its JSON text (the rollout table's string column): it is
+    rendered as that conversation, system turn included, not as one user message holding JSON."""
+    import json
+
+    worker = RewardModelWorker(reward_model_dir, "float32", 2, 1)
+    chat = [{"role": "system", "content": "Answer with the number only."}, {"role": "user", "content": "What is 2*4?"}]
+    expected = worker.tokenizer.apply_chat_template(chat + [{"role": "assistant", "content": "8"}], tokenize=False)
+    assert worker.text(json.dumps(chat), "8") == expected
+    assert worker.text("What is 2*4?", "8") == worker.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is 2*4?"}, {"role": "assistant", "content": "8"}], tokenize=False)
+    assert worker.text('["not", "messages"]', "8").count("<|im_start|>user") == 1  # a JSON-looking string stays text
+
+
 def test_a_reward_model_without_pad_token_id_still_scores_the_last_real_token(reward_model_dir, tmp_path):
     from transformers import AutoConfig
 
