@@ -51,7 +51,7 @@ class CheckpointConfig(BaseModel):
     it from storage (same seeds, same micro-batch order: the same weights), without generating, scoring or calling a
     reward again. K trades the I/O of every iteration against the replay a crash costs: at most K − 1 updates."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     every: int = Field(1, ge=1)
     """Write a checkpoint (DeepSpeed state of policy and critic) after every K-th iteration's update, and after the

@@ -8,7 +8,6 @@ Run alone:  .venv/bin/pytest tests/test_serve.py
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,16 +16,14 @@ from pathlib import Path
 import psutil
 import pytest
 
+from workers.cluster import free_port
+
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 STOP_WITHIN_S = 20  # serve gives the worker and the server 8 s each before SIGKILL; an idle pair takes ~2 s
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _in_session(sid: int) -> list[psutil.Process]:
@@ -46,7 +43,7 @@ def test_serve_stops_worker_and_server(how, tmp_path, reap_session):
     ignore_sigint = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if how == "sigint-after-ignored" else None
     with log.open("w") as out:
         serve = subprocess.Popen([sys.executable, "-m", "ppoflow.serve", "--home", str(tmp_path / "home"),
-                                  "--port", str(_free_port()), "--no-ui"], cwd=REPO, stdout=out,
+                                  "--port", str(free_port()), "--no-ui"], cwd=REPO, stdout=out,
                                  stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=ignore_sigint)
     try:
         deadline = time.monotonic() + 240

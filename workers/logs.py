@@ -40,13 +40,11 @@ class ActorLogs:
     def attach(self) -> "ActorLogs":
         from workers.cluster import forward_worker_logs
 
-        forward_worker_logs(self, name=self.HANDLER)
+        self._stop = forward_worker_logs(None, self, name=self.HANDLER)  # every actor's: one run per `ppoflow train`
         return self
 
     def detach(self) -> None:
-        from workers.cluster import forward_worker_logs
-
-        forward_worker_logs(None, name=self.HANDLER)
+        getattr(self, "_stop", lambda: None)()
         with self._lock:
             for f in self._files.values():
                 f.close()
@@ -60,7 +58,7 @@ class ActorLogs:
                 self._write(name, line)
 
     def __call__(self, line: str, is_err: bool, source: str) -> None:
-        # `source` is "<actor class or task name> pid=<pid>" (workers/cluster.py forward_worker_logs).
+        # `source` is "<actor name, class or task name> pid=<pid>" (workers/cluster.py forward_worker_logs).
         label, _, pid = source.rpartition("pid=")
         with self._lock:
             name = self._file_name(label.strip(), pid)

@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from workers.cluster import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -33,17 +34,13 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def prefect_api(tmp_path_factory, reap_session):
     """The documented bring-up, in its own session so that everything it starts is torn down with it."""
     home = tmp_path_factory.mktemp("prefect-server")
-    port = _free_port()
+    port = free_port()
     log = home / "serve.log"
     with log.open("w") as out:
         serve = subprocess.Popen([sys.executable, "-m", "ppoflow.serve", "--home", str(home), "--port", str(port)],

@@ -48,7 +48,6 @@ Run alone:  .venv/bin/pytest -q tests/flows/test_fault_harness.py
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -58,6 +57,8 @@ from pathlib import Path
 
 import pyarrow.compute as pc
 import pytest
+
+from workers.cluster import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
@@ -121,10 +122,6 @@ def reward(prompts, responses, metadata):
 
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _session_processes(sid: int) -> list:
@@ -173,12 +170,12 @@ class RayHead(Background):
     INFRA = ("ray::IDLE", "ray::DashboardAgent", "ray::RuntimeEnvAgent")
 
     def __init__(self, home: Path, env: dict, reap):
-        port = _free_port()
+        port = free_port()
         self.address = f"127.0.0.1:{port}"
         super().__init__([str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
                           "--port", str(port), "--num-cpus", "4", "--include-dashboard", "false",
-                          "--dashboard-agent-listen-port", str(_free_port()),
-                          "--ray-client-server-port", str(_free_port()), "--disable-usage-stats"],
+                          "--dashboard-agent-listen-port", str(free_port()),
+                          "--ray-client-server-port", str(free_port()), "--disable-usage-stats"],
                          env, home / "ray-head.log", reap)
 
     def actor_processes(self) -> list[str]:
@@ -207,7 +204,7 @@ class RayHead(Background):
 def prefect_server(tmp_path_factory, reap_session):
     """One Prefect API for every `ppoflow train` process of this module (each would otherwise start its own)."""
     home = tmp_path_factory.mktemp("prefect-api")
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     server = Background([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port),
                          "--no-ui", "--no-services"], env, home / "server.log", reap_session)

@@ -18,7 +18,6 @@ Run alone:  .venv/bin/pytest -q tests/workers/test_multinode.py      (fast part:
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from workers.cluster import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -105,10 +106,6 @@ def test_probe_is_seen_where_written_and_leaves_nothing(tmp_path):
 
 # --- a real two-node cluster --------------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _session_titles(sid: int) -> list[str]:
@@ -132,7 +129,7 @@ class Node:
         self.name, self.log = name, logs / f"ray-{name}.log"
         with self.log.open("w") as out:
             self.proc = subprocess.Popen([str(BIN / "ray"), "start", "--block", "--node-ip-address", "127.0.0.1",
-                                          "--disable-usage-stats", "--dashboard-agent-listen-port", str(_free_port()),
+                                          "--disable-usage-stats", "--dashboard-agent-listen-port", str(free_port()),
                                           *args], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
                                          start_new_session=True)
 
@@ -172,7 +169,7 @@ def cluster(tmp_path_factory, reap_session):
     import urllib.request
 
     logs = tmp_path_factory.mktemp("multinode-logs")
-    prefect_port = _free_port()
+    prefect_port = free_port()
     api = f"http://127.0.0.1:{prefect_port}/api"
     with (logs / "prefect-server.log").open("w") as out:
         server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
@@ -185,12 +182,12 @@ def cluster(tmp_path_factory, reap_session):
     # OMP_WAIT_POLICY, GOMP_SPINCOUNT: the nodes share the 2 cores, so no actor's threads may spin on them.
     env = {**os.environ, "PREFECT_API_URL": api, "PREFECT_HOME": str(logs / "prefect-client"),
            "RAY_AUTH_MODE": "disabled", "OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "0"}
-    port = _free_port()
+    port = free_port()
     nodes = []
     try:
         nodes.append(Node("head", ["--head", "--port", str(port), "--num-cpus", "2", "--resources",
                                    '{"engine_node": 4}', "--include-dashboard", "false", "--ray-client-server-port",
-                                   str(_free_port()), "--temp-dir", temp], env, logs))
+                                   str(free_port()), "--temp-dir", temp], env, logs))
         nodes[0].wait_ready()
         nodes.append(Node("worker", ["--address", f"127.0.0.1:{port}", "--num-cpus", "2", "--resources",
                                      '{"trainer_node": 4}', "--temp-dir", temp], env, logs))
