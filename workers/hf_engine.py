@@ -1,12 +1,14 @@
 """A transformers generation engine with the interface of `workers.vllm_engine.VLLMEngine`, for hosts without vLLM.
 
 `HFEngine` serves the same requests and returns the same dicts as `VLLMEngine` (`generation.backend: hf` picks it in
-`workers.cluster.start_workers`), so the stages cannot tell the two apart. It is a plain forward pass with a KV cache:
+`workers.engines.create_engines`), so the stages cannot tell the two apart. It is a plain forward pass with a KV cache:
 each request's prompt is run once, then all samples of all requests are decoded together as one left-padded batch (a
 request's samples start from copies of its prompt's cache rows), rows that finish leave the batch, and nothing is
 paged, compiled or scheduled, so it is slower than vLLM. What it keeps from vLLM's contract:
 - sample i of a request is drawn with seed `seed + i`, whatever else is in the batch: each row samples with Gumbel-max
-  noise from its own `torch.Generator`, so other rows cannot shift its random stream;
+  noise from its own counter-based stream (`_uniform`, a function of its seed, the step and the vocabulary entry,
+  made for the whole batch in one pass), so other rows cannot shift it; nothing is sorted unless a request filters
+  (top-k, top-p), and one transfer per step says which rows ended;
 - `logprobs` are the raw (temperature 1, before top-k/top-p) log-softmax of the logits at the sampled token, in
   float32, which is what `workers.trainer.response_logprobs` recomputes;
 - finish reasons, eos and stop-string handling, text decoding, version and counters as documented in `VLLMEngine`.
@@ -29,6 +31,34 @@ from workers.vllm_ext import state_dict_checksum
 
 if TYPE_CHECKING:
     import torch
+
+
+def _signed(value: int) -> int:
+    """A 64-bit constant as the int64 torch stores (two's complement)."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+_GOLDEN, _MIX1, _MIX2 = _signed(0x9E3779B97F4A7C15), _signed(0xBF58476D1CE4E5B9), _signed(0x94D049BB133111EB)
+
+
+def _shr(x, bits: int):
+    """Logical right shift of int64 tensors (torch's `>>` is arithmetic: it would copy the sign bit)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _uniform(seeds, step: int, width: int):
+    """Uniform draws in (0, 1), (rows, width) float32: entry j of row r at `step` is splitmix64(seed_r, step, j)
+    (Steele et al. 2014, the SplittableRandom mixer), a pure function of the three, computed for the whole batch at
+    once. A row's draws do not depend on which other rows share the batch — what one torch.Generator per row gave,
+    at one kernel per row per token. int64 multiplication wraps (two's complement) on every torch backend."""
+    import torch
+
+    index = torch.arange(width, device=seeds.device, dtype=torch.int64)
+    z = seeds[:, None] * _GOLDEN + (step * width + index)[None, :] + _GOLDEN
+    z = (z ^ _shr(z, 30)) * _MIX1
+    z = (z ^ _shr(z, 27)) * _MIX2
+    z = z ^ _shr(z, 31)
+    return (_shr(z, 40).float() + 0.5) / float(1 << 24)  # 24 bits: exact in float32, never 0 or 1
 
 
 class HFEngine(Engine):
@@ -96,12 +126,16 @@ class HFEngine(Engine):
         # cannot change its samples.
         rows = [(i, k) for i, r in enumerate(requests) for k in range(r["n"])]
         reqs = [requests[i] for i, _ in rows]
-        generators = [torch.Generator(device=dev).manual_seed(requests[i]["seed"] + k) for i, k in rows]
+        seeds = torch.tensor([requests[i]["seed"] + k for i, k in rows], dtype=torch.int64, device=dev)
         temperature = torch.tensor([float(r["temperature"]) for r in reqs], device=dev)
         vocab = self._model.config.vocab_size
         top_k = torch.tensor([r["top_k"] if r["top_k"] > 0 else vocab for r in reqs], device=dev)
         top_p = torch.tensor([float(r["top_p"]) for r in reqs], device=dev)
+        # Rows that filter (top-k, top-p) need the sorted distribution; without any (the RL default) nothing is sorted.
+        filtering = any(r["top_k"] > 0 or r["top_p"] < 1.0 for r in reqs)
         stops = [list(r.get("stop") or []) for r in reqs]
+        max_new = torch.tensor([r["max_new_tokens"] for r in reqs], device=dev)
+        eos = torch.tensor(sorted(self._eos_ids), dtype=torch.int64, device=dev)
 
         # Left padding: every row's next token is predicted at the last column, so one cache serves the whole batch.
         # The prompt is run once per request, not once per sample (vLLM's prefix cache does the same): its n rows
@@ -119,6 +153,7 @@ class HFEngine(Engine):
         reasons: list[str | None] = [None] * len(rows)
         texts: list[str | None] = [None] * len(rows)
         active = torch.arange(len(rows), device=dev)  # batch position -> row
+        step = 0  # tokens sampled so far by every active row (they all started together)
         cache = DynamicCache(config=self._model.config)
         with torch.inference_mode():
             # Logits of the last position only: a (rows, prompt length, vocab) tensor would dwarf the model.
@@ -129,24 +164,30 @@ class HFEngine(Engine):
             logits, attn, next_pos = logits[request_of_row], attn[request_of_row], next_pos[request_of_row]
             while True:
                 # Sampling, vLLM's order: temperature, top-k, then top-p of what is left; Gumbel-max draws from the
-                # filtered distribution with one uniform per vocab entry from the row's generator. Temperature 0 is
-                # argmax.
-                temp, k, p = temperature[active], top_k[active], top_p[active]
-                ranked, order = (logits / temp.clamp(min=1e-6)[:, None]).sort(dim=-1, descending=True)
-                cut = torch.arange(ranked.shape[-1], device=dev)[None, :] >= k[:, None]
-                probs = ranked.masked_fill(cut, float("-inf")).softmax(-1)
-                # Keep the smallest prefix whose mass reaches top_p: drop a token once the mass before it does.
-                cut |= ((probs.cumsum(-1) - probs) >= p[:, None]) & (p[:, None] < 1.0)
-                filtered = torch.empty_like(ranked).scatter_(-1, order, ranked.masked_fill(cut, float("-inf")))
-                uniform = torch.stack([torch.rand(ranked.shape[-1], generator=generators[r], device=dev)
-                                       for r in active.tolist()])
-                gumbel = -torch.log(-torch.log(uniform.clamp(min=torch.finfo(uniform.dtype).tiny)))
-                tokens = torch.where(temp > 0, (filtered + gumbel).argmax(-1), logits.argmax(-1))
+                # filtered distribution with one uniform per vocab entry from the row's own counter-based stream
+                # (`_uniform`: a function of the row's seed, the step and the entry, so the other rows cannot shift
+                # it). Temperature 0 is argmax.
+                temp = temperature[active]
+                scaled = logits / temp.clamp(min=1e-6)[:, None]
+                if filtering:
+                    k, p = top_k[active], top_p[active]
+                    ranked, order = scaled.sort(dim=-1, descending=True)
+                    cut = torch.arange(ranked.shape[-1], device=dev)[None, :] >= k[:, None]
+                    probs = ranked.masked_fill(cut, float("-inf")).softmax(-1)
+                    # Keep the smallest prefix whose mass reaches top_p: drop a token once the mass before it does.
+                    cut |= ((probs.cumsum(-1) - probs) >= p[:, None]) & (p[:, None] < 1.0)
+                    scaled = torch.empty_like(ranked).scatter_(-1, order, ranked.masked_fill(cut, float("-inf")))
+                gumbel = -torch.log(-torch.log(_uniform(seeds[active], step, scaled.shape[-1])))
+                tokens = torch.where(temp > 0, (scaled + gumbel).argmax(-1), logits.argmax(-1))
                 # The logprob is that of the raw distribution (temperature 1, unfiltered), as the trainer computes it.
                 token_lps = torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, None])[:, 0]
+                step += 1
+                # Which rows end here, decided on the device: one transfer per step for the whole batch.
+                done = torch.isin(tokens, eos) | (step >= max_new[active])
 
                 keep = []
-                for pos, (row, token, lp) in enumerate(zip(active.tolist(), tokens.tolist(), token_lps.tolist())):
+                for pos, (row, token, lp, ended) in enumerate(zip(active.tolist(), tokens.tolist(), token_lps.tolist(),
+                                                                  done.tolist())):
                     out_ids[row].append(token)
                     out_lps[row].append(lp)
                     # vLLM's order: eos, then stop strings, then the length limit.
@@ -157,7 +198,7 @@ class HFEngine(Engine):
                         hits = [at for s in stops[row] if (at := text.find(s)) >= 0]
                         if hits:
                             reasons[row], texts[row] = "stop", text[: min(hits)]
-                    if reasons[row] is None and len(out_ids[row]) >= reqs[row]["max_new_tokens"]:
+                    if reasons[row] is None and ended:
                         reasons[row] = "length"
                     if reasons[row] is None:
                         keep.append(pos)
