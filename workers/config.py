@@ -52,8 +52,9 @@ class GenerationConfig(BaseModel):
     kv_cache_gib: float = Field(1.0, gt=0.0)
     """KV-cache size of each engine in GiB (vLLM on CPU needs it set explicitly). vLLM only: `hf` ignores it."""
 
-    enforce_eager: bool = True
-    """Skip torch.compile / graph capture: faster start, slightly slower generation. vLLM only: `hf` ignores it."""
+    enforce_eager: bool | None = None
+    """Skip torch.compile / CUDA graph capture: a faster start, slower decoding (each decode step is many small
+    kernels, which graphs replay at once). None: eager on CPU, graphs on GPUs. vLLM only: `hf` ignores it."""
 
     num_cpus: float = Field(1.0, gt=0.0)
     """Ray CPUs reserved for each engine actor."""
@@ -91,6 +92,11 @@ class GenerationConfig(BaseModel):
     """Fraction of its GPU's memory each vLLM engine may take (weights + KV cache); GPU only. On CPU the KV cache is
     `kv_cache_gib`. Lower it under `placement: hybrid` so the trainers' share of the GPU fits."""
 
+    sleep_level: Literal[1, 2] = 1
+    """What a sleeping vLLM engine frees: 1 drops the KV cache and moves the weights to host memory (they come back
+    on wake-up); 2 drops the weights too, so a sync must send them again after every sleep (the engine reports no
+    version until then) — less host memory and no copy back, for runs that sync every iteration anyway."""
+
     enable_sleep_mode: bool = False
     """Engines free their GPU memory while the trainers work: they sleep after sampling (KV cache dropped, weights
     offloaded to host memory), wake their weights only for the weight sync and their KV cache before sampling. Needs
@@ -101,10 +107,10 @@ class GenerationConfig(BaseModel):
     sends it in buckets over a process group of its own spanning every engine worker (gloo on CPU, NCCL on GPU),
     gathered bucket by bucket under ZeRO-3, and both sides' sums of every tensor and of a sample must match; with a
     GPU fraction per engine (`0 < num_gpus < 1`, e.g. hybrid placement) an engine may share its GPU with trainer rank
-    0, which NCCL cannot put in one group: under hybrid placement with HF engines, one per policy rank, engine i then
-    loads the weights straight from the GPU memory of policy rank i (CUDA IPC handles of its bucket buffers, method
-    `ipc`), otherwise those syncs go through the object store. `object_store`: one safetensors
-    export through Ray's object store, read by every engine. `storage`: the engines load the committed HF export of
+    0, which NCCL cannot put in one group: under hybrid placement with one engine per policy rank (tensor parallel
+    1; vLLM or HF), engine i then loads the weights straight from the GPU memory of policy rank i (CUDA IPC handles
+    of its bucket buffers, method `ipc`), otherwise those syncs go through the object store. `object_store`: one
+    safetensors export through Ray's object store, read by every engine. `storage`: the engines load the committed HF export of
     the checkpoint from the run's storage (for engines that cannot join the group); a sample's sums are checked
     against the trainer's."""
 

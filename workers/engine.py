@@ -10,6 +10,10 @@ from workers.cluster import RunActor
 REQUEST_KEYS = frozenset({"prompt_ids", "n", "temperature", "top_p", "top_k", "max_new_tokens", "seed"})
 """Keys every generate request carries (plus an optional "stop" list of strings)."""
 
+VERSION_LOST = -1
+"""The version an engine reports while it holds no weights (vLLM's level-2 sleep dropped them): behind every policy,
+so the next sync sends them whatever the last one did."""
+
 SLEEP_TAGS = ("weights", "kv_cache")
 """What a sleeping engine has freed on its device, and what `wake_up(tags)` brings back (vLLM's tags)."""
 

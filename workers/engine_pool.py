@@ -206,7 +206,7 @@ class EnginePool:
         if route == "storage" and not (version > 0 and self.store.hf_export_ready(version)):
             route = "object_store"  # no HF export of this version in storage (the base model; hf_every; in flight)
         if route == "broadcast" and 0 < gen.num_gpus < 1:  # an engine may share trainer rank 0's GPU: no NCCL group
-            colocated = (gen.placement == "hybrid" and gen.backend == "hf"
+            colocated = (gen.placement == "hybrid" and gen.tensor_parallel_size == 1
                          and gen.num_engines == self.config.policy.num_ranks)
             route = "ipc" if colocated else "object_store"
         send = {"broadcast": self._broadcast, "object_store": self._via_object_store, "storage": self._via_storage,

@@ -313,11 +313,12 @@ def create_engines(run_uri: str, config, timeout_s: float = 600.0) -> tuple[list
 
             on_gpu = gen.num_gpus > 0
             handles.append(ray.remote(VLLMEngine).options(**options).remote(
-                **common, enforce_eager=gen.enforce_eager, enable_prefix_caching=gen.enable_prefix_caching,
+                **common, enforce_eager=not on_gpu if gen.enforce_eager is None else gen.enforce_eager,
+                enable_prefix_caching=gen.enable_prefix_caching,
                 kv_cache_gib=None if on_gpu else gen.kv_cache_gib, gpu_memory_utilization=gen.gpu_memory_utilization,
                 omp_threads_bind=None if on_gpu else cpu_binding(i, gen.num_engines, cores),
                 tensor_parallel_size=gen.tensor_parallel_size,
                 bundle_indices=bundles if gen.tensor_parallel_size > 1 else None, worker_gpus=layout.worker_gpus,
-                enable_sleep_mode=gen.enable_sleep_mode))
+                enable_sleep_mode=gen.enable_sleep_mode, sleep_level=gen.sleep_level))
     return handles, layout, pg
 

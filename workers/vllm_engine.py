@@ -19,7 +19,7 @@ import tempfile
 import time
 from typing import Any
 
-from workers.engine import Engine
+from workers.engine import VERSION_LOST, Engine
 
 EXTENSION_CLS = "workers.vllm_ext.WeightSyncExtension"
 
@@ -46,11 +46,13 @@ class VLLMEngine(Engine):
         bundle_indices: list[int] | None = None,
         worker_gpus: float = 1.0,
         enable_sleep_mode: bool = False,
+        sleep_level: int = 1,
     ) -> None:
         """`kv_cache_gib`: KV-cache size; None sizes it from `gpu_memory_utilization` instead (GPU only).
         `tensor_parallel_size` > 1 runs vLLM's Ray executor, one worker per rank on the placement-group bundles
         `bundle_indices` of the group this actor was scheduled in (with placement_group_capture_child_tasks), each
-        worker taking `worker_gpus` GPUs. `enable_sleep_mode` lets `sleep`/`wake_up` free GPU memory (GPU only)."""
+        worker taking `worker_gpus` GPUs. `enable_sleep_mode` lets `sleep`/`wake_up` free GPU memory (GPU only), at
+        `sleep_level` (GenerationConfig.sleep_level)."""
         # vLLM reads these when it is imported and when its engine processes start, so set them first.
         # VLLM_CPU_KVCACHE_SPACE is the legacy integer-GiB knob and overrides kv_cache_memory_bytes when present;
         # drop any inherited value so `kv_cache_gib` (fractions allowed) is the single source of truth. Without an
@@ -92,6 +94,7 @@ class VLLMEngine(Engine):
             worker_extension_cls=EXTENSION_CLS,
         )
         self.startup_seconds = time.perf_counter() - started
+        self._sleep_level = sleep_level
         super().__init__()
 
     def generate(self, requests: list[dict[str, Any]], version: int | None = None) -> list[list[dict[str, Any]]]:
@@ -206,9 +209,25 @@ class VLLMEngine(Engine):
         return {"version": version, "seconds": time.perf_counter() - started, **sums}
 
     def _sleep(self) -> None:
-        # Level 1: offload the weights to host memory and drop the KV cache. Level 2 would drop the weights too
-        # (the next sync overwrites them), but a sync that finds the engine current sends none, so keep them.
-        self._llm.sleep(level=1)
+        # Level 1: offload the weights to host memory and drop the KV cache. Level 2 drops the weights too: the
+        # engine then serves no version until a sync sends them again (a sync that finds it current sends none).
+        self._llm.sleep(level=self._sleep_level)
+        if self._sleep_level == 2:
+            self._version = VERSION_LOST
+
+    def receive_shared_weights(self, shared: dict[str, Any], plan: list[dict], bucket_mb: float, sample: list[str],
+                               version: int) -> dict[str, Any]:
+        """CUDA IPC route (hybrid placement: this engine shares its GPU with the policy rank that holds the weights in
+        bucket buffers, `PolicyWorker.share_weights`): the vLLM worker opens the buffers from their IPC handles and
+        loads them, a device-to-device copy. The handles cross into vLLM's worker process pickled (its RPC carries
+        plain data). Returns `update_weights`' dict plus `sample_sums`."""
+        import pickle
+
+        self._check_awake("weights")
+        started = time.perf_counter()
+        sums = self._llm.collective_rpc("ppoflow_receive_shared", args=(pickle.dumps(shared["handles"]), plan,
+                                                                        bucket_mb, list(sample)))[0]
+        return self._finish_update(version, started, sums)
 
     def _wake_up(self, tags: list[str]) -> None:
         self._llm.wake_up(tags=tags)

@@ -91,6 +91,26 @@ class WeightSyncExtension:
             raise
         return {**result, "sample_sums": sampled}
 
+    def ppoflow_receive_shared(self, handles: bytes, plan: list[dict], bucket_mb: float, sample: list[str]) -> dict:
+        """Load the weights a trainer rank on this GPU holds in bucket buffers, from their CUDA IPC handles (pickled
+        `torch.multiprocessing.reductions.reduce_tensor` results, one per bucket of `plan`), straight from its
+        memory. Returns both checksums and `sample_sums`."""
+        import pickle
+
+        import torch
+
+        from workers.weight_sync import buckets, unpack
+
+        def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+            for (rebuild, args), entries in zip(pickle.loads(handles), buckets(plan, bucket_mb), strict=True):
+                # The handle names the sender's device index; both processes see the one GPU, maybe numbered
+                # differently: open it on this worker's device.
+                yield from unpack(rebuild(*args[:6], self.device.index or 0, *args[7:]), entries)
+
+        result = self._ppoflow_reload(tensors(), sample)
+        torch.cuda.synchronize()  # done reading the trainer's buffers before it frees them
+        return result
+
     def ppoflow_sync_group_id(self) -> str | None:
         """The id of the weight-sync group this worker belongs to, or None (a new process holds none)."""
         group = getattr(self, "_ppoflow_sync", None)
