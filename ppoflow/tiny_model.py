@@ -78,12 +78,16 @@ def make_tiny_model(
     log: Callable[[str], None] = print,
     shape: dict | None = None,
     dtype: str = "float32",
+    vocab_size: int | None = None,
+    device: str = "cpu",
 ) -> str:
     """Train a tokenizer, build a tiny Qwen2, run up to `sft_steps` of SFT and save it all to `out_dir`.
 
-    `shape` overrides entries of MODEL_SHAPE (bench/gpu_ppo.py builds a ~0.5B model this way with the same tokenizer);
-    `dtype` ("float32" or "bfloat16") is the dtype the weights are saved in. The model is built and trained in
-    float32 either way and cast just before saving."""
+    `shape` overrides entries of MODEL_SHAPE (bench/gpu_ppo.py builds Qwen2.5-0.5B and -1.5B shapes this way);
+    `vocab_size` pads the tokenizer to that many entries (`train_tokenizer`), e.g. Qwen2.5's 151,936, so the LM head
+    costs what a real one does; `dtype` ("float32" or "bfloat16") is the dtype the weights are saved in. The model is
+    built (on `device`: "cuda" initialises a billion-parameter shape in seconds) and trained in float32 either way
+    and cast just before saving."""
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
     shape = {**MODEL_SHAPE, **(shape or {})}
@@ -97,7 +101,7 @@ def make_tiny_model(
     try:
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            tokenizer = train_tokenizer(seed, model_max_length=shape["max_position_embeddings"])
+            tokenizer = train_tokenizer(seed, model_max_length=shape["max_position_embeddings"], vocab_size=vocab_size)
             pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
             config = Qwen2Config(
                 vocab_size=len(tokenizer),
@@ -108,7 +112,8 @@ def make_tiny_model(
                 pad_token_id=pad_id,
                 dtype="float32",
             )
-            model = Qwen2ForCausalLM(config)
+            with torch.device(device):
+                model = Qwen2ForCausalLM(config)
             model.generation_config = GenerationConfig(bos_token_id=pad_id, eos_token_id=eos_id, pad_token_id=pad_id)
             n_params = sum(p.numel() for p in model.parameters())
             log(f"tiny_model: Qwen2 with {n_params:,} parameters, vocab {len(tokenizer)}")
@@ -117,6 +122,7 @@ def make_tiny_model(
     finally:
         torch.set_num_threads(threads)
 
+    model = model.to("cpu")
     if dtype != "float32":
         model = model.to({"bfloat16": torch.bfloat16}[dtype])
         model.config.dtype = dtype  # what from_pretrained reports; the safetensors carry the dtype themselves
@@ -147,10 +153,17 @@ def make_tiny_reward_model(out_dir: str, *, seed: int = 0, log: Callable[[str], 
     return out_dir
 
 
-def train_tokenizer(seed: int, model_max_length: int = MODEL_SHAPE["max_position_embeddings"]):
+def train_tokenizer(seed: int, model_max_length: int = MODEL_SHAPE["max_position_embeddings"],
+                    vocab_size: int | None = None):
     """Byte-level BPE trained on the task's text; returns a `PreTrainedTokenizerFast` with the chat template.
 
-    `model_max_length` is recorded in the tokenizer config: the model's context length."""
+    `model_max_length` is recorded in the tokenizer config: the model's context length. `vocab_size` (larger than the
+    few hundred entries the task's text yields) pads the BPE vocabulary with filler tokens `<|t{id}|>` up to that
+    size: no text encodes to them, and a model that samples one (a random-init model samples them all) decodes it
+    as that string. In the BPE model itself, not as added tokens: a tokenizer with 150k added tokens loads ~15x
+    slower."""
+    import json
+
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -176,6 +189,11 @@ def train_tokenizer(seed: int, model_max_length: int = MODEL_SHAPE["max_position
     for row in arith.make_prompts(1_000, seed):
         texts += [row["prompt"], row["answer"]]
     tok.train_from_iterator(texts, trainer)
+    if vocab_size is not None and vocab_size > tok.get_vocab_size():
+        data = json.loads(tok.to_str())
+        vocab = data["model"]["vocab"]
+        vocab.update({f"<|t{i}|>": i for i in range(tok.get_vocab_size(), vocab_size)})
+        tok = Tokenizer.from_str(json.dumps(data))
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token=IM_END,

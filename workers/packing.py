@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-LOGITS_CHUNK_TOKENS = 2048
-"""Rows of hidden states turned into logits at once: 2048 × 151,936 × 4 bytes = 1.2 GB of float32 logits at a
+LOGITS_CHUNK_TOKENS = 1024
+"""Rows of hidden states turned into logits at once: 1024 × 151,936 × 4 bytes = 0.6 GB of float32 logits at a
 Qwen2.5 vocabulary, the most that is ever alive (bf16 copy aside)."""
 
 VARLEN_ATTENTION = "ppoflow_varlen"
@@ -169,9 +169,21 @@ def token_budget_split(indices, lengths, budget: int, ranks: int) -> list:
         count = min(limit, count + ranks)
 
 
+_VARLEN: list[bool] = []  # whether `ppoflow_varlen` is registered and works here (decided once per process)
+
+
 def register_varlen_attention() -> bool:
-    """Register `ppoflow_varlen` with transformers (idempotent); False when torch has no varlen kernel or no CUDA,
-    where the trainers keep SDPA."""
+    """Register `ppoflow_varlen` with transformers; False when torch has no varlen kernel, no CUDA, or a kernel whose
+    results differ from SDPA's on a packed check (a torch whose API moved), where the trainers keep SDPA. Decided
+    once per process."""
+    if not _VARLEN:
+        _VARLEN.append(_register_varlen())
+    return _VARLEN[0]
+
+
+def _register_varlen() -> bool:
+    import inspect
+
     import torch
 
     if not torch.cuda.is_available():
@@ -180,32 +192,51 @@ def register_varlen_attention() -> bool:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return False
-    import inspect
-
-    from transformers import AttentionInterface, AttentionMaskInterface
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.masking_utils import sdpa_mask
-
     # torch's varlen API changed between releases: `is_causal=True` (2.9-2.11) or a (-1, 0) window (later).
     causal = ({"is_causal": True} if "is_causal" in inspect.signature(varlen_attn).parameters
               else {"window_size": (-1, 0)})
 
+    def kernel(q, k, v, cu, max_len, scale=None):
+        return varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scale, **causal)
+
+    # Two sequences (5 and 3 tokens) packed, against SDPA on each alone: the kernel must agree before it is used.
+    try:
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        q, k, v = (torch.randn(8, 4, 64, generator=gen, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        got = kernel(q, k, v, torch.tensor([0, 5, 8], dtype=torch.int32, device="cuda"), 5)
+        want = torch.cat([torch.nn.functional.scaled_dot_product_attention(
+            q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1), is_causal=True).transpose(0, 1)
+            for a, b in ((0, 5), (5, 8))])
+        if not torch.allclose(got.float(), want.float(), atol=2e-2):
+            return False
+    except Exception:  # noqa: BLE001 - a kernel missing from this build, an API that moved: keep SDPA
+        return False
+    register_attention(VARLEN_ATTENTION, kernel)
+    return True
+
+
+def register_attention(name: str, kernel) -> None:
+    """Register attention `name` with transformers: packed forwards (inside `packed_forward`) call `kernel(q, k, v,
+    cu_seqlens, max_len, scale)` on (T, H, D) tensors, causal within each sequence; every other forward (a padded
+    batch, a KV-cache forward) is SDPA with the mask transformers builds for it."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import sdpa_mask
+
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         cu = kwargs.get("cu_seq_lens_q")
-        if cu is None or not _PACKED.get():  # a padded batch, a KV-cache forward: SDPA with the mask it was given
+        if cu is None or not _PACKED.get():
             return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                           dropout=dropout, **kwargs)
         # (1, H, T, D) → (T, H, D); grouped KV heads repeated to the query heads
         q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))
         if k.shape[1] != q.shape[1]:
             k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], dim=1) for x in (k, v))
-        out = varlen_attn(q.contiguous(), k.contiguous(), v.contiguous(), cu, cu, kwargs["max_length_q"],
-                          kwargs["max_length_k"], scale=scaling, **causal)
+        out = kernel(q.contiguous(), k.contiguous(), v.contiguous(), cu, kwargs["max_length_q"], scale=scaling)
         return out[None], None
 
-    def mask(*args, **kwargs):
+    def mask(*args, **kwargs):  # packed: the kernel reads the boundaries from the lengths; no (T × T) mask built
         return None if _PACKED.get() else sdpa_mask(*args, **kwargs)
 
-    AttentionInterface.register(VARLEN_ATTENTION, attention)
-    AttentionMaskInterface.register(VARLEN_ATTENTION, mask)
-    return True
+    AttentionInterface.register(name, attention)
+    AttentionMaskInterface.register(name, mask)

@@ -109,3 +109,31 @@ def test_token_budget_split_is_whole_bounded_a_multiple_of_the_ranks_and_balance
         per_rank = [sum(loads[r::ranks]) for r in range(ranks)]
         assert max(per_rank) - min(per_rank) <= max(lengths)  # balanced to within one sample
         assert [b.tolist() for b in token_budget_split(indices, lengths, budget, ranks)] == [b.tolist() for b in bins]
+
+
+def test_a_varlen_kernel_plugs_into_the_model_as_packed_attention(tiny_model_dir):
+    """The attention plumbing of `ppoflow_varlen` (cumulative lengths through transformers to the kernel, GQA, the
+    layout), with a reference kernel in place of flash-attention's, which needs CUDA: SDPA on each sequence alone.
+    Packed log-probs through it equal the padded path's."""
+    from transformers import AutoModelForCausalLM
+
+    from workers.packing import register_attention
+
+    calls = []
+
+    def kernel(q, k, v, cu, max_len, scale=None):
+        calls.append(len(cu) - 1)
+        bounds = cu.tolist()
+        return torch.cat([torch.nn.functional.scaled_dot_product_attention(
+            q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1), is_causal=True,
+            scale=scale).transpose(0, 1) for a, b in zip(bounds, bounds[1:])])
+
+    register_attention("ppoflow_test_varlen", kernel)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32,
+                                                 attn_implementation="ppoflow_test_varlen")
+    prompts, responses = _samples(7, model.config.vocab_size)
+    with torch.no_grad():
+        packed, mask = packed_logprobs(model, prompts, responses)
+        padded, _ = response_logprobs(model, *_collate(prompts, responses, 0))  # SDPA: not packed
+    assert calls == [len(prompts)] * model.config.num_hidden_layers  # every layer, packed, through the kernel
+    assert torch.allclose(packed[mask], padded[mask], atol=1e-5, rtol=0)
