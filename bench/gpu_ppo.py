@@ -1,33 +1,35 @@
-"""GPU benchmark: the whole PPO flow on one GPU with hybrid placement, on a local random-init ~0.5B Qwen2.
+"""GPU benchmark: the whole PPO flow on one GPU with hybrid placement, on a random-init model of a real shape.
 
 What it runs: `flows.ppo.ppo_train` in-process, with configs/quickstart.yaml (PPO with GAE and a critic, on the
-doubling task of ppoflow/tasks/arith.py) plus overrides: the HF generation engine (`generation.backend: hf`), bf16,
-and the engine, the DeepSpeed policy and critic and the reference model as Ray actors that each hold a fraction of
-the same GPU (`--gpu-fraction` each; the reference takes the policy's share). The model is built here, nothing is
-downloaded: ppoflow's own tokenizer and a Qwen2 of hidden 1024 x 24 layers, 16 heads of 64, 4 KV heads and a 5.5x MLP
-(~0.48B parameters). Its vocabulary is tiny (~280 tokens), so nearly every parameter sits in the transformer blocks;
-per token that is about the compute of Qwen2.5-0.5B, whose 151k-token LM head costs what the wider MLP costs here.
+doubling task of ppoflow/tasks/arith.py; `--set algo.estimator=group_norm` for GRPO) plus overrides: the engine
+(`--backend vllm`, the default, or `hf`), bf16, and the engine, the DeepSpeed policy and critic and the reference
+model as Ray actors that each hold a fraction of one GPU (`--gpu-fraction` each; the reference takes the policy's
+share) in one placement group (placement hybrid): the engine sleeps while the trainers work (`--sleep`) and gets the
+new weights from the policy rank's GPU memory through CUDA IPC. The model is built here, nothing is downloaded:
+`--shape qwen2.5-0.5b` (hidden 896 × 24 layers, 14 heads / 2 KV, MLP 4864) or `qwen2.5-1.5b` (1536 × 28, 12 / 2,
+8960), with Qwen2.5's 151,936-token vocabulary (ppoflow's tokenizer padded to it) and tied embeddings; or `custom`.
 Random weights sample nearly uniform tokens, so most responses run to --max-new-tokens: the rewards mean nothing,
 the throughput numbers do.
 
 What it measures (read back from the run's commit markers, as `ppoflow runs show` does), per iteration: each stage's
-seconds, generation tokens/s (`perf/gen_tokens_per_s`), update tokens/s (prompt+response tokens of the experience
-times ppo_epochs, per second of the update stage; policy and critic train the same tokens concurrently and are
-counted once; the stage includes its checkpoint write), checkpoint seconds and bytes, sync seconds and bytes, mean
-reward, and the engine-vs-trainer logprob gap (`rollout/logprob_diff_mean` = mean exp|Δ logprob| on the rollout's
-tokens; from iteration 2 on it checks the weight sync; bf16 puts it near 1.0, not at it). Then: peak GPU memory
-(nvidia-smi every 0.5 s: every process on the GPU, i.e. all four actors together; overall and per stage), worker
-startup seconds, model parameters, the device. The table is also written as JSON to $OUT/gpu_ppo.json when OUT is
-set.
+seconds, generation tokens/s (`perf/gen_tokens_per_s`), update tokens/s and the trainers' MFU (6 × parameters × tokens
+per second of training, policy and critic), checkpoint seconds the update waited for and bytes, sync seconds and
+route, mean reward, the engine-vs-trainer logprob gap (`rollout/logprob_diff_mean`; from iteration 2 on it checks the
+weight sync; bf16 puts it near 1.0, not at it), tokens/s/GPU end to end (verl's definition: prompt + response tokens
+of the iteration / (its seconds × GPUs)). Then: peak GPU memory (nvidia-smi every 0.5 s: every process on the GPU;
+overall and per stage), worker startup seconds, parameters, the device. After the run, in processes of their own:
+`--standalone` the same vLLM alone on the last rollout's prompts and sampling parameters (the ceiling the engine is
+compared with: `gen_ratio`), and `--hf-generate` the HF engine against plain `model.generate` on the same batch. The
+table is also written as JSON to $OUT/`--json-name` when OUT is set.
 
-Disk: under ZeRO-0 a DeepSpeed checkpoint of a 0.48B bf16 model with its fp32 master weights and AdamW moments is
-~6.7 GB, and every iteration commits one for the policy and one for the critic. Checkpoints the run can no longer need
-(older than the latest committed update) are deleted while it runs unless --keep-checkpoints; the work folder (a
-temporary one unless --workdir) is deleted at the end unless --keep-workdir.
+Disk: checkpoints follow `checkpoint.every` (--set checkpoint.every=K) and only the newest complete one is kept
+(storage.keep_checkpoints=1) unless --keep-checkpoints; the work folder (a temporary one unless --workdir) is
+deleted at the end unless --keep-workdir.
 
-Run (GPU host, repo root, the carried wheels in .whl/):  bash bench/gpu_run.sh [--iterations 3 --prompts 64 ...]
+Run (GPU host, repo root, .carry/ from gpu/pack.sh beside it):  bash bench/gpu_run.sh [--iterations 3 --prompts 64 ...]
 CPU smoke check (tiny shapes, every actor on the CPU):
-    .venv/bin/python bench/gpu_ppo.py --hidden 64 --layers 2 --iterations 1 --prompts 8 --max-new-tokens 8
+    .venv/bin/python bench/gpu_ppo.py --shape custom --backend hf --hidden 64 --layers 2 --iterations 1 --prompts 8 \
+        --max-new-tokens 8 --no-standalone
 """
 
 from __future__ import annotations
@@ -54,6 +56,21 @@ STAGES = ("generate", "score", "advantages", "update", "sync")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--shape", default="qwen2.5-0.5b", choices=["qwen2.5-0.5b", "qwen2.5-1.5b", "custom"],
+                   help="model: a published Qwen2.5 shape with its 151,936-token vocabulary (random init), or custom "
+                        "(--hidden, --layers, ... with ppoflow's tiny tokenizer unless --vocab)")
+    p.add_argument("--vocab", type=int, default=None, help="custom shape: pad the tokenizer to this vocabulary")
+    p.add_argument("--backend", choices=["vllm", "hf"], default="vllm", help="generation.backend")
+    p.add_argument("--sleep", action=argparse.BooleanOptionalAction, default=True,
+                   help="generation.enable_sleep_mode (the engine frees the GPU while the trainers work)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.3,
+                   help="vLLM: the engine's share of the GPU's memory (weights + KV cache)")
+    p.add_argument("--standalone", action=argparse.BooleanOptionalAction, default=True,
+                   help="vLLM: after the run, the same vLLM alone on the last rollout's prompts and sampling "
+                        "parameters, in a process of its own (the ceiling the engine is compared with)")
+    p.add_argument("--hf-generate", action="store_true",
+                   help="after the run: the HF engine and plain `model.generate` on the same batch (tokens/s)")
+    p.add_argument("--json-name", default="gpu_ppo.json", help="file name of the table under $OUT")
     p.add_argument("--iterations", type=int, default=3, help="PPO iterations")
     p.add_argument("--prompts", type=int, default=64, help="data.prompts_per_iteration")
     p.add_argument("--samples", type=int, default=4, help="generation.n_samples_per_prompt")
@@ -80,12 +97,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="extra config override, applied last (repeatable), e.g. --set algo.estimator=group_norm")
     p.add_argument("--workdir", default=None, help="model, prompts and runs go here (default: a temporary folder)")
     p.add_argument("--keep-workdir", action="store_true", help="don't delete the work folder at the end")
-    p.add_argument("--keep-checkpoints", action="store_true", help="don't delete checkpoints the run no longer needs")
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep every checkpoint (default: storage.keep_checkpoints=1, the newest complete one only)")
     return p.parse_args(argv)
 
 
 def model_shape(args: argparse.Namespace, max_model_len: int) -> dict:
-    """Qwen2 shape entries for ppoflow.tiny_model.make_tiny_model; head size 64 as in Qwen2.5-0.5B."""
+    """Qwen2 shape entries for ppoflow.tiny_model.make_tiny_model: a published Qwen2.5 shape (bench/train_throughput.py
+    SHAPES), or --hidden, --layers, ... (head size 64 as in Qwen2.5-0.5B)."""
+    from train_throughput import SHAPES
+
+    if args.shape != "custom":
+        return {**SHAPES[args.shape], "max_position_embeddings": max(1024, max_model_len)}
     heads = args.heads or max(1, args.hidden // 64)
     kv_heads = min(args.kv_heads, heads)
     if args.hidden % heads or heads % kv_heads:
@@ -156,51 +179,12 @@ class MemorySampler(threading.Thread):
         return max(inside) if inside else None
 
 
-class CheckpointPruner(threading.Thread):
-    """Deletes checkpoints older than the latest committed update while the run goes on. The flow only ever reloads
-    the checkpoint of the previous iteration (a retried update, a resume): everything older only fills the disk,
-    ~14 GB per iteration at the default shape."""
-
-    def __init__(self, run_uri: str, period: float = 2.0):
-        super().__init__(name="checkpoint-pruner", daemon=True)
-        self.run_uri, self.period = run_uri, period
-        self.deleted: list[int] = []
-        self._halt = threading.Event()  # not `_stop`: threading.Thread has one
-
-    def prune(self) -> None:
-        import fsspec
-
-        from storage.run import RunStore
-
-        store = RunStore(self.run_uri)
-        latest = store.latest_committed("update")
-        for n in range(1, latest):
-            if n in self.deleted:
-                continue
-            fs, path = fsspec.core.url_to_fs(store.checkpoint_uri(n))
-            if fs.exists(path):
-                fs.rm(path, recursive=True)
-                print(f"gpu_ppo: deleted the checkpoint of iteration {n} (latest committed: {latest})", flush=True)
-            self.deleted.append(n)
-
-    def run(self) -> None:
-        while not self._halt.wait(self.period):
-            try:
-                self.prune()
-            except Exception as err:  # noqa: BLE001 - a failed prune must not end the benchmark
-                print(f"gpu_ppo: checkpoint pruning failed: {err!r}", file=sys.stderr)
-
-    def stop(self) -> None:
-        self._halt.set()
-        self.join(timeout=30)
-
-
 def _timestamp(iso: str) -> float:
     return datetime.fromisoformat(iso).timestamp()
 
 
 def collect(run_uri: str, config, sampler: MemorySampler | None, flops_per_token: float = 0.0,
-            peak_flops: float = 0.0) -> tuple[list[dict], dict]:
+            peak_flops: float = 0.0, gpus: int = 1) -> tuple[list[dict], dict]:
     """Per-iteration rows and run-level numbers, from what the run committed."""
     from overhead import iteration_times
 
@@ -220,6 +204,10 @@ def collect(run_uri: str, config, sampler: MemorySampler | None, flops_per_token
                    checkpoint_s=summary.get("perf/checkpoint_s"),
                    # the weight transfer alone (export, object store, load); sync_s is the whole stage
                    weight_sync_s=summary.get("perf/sync_s"), sync_bytes=summary.get("perf/sync_bytes"))
+        if store.stage_marker(n, "sync") is not None:
+            row["sync_route"] = ",".join(sorted(set(store.read_stage(n, "sync")["method"].to_pylist())))
+        if (span := iteration_times(store, n)) is not None:
+            row["iteration_s"] = span["span"]
         # Orchestration overhead (Prefect, Parquet, bookkeeping): the iteration's span between commits minus its
         # stages' own seconds, as bench/overhead.py computes it on the CPU (None for the first iteration).
         if (times := iteration_times(store, n)) is not None:
@@ -230,6 +218,8 @@ def collect(run_uri: str, config, sampler: MemorySampler | None, flops_per_token
             tokens = sum(len(p) + len(r) for p, r in zip(experience["prompt_ids"].to_pylist(),
                                                          experience["response_ids"].to_pylist()))
             row["update_tokens"] = tokens * config.algo.ppo_epochs
+            if times is not None:  # verl's tokens/s/GPU: the iteration's prompt + response tokens over its seconds
+                row["tokens_per_s_per_gpu"] = tokens / times["span"] / gpus
             row["update_tokens_per_s"] = row["update_tokens"] / max(update["seconds"], 1e-9)
             # The training alone (no checkpoint): tokens/s and model FLOPs utilisation of the trainers' GPUs.
             train_s = update.get("metrics", {}).get("perf/train_s")
@@ -265,7 +255,8 @@ def print_table(rows: list[dict], run: dict) -> None:
         ("gen_tok/s", "gen_tokens_per_s", ".0f", 1), ("upd_tok/s", "update_tokens_per_s", ".0f", 1),
         ("train_tok/s", "train_tokens_per_s", ".0f", 1), ("MFU_%", "mfu", ".1f", 100),
         ("ckpt_s", "checkpoint_s", ".1f", 1), ("ckpt_GB", "checkpoint_bytes", ".2f", 1e-9),
-        ("sync_MB", "sync_bytes", ".1f", 1e-6), ("resp_len", "response_len", ".1f", 1), ("reward", "reward", ".3f", 1),
+        ("sync_MB", "sync_bytes", ".1f", 1e-6), ("tok/s/GPU", "tokens_per_s_per_gpu", ".0f", 1),
+        ("resp_len", "response_len", ".1f", 1), ("reward", "reward", ".3f", 1),
         ("lp_diff", "logprob_diff", ".4f", 1), ("ovh_%", "overhead_pct", ".1f", 1), ("peak_MiB", "peak_mib", "d", 1),
     ]
     widths = [max(len(h), 8) for h, *_ in columns]
@@ -312,7 +303,6 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from ppoflow.tasks.arith import N_QUESTIONS, write_prompts
-    from ppoflow.tiny_model import make_tiny_model
     from stages.config import RunConfig, load_config
 
     cuda = torch.cuda.is_available()  # no CUDA context in the driver: only the actors should hold GPU memory
@@ -325,9 +315,14 @@ def main(argv: list[str] | None = None) -> int:
     micro = min(args.micro_batch, mini)
 
     t0 = time.perf_counter()
-    model_dir = workdir / f"qwen2-h{shape['hidden_size']}-l{shape['num_hidden_layers']}-{args.dtype}"
+    vocab = 151_936 if args.shape != "custom" else args.vocab
+    model_dir = workdir / f"qwen2-h{shape['hidden_size']}-l{shape['num_hidden_layers']}-v{vocab}-{args.dtype}"
     if not (model_dir / "config.json").is_file():  # a --workdir reused across runs keeps its model
-        make_tiny_model(str(model_dir), sft_steps=0, shape=shape, dtype=args.dtype)
+        # In a process of its own, on the GPU when there is one (a 1.5B random init takes seconds there, a minute on
+        # the CPU), so that no CUDA context stays in this driver to count in the memory samples.
+        build = (f"from ppoflow.tiny_model import make_tiny_model; make_tiny_model({str(model_dir)!r}, sft_steps=0, "
+                 f"shape={shape!r}, dtype={args.dtype!r}, vocab_size={vocab!r}, device={'cuda' if cuda else 'cpu'!r})")
+        subprocess.run([sys.executable, "-c", build], cwd=REPO, check=True)
     # Enough distinct prompts that no iteration repeats one (the task has 10,000 questions in all).
     n_train = min(max(2048, args.prompts * args.iterations), N_QUESTIONS - 256)
     prompts = write_prompts(str(workdir / "data"), n_train=n_train, n_eval=256)
@@ -341,14 +336,19 @@ def main(argv: list[str] | None = None) -> int:
         f"run_id={run_id}", f"iterations={args.iterations}",
         f"model.path={model_dir}", f"model.dtype={args.dtype}",
         f"data.prompts={prompts['train']}", f"data.prompts_per_iteration={args.prompts}",
-        "generation.backend=hf", f"generation.n_samples_per_prompt={args.samples}",
+        f"generation.backend={args.backend}", f"generation.n_samples_per_prompt={args.samples}",
         f"generation.max_new_tokens={args.max_new_tokens}", f"generation.max_model_len={max_model_len}",
-        f"generation.num_gpus={fraction}",
+        f"generation.num_gpus={fraction}", f"generation.enable_sleep_mode={str(args.sleep and cuda).lower()}",
+        f"generation.gpu_memory_utilization={args.gpu_memory_utilization}", "generation.weight_sync=broadcast",
+        # One GPU shared by all (the engine and every trainer take a fraction of it): hybrid placement, so the
+        # engine shares the policy's bundle and receives its weights through CUDA IPC (broadcast's route there).
+        *(["generation.placement=hybrid"] if cuda else []),
         *(f"{role}.{key}={value}" for role in ("policy", "critic") for key, value in (
             ("num_gpus", fraction), ("mini_batch_size", mini), ("micro_batch_size", micro), ("num_threads", 2),
             ("zero_stage", args.zero_stage), ("num_ranks", args.gpus), ("offload", args.offload))),
-        *([f"generation.num_engines={args.gpus}", "generation.placement=hybrid"] if args.gpus > 1 else []),
+        *([f"generation.num_engines={args.gpus}"] if args.gpus > 1 else []),
         f"ray.num_cpus={ncpu}", "tracking.logger=none", f"storage.root={workdir / 'runs'}",
+        *([] if args.keep_checkpoints else ["storage.keep_checkpoints=1"]),
     ]
     if "eval" in RunConfig.model_fields:  # evaluation is not part of what this measures
         overrides.append("eval.prompts=null")
@@ -369,9 +369,6 @@ def main(argv: list[str] | None = None) -> int:
     gpu_before = sampler.read() if sampler else None
     if sampler:
         sampler.start()
-    pruner = None if args.keep_checkpoints else CheckpointPruner(run_uri)
-    if pruner:
-        pruner.start()
 
     import ray
     from prefect.testing.utilities import prefect_test_harness
@@ -396,8 +393,6 @@ def main(argv: list[str] | None = None) -> int:
         failed = True
     finally:
         ray.shutdown()
-        if pruner:
-            pruner.stop()
         if sampler:
             sampler.stop()
 
@@ -405,7 +400,8 @@ def main(argv: list[str] | None = None) -> int:
     # same tokens, the critic (the same body; its head is one linear layer); 8·N with gradient checkpointing's extra
     # forward is not counted (MFU counts model FLOPs, not hardware FLOPs).
     flops_per_token = 6 * params * (2 if config.uses_critic else 1)
-    rows, run = collect(run_uri, config, sampler, flops_per_token, args.peak_tflops * 1e12 * args.gpus if cuda else 0)
+    rows, run = collect(run_uri, config, sampler, flops_per_token, args.peak_tflops * 1e12 * args.gpus if cuda else 0,
+                        gpus=args.gpus)
     name_total = (_nvidia_smi("index", "name", "memory.total") or []) if cuda else []
     info = next((line.split(", ") for line in name_total if line.split(", ")[0] == str(gpu_index)), None)
     run.update(
@@ -422,10 +418,16 @@ def main(argv: list[str] | None = None) -> int:
                   "num_ranks": config.policy.num_ranks, "offload": config.policy.offload,
                   "ppo_epochs": config.algo.ppo_epochs, "extra_overrides": args.set},
     )
+    if cuda and args.backend == "vllm" and args.standalone and not failed:
+        run["standalone"] = _in_subprocess("standalone_vllm", str(model_dir), run_uri, config.iterations,
+                                           config.generation.model_dump(mode="json"), config.model.dtype)
+    if cuda and args.hf_generate:
+        run["hf_vs_generate"] = _in_subprocess("hf_vs_generate", str(model_dir), args.prompts, args.samples,
+                                               args.max_new_tokens, config.model.dtype)
     print()
     print_table(rows, run)
     if os.environ.get("OUT"):
-        out = Path(os.environ["OUT"]) / "gpu_ppo.json"
+        out = Path(os.environ["OUT"]) / args.json_name
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({**run, "iterations": rows,
                                    "memory_samples": sampler.samples if sampler else []}, indent=1) + "\n")
@@ -435,6 +437,96 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"gpu_ppo: kept {workdir}")
     return 1 if failed else 0
+
+
+def _in_subprocess(function: str, *args) -> dict:
+    """Run this module's `function(*args)` in a fresh process (a clean GPU: the run's actors are gone) and return
+    the dict it prints last; {"failed": ...} when it fails."""
+    code = (f"import json, sys; sys.path[:0] = [{str(REPO)!r}, {str(REPO / 'bench')!r}]; import gpu_ppo; "
+            f"print('RESULT ' + json.dumps(gpu_ppo.{function}(*{args!r})))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    found = [line[7:] for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    if not found:
+        return {"failed": (out.stderr or out.stdout).strip()[-2000:]}
+    print(f"gpu_ppo: {function}: {found[-1]}", flush=True)
+    return json.loads(found[-1])
+
+
+def standalone_vllm(model_dir: str, run_uri: str, iteration: int, generation: dict, dtype: str) -> dict:
+    """The ceiling: vLLM alone (no Ray, no ppoflow), configured as the run's engine, on the prompts and sampling
+    parameters of the run's last rollout; generated tokens per second of the timed call (after a warm-up call)."""
+    import os
+
+    os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from storage.run import RunStore
+
+    rollout = RunStore(run_uri).read_stage(iteration, "generate")
+    groups: dict[int, list[int]] = {}
+    for g, p in zip(rollout["group_id"].to_pylist(), rollout["prompt_ids"].to_pylist()):
+        groups.setdefault(g, p)
+    n = len(rollout) // len(groups)
+    llm = LLM(model=model_dir, dtype=dtype, seed=0, max_model_len=generation["max_model_len"],
+              gpu_memory_utilization=generation["gpu_memory_utilization"],
+              enforce_eager=bool(generation["enforce_eager"]), enable_prefix_caching=generation["enable_prefix_caching"])
+    prompts = [TokensPrompt(prompt_token_ids=p) for p in groups.values()]
+    params = [SamplingParams(n=n, temperature=generation["temperature"], top_p=generation["top_p"],
+                             top_k=generation["top_k"], max_tokens=generation["max_new_tokens"], seed=1000 + i * n,
+                             logprobs=0) for i in range(len(prompts))]
+    llm.generate(prompts, params, use_tqdm=False)  # warm-up
+    t0 = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    seconds = time.perf_counter() - t0
+    tokens = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    return {"requests": len(prompts), "n": n, "tokens": tokens, "seconds": round(seconds, 3),
+            "tok_s": round(tokens / seconds, 1)}
+
+
+def hf_vs_generate(model_dir: str, prompts: int, samples: int, max_new_tokens: int, dtype: str) -> dict:
+    """The HF engine (workers/hf_engine.py) against plain `model.generate` on the same batch: `prompts` prompts of the
+    doubling task × `samples` samples, sampled at temperature 1 to exactly `max_new_tokens` tokens each (eos ignored
+    by plain generate through min_new_tokens; a random-init model rarely samples it anyway)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ppoflow.tasks.arith import make_prompts
+    from workers.hf_engine import HFEngine
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    texts = [tok.apply_chat_template([{"role": "user", "content": r["prompt"]}], tokenize=False,
+                                     add_generation_prompt=True) for r in make_prompts(prompts, 0)]
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    engine = HFEngine(model_dir, seed=0, dtype=dtype, max_model_len=max(len(i) for i in ids) + max_new_tokens)
+    requests = [{"prompt_ids": p, "n": samples, "temperature": 1.0, "top_p": 1.0, "top_k": -1,
+                 "max_new_tokens": max_new_tokens, "seed": 1000 + j * samples} for j, p in enumerate(ids)]
+    engine.generate(requests[:2])  # warm-up
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = engine.generate(requests)
+    torch.cuda.synchronize()
+    engine_s = time.perf_counter() - t0
+    engine_tokens = sum(len(s["response_ids"]) for r in out for s in r)
+    del engine
+    torch.cuda.empty_cache()
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).cuda().eval()
+    tok.padding_side = "left"
+    batch = tok([t for t in texts for _ in range(samples)], return_tensors="pt", padding=True,
+                add_special_tokens=False).to("cuda")
+    kwargs = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
+                  min_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id)
+    model.generate(**{k: v[:2] for k, v in batch.items()}, **kwargs)  # warm-up
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    generated = model.generate(**batch, **kwargs)
+    torch.cuda.synchronize()
+    plain_s = time.perf_counter() - t0
+    plain_tokens = (generated.shape[1] - batch["input_ids"].shape[1]) * generated.shape[0]
+    return {"batch": prompts * samples, "max_new_tokens": max_new_tokens,
+            "hf_engine_tok_s": round(engine_tokens / engine_s, 1), "hf_generate_tok_s": round(plain_tokens / plain_s, 1),
+            "engine_tokens": engine_tokens, "generate_tokens": plain_tokens}
 
 
 if __name__ == "__main__":
