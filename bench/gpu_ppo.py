@@ -25,7 +25,7 @@ Disk: under ZeRO-0 a DeepSpeed checkpoint of a 0.48B bf16 model with its fp32 ma
 (older than the latest committed update) are deleted while it runs unless --keep-checkpoints; the work folder (a
 temporary one unless --workdir) is deleted at the end unless --keep-workdir.
 
-Run (GPU host, repo root, the carried wheels in .whl/):  bash bench/gpu_run.sh [--iterations 3 --prompts 64 ...]
+Run (GPU host, repo root, .carry/ from gpu/pack.sh beside it):  bash bench/gpu_run.sh [--iterations 3 --prompts 64 ...]
 CPU smoke check (tiny shapes, every actor on the CPU):
     .venv/bin/python bench/gpu_ppo.py --hidden 64 --layers 2 --iterations 1 --prompts 8 --max-new-tokens 8
 """
