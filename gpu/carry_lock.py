@@ -71,12 +71,11 @@ def main() -> None:
             sent.add(name)
         for spec in installs[name].get("requires_dist") or []:
             req = Requirement(spec)
-            marker_extras = [e for e in extras] if req.marker else []
             if req.marker is None:
                 applies, via_extra = True, False
-            else:
+            else:  # a requirement under `extra == "x"` counts when x was asked of this package
                 applies = req.marker.evaluate(env | {"extra": ""})
-                via_extra = not applies and any(req.marker.evaluate(env | {"extra": e}) for e in marker_extras)
+                via_extra = not applies and any(req.marker.evaluate(env | {"extra": e}) for e in extras)
             if via_extra or (applies and carried):
                 visit(spec)
 
