@@ -1,57 +1,42 @@
 #!/usr/bin/env bash
-# gpu_run.sh - run bench/gpu_ppo.py on the offline GPU host: install the carried wheels, then the benchmark.
+# gpu_run.sh - run a benchmark (bench/gpu_ppo.py unless another script is named) on the offline GPU host, in the
+# environment of the carried archive.
 #
-# Usage, from the repo root of a working tree that carries .whl/ (the folder gpu/pack-gpu-wheels.sh writes):
+# Usage, from the repo root of a working tree that carries .carry/ (what `bash gpu/pack.sh` writes):
 #   bash bench/gpu_run.sh [gpu_ppo.py arguments, e.g. --iterations 3 --prompts 64 --max-new-tokens 128]
 #   bash bench/gpu_run.sh bench/learning.py [learning.py arguments]   (another script: name it first)
+#   bash bench/gpu_run.sh gpu/smoke.py                                 (does the environment work? PASS/FAIL lines)
+# Any other command in the same environment:  source gpu/env.sh && python3 ...
 #
-# The image has torch, transformers, pyarrow, fsspec, safetensors, psutil, pyyaml; the wheels add DeepSpeed,
-# Prefect (and its pydantic) and a slim Ray. They go into SITE (pip --target, the pack script's recipe) and reach
-# the driver and, through the environment Ray's workers inherit, every actor. ppoflow itself is not installed: the
-# repo root goes on PYTHONPATH. With OUT set, the whole log is also written to $OUT/gpu_ppo.log and the table to
-# $OUT/gpu_ppo.json.
+# The image has torch, transformers, pyarrow, fsspec, safetensors, psutil, pyyaml, ...; the archive adds DeepSpeed,
+# Prefect, a slim Ray and a slim vLLM (gpu/README.md). gpu/env.sh unpacks it into SITE once per archive and exports
+# PYTHONPATH (the site, then the repo: ppoflow is not installed) and the settings they need; Ray's actors inherit
+# them. With OUT set, the whole log is also written to $OUT/<script>.log (bench/gpu_ppo.py also writes its table to
+# $OUT/gpu_ppo.json).
 #
-# Environment knobs: PYTHON [python3]  WHEELS [.whl]  SITE [${TMPDIR:-/tmp}/ppoflow-site]
+# Environment knobs: PYTHON [python3]  CARRY [.carry]  SITE [${TMPDIR:-/tmp}/ppoflow-site]
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-WHEELS=${WHEELS:-.whl}
-SITE=${SITE:-${TMPDIR:-/tmp}/ppoflow-site}
+# shellcheck source=../gpu/env.sh
+source gpu/env.sh
 
-# Installed once per set of wheels: a warm host reuses SITE, a new pack (other names or sizes) reinstalls.
-if ! ls "$WHEELS"/*.whl >/dev/null 2>&1; then
-    echo "gpu_run.sh: no wheels in $WHEELS/ (make them with gpu/pack-gpu-wheels.sh $WHEELS)" >&2
-    exit 1
-fi
-stamp=$(cd "$WHEELS" && stat -c '%n %s' -- *.whl *.tar.xz 2>/dev/null | md5sum || true)
-if [ "$(cat "$SITE/.ppoflow-installed" 2>/dev/null)" != "$stamp" ]; then
-    t0=$SECONDS
-    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target "$SITE" "$WHEELS"/*.whl
-    for tarball in "$WHEELS"/ray-*-slim-*.tar.xz; do
-        if [ -e "$tarball" ]; then tar xJf "$tarball" -C "$SITE"; fi
-    done
-    echo "$stamp" >"$SITE/.ppoflow-installed"
-    echo "gpu_run.sh: wheels installed into $SITE in $((SECONDS - t0)) s" >&2
-fi
-
-export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
-# The image's 9.0a breaks DeepSpeed's op builder; 9.0 works. No op should be JIT-built here (the trainers use a
-# torch optimizer), but one that is must not fail on this.
-export TORCH_CUDA_ARCH_LIST=9.0
-export PREFECT_UI_ENABLED=false            # the slim Prefect wheel has no web UI
-export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-${TMPDIR:-/tmp}/ppoflow-torch-extensions}
-export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-${TMPDIR:-/tmp}/ppoflow-triton}
-
-# Versions first: a missing package shows up here in one line rather than deep in an actor's traceback.
+# Versions first: a missing package shows up here in one line rather than deep in an actor's traceback. vLLM's
+# import looks for a GPU and its CUDA libraries: a failure there is printed, not fatal, so a CPU-only check still runs.
 "$PYTHON" - <<'EOF'
 import importlib, sys
 import torch
 print(f"python {sys.version.split()[0]}  torch {torch.__version__} (cuda {torch.version.cuda}, "
       f"available {torch.cuda.is_available()})", end="")
-for name in ("transformers", "deepspeed", "ray", "prefect", "pydantic", "pyarrow", "safetensors"):
-    print(f"  {name} {importlib.import_module(name).__version__}", end="")
+for name in ("transformers", "deepspeed", "ray", "prefect", "pydantic", "vllm", "trl"):
+    try:
+        print(f"  {name} {importlib.import_module(name).__version__}", end="")
+    except ImportError as e:
+        if name != "trl":  # TRL is carried only with WITH_TRL=1
+            print(f"  {name} NOT IMPORTABLE ({type(e).__name__}: {e})", end="")
+    except Exception as e:
+        print(f"  {name} FAILED ({type(e).__name__}: {e})", end="")
 print()
 EOF
 
