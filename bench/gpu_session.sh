@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# gpu_session.sh PHASE - the GPU measurements of issues 21-23, planned as three device calls of at most 10 minutes
+# each (the device tool's limit), each step in its own process under its own time limit, so that a hung step costs
+# only its own slot. Every step's whole log goes to $OUT/<step>.log and its JSON to $OUT; a short tail is printed.
+#
+#   bash bench/gpu_session.sh 1   0.5B GRPO end to end with vLLM (sleep, CUDA IPC sync, the standalone-vLLM ceiling,
+#                                 the HF engine vs plain generate) -> gpu_ppo_05b.json; then the gpu-marked vLLM tests
+#   bash bench/gpu_session.sh 2   update throughput/MFU at 0.5B and 1.5B, packed token budget vs padded, with a profile
+#   bash bench/gpu_session.sh 3   1.5B PPO with a critic end to end -> gpu_ppo_15b.json; 0.5B without sleep (peak)
+#
+# Needs .carry/ (bash gpu/pack.sh) beside the repo; see bench/gpu_run.sh. Results are copied into bench/RESULTS.md
+# and bench/results/*.json by hand (with the machine and date), then bench/checkpoint.py --gpu-json derives the
+# checkpoint shares.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+source gpu/env.sh || exit 1
+export OUT=${OUT:-${TMPDIR:-/tmp}/ppoflow-out}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+
+step() {  # step NAME SECONDS COMMAND...: run it under its limit, log to $OUT/NAME.log, print the verdict and a tail
+    local name=$1 limit=$2 t0=$SECONDS rc
+    shift 2
+    echo "== $name (limit ${limit} s): $*"
+    timeout -k 15 "$limit" "$@" >"$OUT/$name.log" 2>&1
+    rc=$?
+    echo "== $name rc=$rc after $((SECONDS - t0)) s"
+    grep -v -E "^\s*$|Warning|warn\(" "$OUT/$name.log" | tail -n "${TAIL:-30}"
+    ray stop --force >/dev/null 2>&1 || python3 -m ray.scripts.scripts stop --force >/dev/null 2>&1
+    pkill -f "vllm|ray::" >/dev/null 2>&1
+    return 0
+}
+
+case ${1:?phase 1, 2 or 3} in
+1)
+    step gpu_ppo_05b 400 python3 bench/gpu_ppo.py --shape qwen2.5-0.5b --iterations 3 --prompts 64 --samples 8 \
+        --max-new-tokens 256 --set algo.estimator=group_norm --hf-generate --json-name gpu_ppo_05b.json
+    step vllm_tests 170 python3 -m pytest -q -x -m gpu tests/flows/test_vllm_gpu.py -p no:cacheprovider
+    ;;
+2)
+    step vllm_tests 300 python3 -m pytest -q -m gpu tests/flows/test_vllm_gpu.py -p no:cacheprovider
+    TAIL=40 step train_throughput 270 python3 bench/train_throughput.py --shape qwen2.5-0.5b,qwen2.5-1.5b \
+        --mode packed-budget,padded --role policy --profile
+    ;;
+3)
+    step gpu_ppo_15b 330 python3 bench/gpu_ppo.py --shape qwen2.5-1.5b --iterations 3 --prompts 64 --samples 8 \
+        --max-new-tokens 256 --no-standalone --json-name gpu_ppo_15b.json
+    step gpu_ppo_05b_nosleep 230 python3 bench/gpu_ppo.py --shape qwen2.5-0.5b --iterations 2 --prompts 64 \
+        --samples 8 --max-new-tokens 256 --set algo.estimator=group_norm --no-sleep --no-standalone \
+        --json-name gpu_ppo_05b_nosleep.json
+    ;;
+esac
