@@ -418,20 +418,27 @@ def main(argv: list[str] | None = None) -> int:
                   "num_ranks": config.policy.num_ranks, "offload": config.policy.offload,
                   "ppo_epochs": config.algo.ppo_epochs, "extra_overrides": args.set},
     )
+    def write_json() -> None:  # after the run and again after each extra: a later step that hangs loses nothing
+        if os.environ.get("OUT"):
+            out = Path(os.environ["OUT"]) / args.json_name
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps({**run, "iterations": rows,
+                                       "memory_samples": sampler.samples if sampler else []}, indent=1) + "\n")
+            print(f"gpu_ppo: wrote {out}", flush=True)
+
+    print()
+    print_table(rows, run)
+    write_json()
     if cuda and args.backend == "vllm" and args.standalone and not failed:
         run["standalone"] = _in_subprocess("standalone_vllm", str(model_dir), run_uri, config.iterations,
                                            config.generation.model_dump(mode="json"), config.model.dtype)
+        write_json()
     if cuda and args.hf_generate:
         run["hf_vs_generate"] = _in_subprocess("hf_vs_generate", str(model_dir), args.prompts, args.samples,
                                                args.max_new_tokens, config.model.dtype)
-    print()
-    print_table(rows, run)
-    if os.environ.get("OUT"):
-        out = Path(os.environ["OUT"]) / args.json_name
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({**run, "iterations": rows,
-                                   "memory_samples": sampler.samples if sampler else []}, indent=1) + "\n")
-        print(f"gpu_ppo: wrote {out}")
+        write_json()
+    if "standalone" in run or "hf_vs_generate" in run:
+        print_table(rows, run)
     if not args.keep_workdir:
         shutil.rmtree(workdir, ignore_errors=True)
     else:
@@ -439,12 +446,15 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed else 0
 
 
-def _in_subprocess(function: str, *args) -> dict:
+def _in_subprocess(function: str, *args, timeout: float = 240) -> dict:
     """Run this module's `function(*args)` in a fresh process (a clean GPU: the run's actors are gone) and return
-    the dict it prints last; {"failed": ...} when it fails."""
+    the dict it prints last; {"failed": ...} when it fails or runs past `timeout` seconds."""
     code = (f"import json, sys; sys.path[:0] = [{str(REPO)!r}, {str(REPO / 'bench')!r}]; import gpu_ppo; "
             f"print('RESULT ' + json.dumps(gpu_ppo.{function}(*{args!r})))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    try:
+        out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"failed": f"timed out after {timeout:g} s"}
     found = [line[7:] for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     if not found:
         return {"failed": (out.stderr or out.stdout).strip()[-2000:]}
@@ -501,27 +511,30 @@ def hf_vs_generate(model_dir: str, prompts: int, samples: int, max_new_tokens: i
     engine = HFEngine(model_dir, seed=0, dtype=dtype, max_model_len=max(len(i) for i in ids) + max_new_tokens)
     requests = [{"prompt_ids": p, "n": samples, "temperature": 1.0, "top_p": 1.0, "top_k": -1,
                  "max_new_tokens": max_new_tokens, "seed": 1000 + j * samples} for j, p in enumerate(ids)]
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: the test's tiny model
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     engine.generate(requests[:2])  # warm-up
-    torch.cuda.synchronize()
+    sync()
     t0 = time.perf_counter()
     out = engine.generate(requests)
-    torch.cuda.synchronize()
+    sync()
     engine_s = time.perf_counter() - t0
     engine_tokens = sum(len(s["response_ids"]) for r in out for s in r)
     del engine
-    torch.cuda.empty_cache()
+    if device == "cuda":
+        torch.cuda.empty_cache()
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).cuda().eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(device).eval()
     tok.padding_side = "left"
     batch = tok([t for t in texts for _ in range(samples)], return_tensors="pt", padding=True,
-                add_special_tokens=False).to("cuda")
+                add_special_tokens=False).to(device)
     kwargs = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
                   min_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id)
     model.generate(**{k: v[:2] for k, v in batch.items()}, **kwargs)  # warm-up
-    torch.cuda.synchronize()
+    sync()
     t0 = time.perf_counter()
     generated = model.generate(**batch, **kwargs)
-    torch.cuda.synchronize()
+    sync()
     plain_s = time.perf_counter() - t0
     plain_tokens = (generated.shape[1] - batch["input_ids"].shape[1]) * generated.shape[0]
     return {"batch": prompts * samples, "max_new_tokens": max_new_tokens,
