@@ -268,10 +268,10 @@ class RunStore:
         """Whether the HF export of iteration `iteration` is whole (what the `storage` weight sync loads)."""
         update = self.stage_marker(iteration, "update")
         ckpt = (update or {}).get("checkpoint") or {}
-        if "files" in ckpt:
+        if "files" in ckpt:  # a checkpoint written inline, before part markers: the update marker lists its files
             return True
-        path = self._path(self.checkpoint_uri(iteration))
-        return "hf" in ckpt.get("parts", []) and self.fs.exists(f"{path}/{PART_MARKER.format(part='hf')}")
+        # The hf part marker is written last, after every file of the export (also before the update commits).
+        return self.fs.exists(f"{self._path(self.checkpoint_uri(iteration))}/{PART_MARKER.format(part='hf')}")
 
     def checkpoint_files(self, iteration: int) -> list[dict]:
         """Relative name and size of every file of a checkpoint folder."""

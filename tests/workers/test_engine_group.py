@@ -380,25 +380,27 @@ def test_bring_engine_to_updates_only_the_engines_behind_and_restores(group, pro
     perturbed = {k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in original.items()}
 
     class Policy:
-        """Stands in for the policy actor: serves `weights` as whatever version is asked for."""
+        """Stands in for the policy actor: holds `weights` as policy version `version` (what TrainerPool.bring_to
+        asks its `state` for before it would load or replay anything)."""
 
-        def __init__(self, weights: bytes):
-            self.weights, self.asked = weights, []
+        def __init__(self, weights: bytes, version: int):
+            self.weights, self.version, self.asked = weights, version, []
 
-        def ensure_version(self, version, uri, options):
-            self.asked.append(version)
+        def state(self):
+            self.asked.append(self.version)
+            return {"version": self.version, "dirty": False}
 
         def export_weights(self):
             return self.weights
 
-        def serve(self, weights: bytes):
-            self.weights = weights
+        def serve(self, weights: bytes, version: int):
+            self.weights, self.version = weights, version
 
         def get_asked(self):
             return self.asked
 
     policy = ray.remote(Policy).options(name=actor_name(run_uri, "policy"), namespace="ppoflow-tests",
-                                        num_cpus=0).remote(save(perturbed))
+                                        num_cpus=0).remote(save(perturbed), 1)
     greedy = [_request(p, seed=0, n=1, temperature=0.0) for p in prompts[:3]]
     before = ray.get([e.generate.remote(greedy) for e in engines])
     assert before[0] == before[1]
@@ -417,7 +419,7 @@ def test_bring_engine_to_updates_only_the_engines_behind_and_restores(group, pro
 
         assert [r["method"] for r in EnginePool(config, run_uri, store_of(config, run_uri)).bring_to(1)] == \
             ["already_current"] * 2  # nothing to send
-        ray.get(policy.serve.remote(save(original)))
+        ray.get(policy.serve.remote(save(original), 2))
         assert [r["method"] for r in EnginePool(config, run_uri, store_of(config, run_uri)).bring_to(2)] == \
             ["object_store"] * 2
         assert ray.get(policy.get_asked.remote()) == [1, 2]  # the policy was asked only when an engine was behind
