@@ -79,7 +79,9 @@ class AlgoConfig(BaseModel):
 
     is_correction: Literal["none", "tis", "icepop"] = "none"
     """Importance-sampling correction for the engine/trainer mismatch: `tis` truncates w = π_old/π_engine at
-    `is_cap`; `icepop` masks tokens whose w leaves [is_low, is_cap]."""
+    `is_cap`; `icepop` masks tokens whose w leaves [is_low, is_cap]. With `max_staleness` ≥ 1 the engine's policy
+    is older than π_old and w is the behaviour-policy weight of AReaL's decoupled PPO objective: there the default
+    becomes `tis` (docs/async.md); `none` must then be written to train without it."""
 
     is_cap: float = Field(2.0, gt=1.0)
     """Upper bound of the IS weight."""
@@ -94,6 +96,15 @@ class AlgoConfig(BaseModel):
     numerics disagree. None picks it by `model.dtype`: 1.043 for bfloat16 (engine and trainer kernels differ by a few
     1e-3 per token), 1.01 for float32 (they agree to ~1e-6), both far under what one unsynced update gives; the
     measurements are in bench/RESULTS.md and tests/flows/test_logprob_gate.py. `.inf` turns it off."""
+
+    max_staleness: int = Field(0, ge=0)
+    """S, how many policy versions a rollout may lag behind the policy its update starts from. 0: the synchronous
+    loop (iteration n samples from policy n−1, the one its update trains). S ≥ 1: iteration n samples from policy
+    max(0, n−1−S), exactly, and the engines generate iteration n+S while the trainers score, update and sync iteration
+    n (flows/ppo.py; stages/pipeline.py). Needs engines and trainers on resources of their own
+    (`generation.placement: standard`). The rollouts keep their version and staleness, the IS weight between the
+    engine's policy and π_old goes through `is_correction` (default `tis` here), and the logprob gate checks each
+    policy version on the engines at its sync (docs/async.md)."""
 
     dynamic_sampling: bool = False
     """DAPO dynamic sampling: drop prompt groups whose samples all got the same reward (no group-relative signal)
@@ -122,6 +133,14 @@ class AlgoConfig(BaseModel):
     @classmethod
     def _renamed_fields(cls, data: Any) -> Any:
         return upgrade(data)
+
+    @model_validator(mode="after")
+    def _decoupled_by_default(self) -> "AlgoConfig":
+        # Stale rollouts come from an older policy than π_old: AReaL's decoupled objective weights each token by
+        # π_old/π_behaviour, which is_correction computes; truncated (tis) unless the config says otherwise.
+        if self.max_staleness > 0 and "is_correction" not in self.model_fields_set:
+            self.is_correction = "tis"
+        return self
 
     @model_validator(mode="after")
     def _kl_advice(self) -> "AlgoConfig":

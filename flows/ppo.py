@@ -3,6 +3,10 @@
 Every stage commits its output to storage; a stage already committed is skipped, so re-running the flow with the
 same run id (a crash, `prefect flow-run retry`, `ppoflow train --run-id`) continues where the run stopped.
 
+With algo.max_staleness = S ≥ 1 the iterations overlap: iteration n submits the generate task of n+S, which samples
+from policy n−1 on the engines while score, advantages and update of n run on the trainers, and waits for it before
+its sync (stages/pipeline.py says why this schedule, and what a resume does).
+
 Run alone:  python -m flows.ppo configs/quickstart.yaml   (or `ppoflow train --config configs/quickstart.yaml`)
 """
 
@@ -25,12 +29,24 @@ from stages.update import update_task
 @flow(name="ppo-iteration", flow_run_name="iteration-{iteration}")
 def ppo_iteration(config: RunConfig, run_uri: str, iteration: int) -> dict:
     """One iteration's stages, each committed before the next starts; returns sync's manifest. ppo_train runs it as
-    a subflow or inline (`flow.iteration_subflows`) and reports it while the next iteration runs."""
+    a subflow or inline (`flow.iteration_subflows`) and reports it while the next iteration runs. With
+    algo.max_staleness = S ≥ 1 its rollout was generated before it (ppo_train, or iteration n−S), and it generates
+    the rollout of n+S beside its score, advantages and update."""
     retry = {"retries": config.flow.retries, "retry_delay_seconds": config.flow.retry_delay_s}
-    generate_task.with_options(**retry)(config, run_uri, iteration)
-    score_task.with_options(**retry)(config, run_uri, iteration)
-    advantages_task.with_options(**retry)(config, run_uri, iteration)
-    update_task.with_options(**retry)(config, run_uri, iteration)
+    ahead, rollout = iteration + config.algo.max_staleness, None
+    if ahead == iteration:
+        generate_task.with_options(**retry)(config, run_uri, iteration)
+    elif ahead <= config.iterations:
+        rollout = generate_task.with_options(**retry).submit(config, run_uri, ahead)
+    try:
+        score_task.with_options(**retry)(config, run_uri, iteration)
+        advantages_task.with_options(**retry)(config, run_uri, iteration)
+        update_task.with_options(**retry)(config, run_uri, iteration)
+    finally:
+        if rollout is not None:  # committed even when the trainers' stages fail: a resume takes it as it is
+            rollout.wait()
+    if rollout is not None:
+        rollout.result()  # its failure, if any; the engines take new weights only between rollouts
     manifest = sync_task.with_options(**retry)(config, run_uri, iteration)
     if due(config, iteration):
         evaluate_task.with_options(**retry)(config, run_uri, iteration)
@@ -68,8 +84,18 @@ def ppo_train(config: RunConfig | None = None, config_path: str | None = None, o
         # and Prefect joins a flow's heartbeat thread (asleep in 1 s steps) as the flow ends, ~0.5 s per iteration.
         # (bench/RESULTS.md, "Orchestration overhead").
         iterate = ppo_iteration if config.flow.iteration_subflows else ppo_iteration.fn
+        first, stale = run["first_iteration"], config.algo.max_staleness
+        if stale and first <= config.iterations:
+            # Pipelined (S ≥ 1): the rollouts of iterations first..first+S-1, generated before the overlap starts
+            # (committed already when a run resumes), then the engines at policy first-1 for generate first+S: the
+            # committed sync of first-1, skipped, brings them there.
+            retry = {"retries": config.flow.retries, "retry_delay_seconds": config.flow.retry_delay_s}
+            for n in range(first, min(first + stale, config.iterations + 1)):
+                generate_task.with_options(**retry)(config, run["run_uri"], n)
+            if first > 1:
+                sync_task.with_options(**retry)(config, run["run_uri"], first - 1)
         with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
-            for iteration in range(run["first_iteration"], config.iterations + 1):
+            for iteration in range(first, config.iterations + 1):
                 iterate(config, run["run_uri"], iteration)
                 # The report only reads what the iteration committed: it runs beside the next iteration (its
                 # artifacts and tracker calls took ~0.15 s of every iteration). One at a time, in order; a failed

@@ -13,6 +13,7 @@ Named fault points (storage/faults.py) are how tests/flows/test_fault_harness.py
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -100,12 +101,14 @@ def commit(store: RunStore, config, iteration: int, stage: str, table, schema_na
 
 
 def stage(name: str, *, schema: str, on_skip: Callable | None = None, after_commit: Callable | None = None,
-          task_name: str | None = None, **task_options):
+          task_name: str | None = None, trainers: bool = False, **task_options):
     """Make `body(s: StageRun) -> Output` the stage `name` (see the module docstring): returns the plain function
     `fn(config, run_uri, iteration) -> marker`, with its Prefect task as `fn.task` (`task_name`, default `name`;
     task runs named `{task_name}-{n}`; no Prefect cache: the markers decide what is done; a failure inside an actor
     is raised as the actor's own error, `stage_errors`). `on_skip(s)` runs when the stage was committed already;
-    `after_commit(s, marker)` after its commit; `task_options` go to Prefect's @task (e.g. retry_condition_fn)."""
+    `after_commit(s, marker)` after its commit; `trainers`: the body relies on the trainers' state from its first
+    call to its last, and runs under the run's trainer lock (stages/context.py); `task_options` go to Prefect's
+    @task (e.g. retry_condition_fn)."""
     from prefect import task
     from prefect.cache_policies import NO_CACHE
 
@@ -119,7 +122,8 @@ def stage(name: str, *, schema: str, on_skip: Callable | None = None, after_comm
                 return done
             started = time.perf_counter()
             fault_point(f"{name}.start", iteration)
-            out = body(s)
+            with trainers_lock(run_uri) if trainers else contextlib.nullcontext():
+                out = body(s)
             fault_point(f"{name}.before_commit", iteration)
             marker = commit(s.store, config, iteration, name, out.table, schema, started, out.metrics, **out.fields)
             if after_commit is not None:
@@ -137,6 +141,15 @@ def stage(name: str, *, schema: str, on_skip: Callable | None = None, after_comm
         return run
 
     return wrap
+
+
+def trainers_lock(run_uri: str):
+    """The run's trainer lock (stages/context.py RunContext.trainers), or a no-op outside a run opened in this
+    process (a stage called alone, as tests do: nothing runs beside it)."""
+    from stages.context import run_context
+
+    ctx = run_context(run_uri, create=False)
+    return ctx.trainers if ctx is not None else contextlib.nullcontext()
 
 
 def iteration_summary(store: RunStore, iteration: int) -> dict:

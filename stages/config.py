@@ -381,6 +381,17 @@ class RunConfig(BaseModel):
         if self.algo.overlong_buffer is not None and self.algo.overlong_buffer > self.generation.max_new_tokens:
             errors.append(f"algo.overlong_buffer: must not exceed generation.max_new_tokens "
                           f"({self.algo.overlong_buffer} > {self.generation.max_new_tokens})")
+        if (stale := self.algo.max_staleness) > 0:
+            # The engines sample iteration n+S while the trainers work on n: both must own their resources.
+            if self.generation.placement == "hybrid":
+                errors.append(f"algo.max_staleness: {stale} overlaps generation with training, but "
+                              "generation.placement: hybrid makes the engines and the trainers take turns on the "
+                              "same GPU; set generation.placement: standard (engines and trainers on resources of "
+                              "their own) or algo.max_staleness: 0")
+            if self.generation.enable_sleep_mode:
+                errors.append(f"algo.max_staleness: {stale} keeps the engines sampling while the trainers work, "
+                              "but generation.enable_sleep_mode frees the engines' GPU memory for the trainers "
+                              "between samplings; set generation.enable_sleep_mode: false or algo.max_staleness: 0")
         batch = self.data.prompts_per_iteration * n
         for name in (["policy", "critic"] if self.uses_critic else ["policy"]):
             t: TrainerConfig = getattr(self, name)

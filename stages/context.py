@@ -27,6 +27,9 @@ class RunContext:
     config_logged: bool = False  # the run's config went to its tracker once in this process
     report_rows: dict[int, dict] = field(default_factory=dict)  # iteration → its row of the iterations table
     stop_log_forwarding: Callable[[], None] | None = None  # undoes the forwarding of actor lines to the flow run
+    trainers: threading.RLock = field(default_factory=threading.RLock)  # held by a stage while it relies on the
+    # trainers' state: with algo.max_staleness ≥ 1 a generate stage runs beside them and moves the policy only under
+    # it (to sync an engine it recovers: stages/pipeline.py)
 
 
 _RUNS: dict[str, RunContext] = {}

@@ -18,7 +18,7 @@ def due(config, iteration: int) -> bool:
     return ev.prompts is not None and (iteration % ev.every == 0 or iteration == config.iterations)
 
 
-@stage("eval", schema="eval", task_name="evaluate")
+@stage("eval", schema="eval", task_name="evaluate", trainers=True)
 def evaluate(s: StageRun) -> Output:
     import numpy as np
     import pyarrow as pa

@@ -1,7 +1,9 @@
 """Generate stage: draw this iteration's prompts, sample n responses each from the engines, commit the rollout table.
 
 The requests (one per prompt, with its own seed) are spread over generation.num_engines engines by the run's
-`EnginePool` (workers/engine_pool.py); every engine must serve the previous iteration's policy. With
+`EnginePool` (workers/engine_pool.py); every engine must serve the previous iteration's policy, or with
+algo.max_staleness = S ≥ 1 the policy of iteration − 1 − S (at least 0), while the trainers work on the iterations
+before (stages/pipeline.py); each sample records its policy version and staleness. With
 generation.enable_sleep_mode the engines wake before sampling and sleep again after it. An engine that dies while
 sampling is restarted by Ray, synced back to that policy and sent its unfinished chunks again: the rollout is the one
 an undisturbed run commits.
@@ -24,7 +26,7 @@ import time
 
 import numpy as np
 
-from stages.common import Output, StageRun, logger, stage
+from stages.common import Output, StageRun, logger, stage, trainers_lock
 
 
 def prompt_order(n_prompts: int, start: int, count: int, seed: int, shuffle: bool) -> list[int]:
@@ -107,14 +109,27 @@ def generate(s: StageRun) -> Output:
     from algorithms.dapo import informative_groups
     from stages.score import compute_rewards
     from storage.prompts import prompt_text
+    from stages.pipeline import behaviour_version
     from storage.schema import ROLLOUT
-    from workers.engine_pool import check_serving
+    from workers.engine_pool import check_serving, generate_on_engines
+    from workers.engines import engine_versions
 
     config, store, iteration = s.config, s.store, s.iteration
     pool = s.engines()
-    # The rollout must come from the policy committed by the previous iteration, whatever the engines held.
-    pool.bring_to(iteration - 1)
-    version = check_serving(pool.handles, iteration - 1)
+    # The rollout must come from the committed policy `version` (the previous iteration's, or S before it), whatever
+    # the engines held. Beside the trainer stages (S ≥ 1) they hold it already, and nothing moves; at the start of a
+    # run or a resume the sync moves the policy, under the run's trainer lock.
+    version = behaviour_version(config, iteration)
+    if any(v != version for v in engine_versions(pool.handles)):
+        with trainers_lock(s.run_uri):
+            pool.bring_to(version)
+    check_serving(pool.handles, version)
+    recover = pool.recovery(version, "generate", iteration)
+
+    def recover_locked(index: int, error: Exception) -> None:  # re-syncing a restarted engine moves the policy
+        with trainers_lock(s.run_uri):
+            recover(index, error)
+
     pool.wake()
 
     data, gen, algo = config.data, config.generation, config.algo
@@ -142,7 +157,8 @@ def generate(s: StageRun) -> Output:
         } for j, g in enumerate(groups)]
         t_gen = time.perf_counter()
         # An engine that dies mid-sampling is restarted by Ray, synced back to `version` and sent its chunks again.
-        results = pool.generate(requests, version, "generate", iteration)
+        results = generate_on_engines(pool.handles, requests, chunk_size=pool.chunk_size(len(requests)),
+                                      version=version, on_engine_lost=recover_locked)
         gen_seconds += time.perf_counter() - t_gen
         requests_sent += len(requests)
         position, rounds = position + batch, rounds + 1
@@ -154,7 +170,7 @@ def generate(s: StageRun) -> Output:
                 "prompt": prompt_text(rows[g["index"]][data.prompt_key]),
                 "prompt_ids": g["ids"], "prompt_truncated": g["truncated"], "response": s["text"],
                 "response_ids": s["response_ids"], "engine_logprobs": s["logprobs"],
-                "finish_reason": s["finish_reason"], "policy_version": version,
+                "finish_reason": s["finish_reason"], "policy_version": version, "staleness": iteration - 1 - version,
                 "metadata": json.dumps(meta, default=str),
             } for k, s in enumerate(samples)]
         if not algo.dynamic_sampling:
@@ -186,6 +202,7 @@ def generate(s: StageRun) -> Output:
         "rollout/finish_length_frac": float(np.mean([r["finish_reason"] == "length" for r in out])),
         "rollout/prompt_truncated_frac": float(np.mean([r["prompt_truncated"] for r in out])),
         "perf/gen_tokens_per_s": sum(lengths) / max(gen_seconds, 1e-9),
+        "rollout/staleness": iteration - 1 - version,
     }
     if algo.dynamic_sampling:
         metrics.update({"rollout/sampling_rounds": rounds, "rollout/groups_dropped": len(dropped),

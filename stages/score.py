@@ -1,13 +1,16 @@
 """Score stage: rewards (rule function, reward model, remote endpoint; weighted sum), reference logprobs, old policy
 logprobs and critic values for every rollout sample.
 
-The policy must hold the weights that generated the rollout (version iteration-1): it is reloaded from the committed
-checkpoint if it holds anything else. Reference, policy and critic work concurrently on one shared Arrow table in
-Ray's object store.
+The policy must hold version iteration-1, the one the update starts from (the proximal policy π_old): it is reloaded
+from the committed checkpoint if it holds anything else. That is the version that generated the rollout, unless
+algo.max_staleness ≥ 1 drew it from an older one (stages/pipeline.py). Reference, policy and critic work concurrently
+on one shared Arrow table in Ray's object store.
 
 The logprob gate: the engine's sampling logprobs must match the trainer's on the same tokens within
 `algo.max_logprob_gap`, else the iteration fails with LogprobGateError and nothing is committed: the engine served
 other weights than the version it reported (a broken sync), and training on that rollout would be silently off-policy.
+It applies to rollouts of staleness 0; a stale rollout's gap to π_old is the off-policy distance (still reported as
+`rollout/logprob_diff_mean`), and its version was gated at its sync instead (stages/pipeline.py probe_engines).
 
 Tests: tests/stages/test_logprob_gate.py (the gate), tests/flows/test_rewards.py (reward sources); end to end:
 tests/flows/test_ppo_flow.py
@@ -187,11 +190,12 @@ def _retry_unless_gate(task, task_run, state) -> bool:
     return not isinstance(state.data, LogprobGateError)
 
 
-@stage("score", schema="scored", retry_condition_fn=_retry_unless_gate)
+@stage("score", schema="scored", trainers=True, retry_condition_fn=_retry_unless_gate)
 def score(s: StageRun) -> Output:
     import pyarrow as pa
     import ray
 
+    from stages.pipeline import staleness
     from storage.schema import SCORED
     from workers.cluster import on_all_ranks
     from workers.trainers import threads_each
@@ -199,7 +203,7 @@ def score(s: StageRun) -> Output:
     config, iteration = s.config, s.iteration
     rollout = s.store.read_stage(iteration, "generate")
     tokens = ray.put(rollout.select(["prompt_ids", "response_ids"]))
-    s.trainers().bring_to(iteration - 1)  # the policy (and critic) that generated the rollout
+    s.trainers().bring_to(iteration - 1)  # the policy (and critic) the update starts from
 
     # Each column's ObjectRefs, one per rank of the group that computes it: every rank returns the whole column.
     # The models work at once: on CPU each on its share of the threads.
@@ -241,8 +245,10 @@ def score(s: StageRun) -> Output:
         **{f"rollout/reward_{source}_mean": float(np.mean(values)) for source, values in by_source.items()},
         "rollout/logprob_diff_mean": float(np.mean(np.exp(np.abs(engine_lp - old_lp)))) if old_lp.size else 1.0,
         "rollout/logprob_abs_diff_max": float(np.max(np.abs(engine_lp - old_lp))) if old_lp.size else 0.0,
+        "rollout/staleness": staleness(config, iteration),
     }
-    check_logprob_gap(config, s.store, iteration, rollout, metrics)
+    if metrics["rollout/staleness"] == 0:  # engine and trainer at one version (else: gated at its sync)
+        check_logprob_gap(config, s.store, iteration, rollout, metrics)
     return Output(table, metrics)
 
 

@@ -30,7 +30,7 @@ def checkpoint_due(config, iteration: int) -> tuple[bool, bool]:
     return iteration % ck.every == 0 or last, iteration % (ck.hf_every or ck.every) == 0 or last
 
 
-@stage("update", schema="metrics", after_commit=_rotate_checkpoints)
+@stage("update", schema="metrics", after_commit=_rotate_checkpoints, trainers=True)
 def update(s: StageRun) -> Output:
     import numpy as np
     import pyarrow as pa

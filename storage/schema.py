@@ -25,7 +25,8 @@ ROLLOUT = pa.schema(
         pa.field("response_ids", pa.list_(pa.int32())),  # (A,) sampled token ids, eos included when emitted
         pa.field("engine_logprobs", pa.list_(pa.float32())),  # (A,) log π_engine(a_t|s_t) reported by the engine
         pa.field("finish_reason", pa.string()),  # "stop" (eos / stop string) or "length" (max_new_tokens hit)
-        pa.field("policy_version", pa.int64()),  # policy version the engine served (iteration - 1)
+        pa.field("policy_version", pa.int64()),  # policy version the engine served (iteration - 1 - staleness)
+        pa.field("staleness", pa.int64()),  # versions between it and the update's start: iteration - 1 - policy_version
         pa.field("metadata", pa.string()),  # JSON object of the prompt row's other columns (e.g. the answer)
     ]
 )

@@ -39,6 +39,10 @@ change), and the chains and the reference run side by side (the work is CPU-boun
 killed driver takes its actors with it (Ray ends a dead driver's job); before the next process the test waits for
 their processes to exit.
 
+The pipelined run (algo.max_staleness = 1: generate n+1 beside the trainers' work on n) has a chain of its own,
+ASYNC_CHAIN, against an uninterrupted reference at S = 1 (3 iterations; the second test): killed in update 2 while
+generate 3 is in flight, then after generate 3 committed and before sync 2; it costs 4 more processes, run 2 at a time.
+
 `PPOFLOW_FAULT_TABLE=path.md` writes the table of docs/faults.md (point, where, on disk at the kill, what the
 resume did, outcome) from what this run observed.
 
@@ -105,6 +109,13 @@ CHAINS = {
     "chain-d": {"iterations": 3, "sets": ["checkpoint.every=2"], "stalls": ["checkpoint.writing@2"],
                 "kills": ["update.after_commit@2"]},
 }
+# The pipelined run (algo.max_staleness: 1, stages/pipeline.py: generate n+1 samples from policy n-1 while the
+# trainers score and update n), against an uninterrupted reference at S = 1. The first process is killed inside
+# update 2 while generate 3 is in flight: stalled just before its commit, it holds a whole rollout never committed.
+# The second samples rollout 3 again, commits it and update 2, and is killed at the start of sync 2 (rollout 3
+# committed, the engines still at policy 1). The third finishes the run without sampling a rollout again.
+ASYNC_CHAIN = {"iterations": 3, "stalls": ["generate.before_commit@3"], "kills": ["update.after_train@2",
+                                                                                  "sync.start@2"]}
 TORN_AFTER = "update.after_train@2"  # after this kill, plant a torn part file and a junk checkpoint file
 
 COUNTED_REWARD = '''
@@ -293,19 +304,20 @@ class Chain:
         return [json.loads(p.read_text()) for p in sorted((self.run / "events").iterdir())]
 
 
-def _reference(root: Path, base_args: list[str], env: dict, reap) -> dict:
+def _reference(root: Path, base_args: list[str], env: dict, reap, run_id: str = "reference",
+               iterations: int = REFERENCE_ITERATIONS) -> dict:
     """The uninterrupted run: every iteration checkpointed, in full, and none deleted, so each chain's last
     iteration has an HF export to compare its final weights with."""
-    (root / "reference-head").mkdir()
-    env = {**env, "PPOFLOW_TEST_REWARD_CALLS": str(root / "reward-calls-reference")}
-    head = RayHead(root / "reference-head", env, reap)
+    (root / f"{run_id}-head").mkdir()
+    env = {**env, "PPOFLOW_TEST_REWARD_CALLS": str(root / f"reward-calls-{run_id}")}
+    head = RayHead(root / f"{run_id}-head", env, reap)
     try:
-        head.wait_for(lambda: "--block" in head.log.read_text(), "ray head of the reference")
-        log = root / "reference.log"
+        head.wait_for(lambda: "--block" in head.log.read_text(), f"ray head of {run_id}")
+        log = root / f"{run_id}.log"
         started = time.monotonic()
         with log.open("w") as out:
             proc = subprocess.Popen([sys.executable, "-m", "ppoflow.cli", "train", *base_args, "--run-id",
-                                     "reference", "--set", f"iterations={REFERENCE_ITERATIONS}",
+                                     run_id, "--set", f"iterations={iterations}",
                                      "--set", "checkpoint.every=1", "--set", "storage.keep_checkpoints=null",
                                      "--set", f"ray.address={head.address}"], cwd=REPO, env=env,
                                     stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -329,16 +341,17 @@ def _point(point: str) -> tuple[str, int]:
     return name, int(n)
 
 
-def test_sigkill_at_every_fault_point_then_resume(tmp_path, tiny_model_dir, prompts_dir, reap_session, test_scale,
-                                                  prefect_server):
-    assert len({_point(p)[0] for spec in CHAINS.values() for p in spec["kills"]}) >= 15
+def _base(tmp_path: Path, tiny_model_dir: str, prompts_dir: str, test_scale: list[str], prefect_server: dict,
+          *sets: str) -> tuple[list[str], dict]:
+    """The `ppoflow train` arguments every process of a test shares (the quickstart at test scale, the HF engine, the
+    counted reward, `sets`), and their environment."""
     (tmp_path / "rewards").mkdir()
     (tmp_path / "rewards" / "counted_reward.py").write_text(COUNTED_REWARD)
     base_args = ["--config", "configs/quickstart.yaml",
                  "--set", f"model.path={tiny_model_dir}", "--set", f"data.prompts={prompts_dir}/train.jsonl",
                  "--set", "eval.prompts=null", "--set", f"storage.root={tmp_path}",
                  "--set", "generation.backend=hf", "--set", "storage.rows_per_part=8",  # 32-row tables: 4 part files
-                 "--set", "reward.fn=counted_reward:reward", *(a for s in test_scale for a in ("--set", s))]
+                 "--set", "reward.fn=counted_reward:reward", *(a for s in [*test_scale, *sets] for a in ("--set", s))]
     # RAY_AUTH_MODE: a `ray start` head would make a token that the drivers lack; these heads listen on loopback.
     # GOMP_SPINCOUNT=0: the chains and the reference run side by side, so no actor has the cores to itself.
     env = {**os.environ, **prefect_server, "RAY_AUTH_MODE": "disabled", "OMP_WAIT_POLICY": "PASSIVE",
@@ -346,6 +359,13 @@ def test_sigkill_at_every_fault_point_then_resume(tmp_path, tiny_model_dir, prom
                [str(tmp_path / "rewards"), *filter(None, [os.environ.get("PYTHONPATH")])])}
     for var in ("PPOFLOW_FAULTS", "PPOFLOW_FAULTS_ONCE_DIR"):
         env.pop(var, None)
+    return base_args, env
+
+
+def test_sigkill_at_every_fault_point_then_resume(tmp_path, tiny_model_dir, prompts_dir, reap_session, test_scale,
+                                                  prefect_server):
+    assert len({_point(p)[0] for spec in CHAINS.values() for p in spec["kills"]}) >= 15
+    base_args, env = _base(tmp_path, tiny_model_dir, prompts_dir, test_scale, prefect_server)
 
     started, chains = time.monotonic(), []
     try:
@@ -547,3 +567,49 @@ def _outcome_table(rows: list[dict]) -> str:
         lines.append(f"| `{r['point']}` | {r['where']} | {r['on_disk']} | {r['resume']} | "
                      f"{r['chain']}: finished; tables and final weights bit-equal to the reference |")
     return "\n".join(lines) + "\n"
+
+
+def test_sigkill_while_generate_and_update_overlap_then_resume(tmp_path, tiny_model_dir, prompts_dir, reap_session,
+                                                              test_scale, prefect_server):
+    """ASYNC_CHAIN against its reference: the same tables and final weights, bit for bit; every stage committed once;
+    the rollout in flight at the first kill sampled again once, the committed one never (request counters)."""
+    base_args, env = _base(tmp_path, tiny_model_dir, prompts_dir, test_scale, prefect_server, "algo.max_staleness=1")
+    started, chain = time.monotonic(), Chain("chain-async", ASYNC_CHAIN, tmp_path, base_args, env, reap_session)
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            reference = pool.submit(_reference, tmp_path, base_args, env, reap_session, "reference-async", 3)
+            pool.submit(chain.train).result()
+            reference = reference.result()
+    finally:
+        chain.head.stop()
+    print(f"\nasync fault chain: {len(chain.lives)} processes + the reference in {time.monotonic() - started:.0f} s "
+          f"(reference {reference['seconds']} s; {' '.join(str(life['seconds']) for life in chain.lives)})")
+    assert reference["rc"] == 0, reference["log"].read_text()[-4000:]
+    assert chain.error is None, chain.error
+    _check_equal_to_reference(chain.run, tmp_path / "reference-async", 3)
+    assert [set(_table(chain.run, n, "generate")["staleness"].to_pylist()) for n in (1, 2, 3)] == [{0}, {1}, {1}]
+
+    events = chain.events()
+    ran = [(e["stage"], e["iteration"]) for e in events if e["action"] == "ran"]
+    assert sorted(ran) == sorted((s, n) for n in (1, 2, 3) for s in STAGES), ran
+    by_pid: dict[int, list[dict]] = {}
+    for e in events:
+        by_pid.setdefault(e["pid"], []).append(e)
+    first, second, last = chain.lives
+    committed = [set(life["after"]["markers"]) for life in chain.lives]
+    # Killed in update 2, rollout 3 sampled but not committed; score and advantages 2 committed beside it.
+    assert {"iter-000002/score", "iter-000002/advantages"} <= committed[0], committed[0]
+    assert not {"iter-000002/update", "iter-000003/generate"} & committed[0], committed[0]
+    # Killed after rollout 3 committed, before sync 2: the process that committed it sampled it.
+    assert {"iter-000002/update", "iter-000003/generate"} <= committed[1] and "iter-000002/sync" not in committed[1]
+    assert ("generate", 3) in [(e["stage"], e["iteration"]) for e in by_pid[second["pid"]] if e["action"] == "ran"]
+    # The last process sampled no rollout (generate 3 skipped); its engine served only the syncs' gate probes.
+    final = by_pid[last["pid"]]
+    assert ("generate", 3, "skipped") in [(e["stage"], e.get("iteration"), e["action"]) for e in final]
+    synced = [e["iteration"] for e in final if e["stage"] == "sync" and e["action"] == "ran"]
+    assert synced == [2, 3] and not [e for e in final if e["stage"] == "generate" and e["action"] == "ran"]
+    probes = sum(json.loads((chain.run / f"iter-{n:06d}" / "sync" / "_SUCCESS.json").read_text())["engine_requests"]
+                 for n in synced)
+    stopped = [e for e in final if e["stage"] == "workers" and e["action"] == "stopped"]
+    assert len(stopped) == 1 and stopped[0]["engine"]["requests"] == probes > 0, (stopped, probes)
+    assert len(chain.reward_calls.read_text()) == 3  # each iteration scored once: nothing scored again
