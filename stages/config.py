@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from algorithms.config import AlgoConfig
 from algorithms.registry import ESTIMATORS
 from storage.config import CREDENTIAL_OPTIONS, CheckpointConfig, StorageConfig
-from workers.config import GenerationConfig, ModelConfig, RayConfig, TrainerConfig
+from workers.config import GenerationConfig, ModelConfig, PolicyConfig, RayConfig, TrainerConfig
 
 
 class ConfigError(ValueError):
@@ -331,8 +331,9 @@ class RunConfig(BaseModel):
     generation: GenerationConfig = GenerationConfig()
     """Rollout sampling and the generation engines (vLLM or HF) that do it."""
 
-    policy: TrainerConfig = TrainerConfig()
-    """The policy's DeepSpeed trainer (its ranks, optimizer, batch sizes); the reference model shares its resources."""
+    policy: PolicyConfig = PolicyConfig()
+    """The policy's DeepSpeed trainer (its ranks, optimizer, batch sizes, an optional LoRA adapter); the reference
+    model shares its resources."""
 
     critic: TrainerConfig = TrainerConfig()
     """The critic's DeepSpeed trainer; used by `algo.estimator: gae` only."""
@@ -381,6 +382,16 @@ class RunConfig(BaseModel):
         if self.algo.overlong_buffer is not None and self.algo.overlong_buffer > self.generation.max_new_tokens:
             errors.append(f"algo.overlong_buffer: must not exceed generation.max_new_tokens "
                           f"({self.algo.overlong_buffer} > {self.generation.max_new_tokens})")
+        if (lora := self.policy.lora) is not None:
+            path, ref = self.model.path, self.model.ref_path
+            if lora.init_adapter is None and ref not in (None, path):
+                errors.append(f"model.ref_path: with policy.lora the reference is the policy's base model with the "
+                              f"adapter disabled, so model.ref_path must be unset or model.path ({path}), got {ref}; "
+                              "to start from a trained adapter set policy.lora.init_adapter")
+            if lora.init_adapter is not None and ref in (None, path):
+                errors.append("model.ref_path: policy.lora.init_adapter needs model.ref_path, the base model the "
+                              "adapter sits on, and model.path, that base with the adapter merged (what the engines "
+                              "start from), e.g. a run's checkpoints/iter-N/merged")
         batch = self.data.prompts_per_iteration * n
         for name in (["policy", "critic"] if self.uses_critic else ["policy"]):
             t: TrainerConfig = getattr(self, name)

@@ -67,7 +67,9 @@ def plan_layout(config) -> Layout:
     # its own bundle (Ray would otherwise count the driver's GPU twice).
     engine_resources = {"num_cpus": gen.num_cpus, "num_gpus": gen.num_gpus if tp == 1 else 0.0}
 
-    trainers = {"policy": config.policy, "reference": config.policy}  # the reference uses the policy's resources
+    trainers = {"policy": config.policy}
+    if config.policy.lora is None:  # a LoRA policy is its own reference (workers/launch.py)
+        trainers["reference"] = config.policy  # the reference uses the policy's resources
     if config.uses_critic:
         trainers["critic"] = config.critic
     if config.reward.model is not None:  # one actor, beside the reference on rank 0's bundle
