@@ -288,6 +288,59 @@ class TrackingConfig(BaseModel):
         return v
 
 
+class GateConfig(BaseModel):
+    """The promotion gate of a retraining lineage (flows/retrain.py, stages/gate.py): after a run of the lineage
+    trains, its final policy (the candidate) and the lineage's promoted policy (the base model before any promotion)
+    answer the same held-out prompts with the same seeds; the candidate is promoted only when its score beats the
+    promoted one's by at least `min_delta`. A rejected run is kept and marked so, and the next trigger starts again
+    from the promoted policy."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    eval_prompts: str | list[str]
+    """Held-out prompts (the layouts of data.prompts, same columns and labels) that both policies answer; none of them
+    should be in the lineage's training files."""
+
+    metric: Literal["pass_rate", "reward_mean"] = "pass_rate"
+    """`pass_rate`: the fraction of answers whose reward is at least `pass_threshold`; `reward_mean`: their mean
+    reward."""
+
+    min_delta: float = Field(0.0, allow_inf_nan=False)
+    """Promote when candidate score − promoted score ≥ min_delta. 0 promotes a tie (newer data, no worse); a positive
+    value demands a measurable gain; a small negative one tolerates evaluation noise."""
+
+    n_samples: int = Field(1, ge=1)
+    """Answers per prompt (above 1 needs temperature > 0)."""
+
+    temperature: float = Field(0.0, ge=0.0)
+    """Sampling temperature of the answers; 0 is greedy."""
+
+    max_prompts: int | None = Field(None, ge=1)
+    """Use the first max_prompts rows of eval_prompts only; None uses them all."""
+
+    reward_fn: str | None = None
+    """Rule reward `module:function` that scores the answers (reward.fn's contract); None: reward.fn. Set it when a
+    run's training reward is not the yardstick of the lineage."""
+
+    pass_threshold: float = 1.0
+    """An answer passes when its reward is at least this (metric pass_rate)."""
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> "GateConfig":
+        if self.n_samples > 1 and self.temperature == 0:
+            raise ValueError(f"n_samples: {self.n_samples} greedy answers per prompt would be copies of one; set "
+                             "temperature > 0 or n_samples: 1")
+        return self
+
+
+class RetrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    gate: GateConfig | None = None
+    """Evaluate each retrained candidate against the lineage's promoted policy and promote it only if it wins (see
+    GateConfig); None promotes every run that finishes."""
+
+
 class FlowConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
@@ -304,7 +357,7 @@ class FlowConfig(BaseModel):
     seconds (bench/RESULTS.md, "Orchestration overhead")."""
 
 
-OPERATIONAL_FIELDS = ("run_id", "iterations", "ray", "flow", "eval", "tracking", "checkpoint")
+OPERATIONAL_FIELDS = ("run_id", "iterations", "ray", "flow", "eval", "tracking", "checkpoint", "retrain")
 """Fields a resumed run may change: they don't change what the run computes."""
 
 
@@ -361,6 +414,9 @@ class RunConfig(BaseModel):
 
     tracking: TrackingConfig = TrackingConfig()
     """Experiment tracker of each iteration's metrics (TensorBoard, MLflow, W&B or none)."""
+
+    retrain: RetrainConfig = RetrainConfig()
+    """Scheduled retraining of a lineage (flows/retrain.py): the promotion gate; a training run itself ignores it."""
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> "RunConfig":
