@@ -293,19 +293,20 @@ class Chain:
         return [json.loads(p.read_text()) for p in sorted((self.run / "events").iterdir())]
 
 
-def _reference(root: Path, base_args: list[str], env: dict, reap) -> dict:
+def _reference(root: Path, base_args: list[str], env: dict, reap, run_id: str = "reference",
+               iterations: int = REFERENCE_ITERATIONS) -> dict:
     """The uninterrupted run: every iteration checkpointed, in full, and none deleted, so each chain's last
     iteration has an HF export to compare its final weights with."""
-    (root / "reference-head").mkdir()
-    env = {**env, "PPOFLOW_TEST_REWARD_CALLS": str(root / "reward-calls-reference")}
-    head = RayHead(root / "reference-head", env, reap)
+    (root / f"{run_id}-head").mkdir()
+    env = {**env, "PPOFLOW_TEST_REWARD_CALLS": str(root / f"reward-calls-{run_id}")}
+    head = RayHead(root / f"{run_id}-head", env, reap)
     try:
         head.wait_for(lambda: "--block" in head.log.read_text(), "ray head of the reference")
-        log = root / "reference.log"
+        log = root / f"{run_id}.log"
         started = time.monotonic()
         with log.open("w") as out:
             proc = subprocess.Popen([sys.executable, "-m", "ppoflow.cli", "train", *base_args, "--run-id",
-                                     "reference", "--set", f"iterations={REFERENCE_ITERATIONS}",
+                                     run_id, "--set", f"iterations={iterations}",
                                      "--set", "checkpoint.every=1", "--set", "storage.keep_checkpoints=null",
                                      "--set", f"ray.address={head.address}"], cwd=REPO, env=env,
                                     stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -329,9 +330,9 @@ def _point(point: str) -> tuple[str, int]:
     return name, int(n)
 
 
-def test_sigkill_at_every_fault_point_then_resume(tmp_path, tiny_model_dir, prompts_dir, reap_session, test_scale,
-                                                  prefect_server):
-    assert len({_point(p)[0] for spec in CHAINS.values() for p in spec["kills"]}) >= 15
+def _base_args(tmp_path: Path, tiny_model_dir: str, prompts_dir: str, test_scale: list[str],
+               prefect_server: dict) -> tuple[list[str], dict]:
+    """The faulted runs' and the reference's common arguments and environment."""
     (tmp_path / "rewards").mkdir()
     (tmp_path / "rewards" / "counted_reward.py").write_text(COUNTED_REWARD)
     base_args = ["--config", "configs/quickstart.yaml",
@@ -346,6 +347,13 @@ def test_sigkill_at_every_fault_point_then_resume(tmp_path, tiny_model_dir, prom
                [str(tmp_path / "rewards"), *filter(None, [os.environ.get("PYTHONPATH")])])}
     for var in ("PPOFLOW_FAULTS", "PPOFLOW_FAULTS_ONCE_DIR"):
         env.pop(var, None)
+    return base_args, env
+
+
+def test_sigkill_at_every_fault_point_then_resume(tmp_path, tiny_model_dir, prompts_dir, reap_session, test_scale,
+                                                  prefect_server):
+    assert len({_point(p)[0] for spec in CHAINS.values() for p in spec["kills"]}) >= 15
+    base_args, env = _base_args(tmp_path, tiny_model_dir, prompts_dir, test_scale, prefect_server)
 
     started, chains = time.monotonic(), []
     try:
@@ -547,3 +555,40 @@ def _outcome_table(rows: list[dict]) -> str:
         lines.append(f"| `{r['point']}` | {r['where']} | {r['on_disk']} | {r['resume']} | "
                      f"{r['chain']}: finished; tables and final weights bit-equal to the reference |")
     return "\n".join(lines) + "\n"
+
+
+LORA_SETS = ["policy.lora.rank=8", "policy.lr=2e-3", "algo.estimator=group_norm"]
+"""The LoRA chain's and its reference's config: a LoRA policy (adapter-only checkpoints, the reference being the
+policy with its adapter disabled, merged weights synced), and no critic, so each process starts two actors."""
+
+LORA_CHAIN = {"iterations": 2, "kills": ["update.policy_saved@1", TORN_AFTER]}
+"""Killed twice in update: while checkpoint 1 (the adapter and its optimizer state) is being written, and after the
+second update stepped the adapter (in-memory state dirty, then a torn part file and junk planted)."""
+
+
+def test_lora_sigkill_in_update_then_resume(tmp_path, tiny_model_dir, prompts_dir, reap_session, test_scale,
+                                            prefect_server):
+    """The same checks as above for a LoRA policy: a chain killed in update resumes to tables and a final adapter
+    bit-equal to an uninterrupted LoRA run's (the trainers reload adapter-only checkpoints onto the base weights and
+    replay the committed updates). Three processes and a 2-iteration reference, two actors each."""
+    base_args, env = _base_args(tmp_path, tiny_model_dir, prompts_dir, test_scale, prefect_server)
+    base_args += [a for s in LORA_SETS for a in ("--set", s)]
+    started = time.monotonic()
+    chain = Chain("chain-lora", LORA_CHAIN, tmp_path, base_args, env, reap_session)
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            reference = pool.submit(_reference, tmp_path, base_args, env, reap_session, "reference-lora",
+                                    LORA_CHAIN["iterations"])
+            pool.submit(chain.train).result()
+            reference = reference.result()
+    finally:
+        chain.head.stop()
+    print(f"\nLoRA fault chain: {len(chain.lives)} processes + the reference in {time.monotonic() - started:.0f} s")
+    assert reference["rc"] == 0, reference["log"].read_text()[-4000:]
+    assert chain.error is None, chain.error
+    ref = tmp_path / "reference-lora"
+    assert not (ref / "logs" / "reference.log").exists()  # no reference actor: the policy is its own reference
+    last = ref / "checkpoints" / f"iter-{LORA_CHAIN['iterations']:06d}"
+    assert (last / "hf" / "adapter_model.safetensors").exists() and (last / "merged" / "model.safetensors").exists()
+    _check_equal_to_reference(chain.run, ref, chain.iterations)  # the final adapter's weights, bit for bit
+    _check_lives(chain)
