@@ -39,6 +39,11 @@ change), and the chains and the reference run side by side (the work is CPU-boun
 killed driver takes its actors with it (Ray ends a dead driver's job); before the next process the test waits for
 their processes to exit.
 
+A LoRA policy (`policy.lora`: adapter-only checkpoints, the reference being the policy with its adapter disabled)
+gets a chain of its own, `test_lora_sigkill_in_update_then_resume`: killed twice in update (while checkpoint 1 is
+written, and after update 2 stepped), compared bit for bit with an uninterrupted LoRA run of 2 iterations; without a
+critic, so its processes start two actors each (it runs alone: `-k lora`).
+
 `PPOFLOW_FAULT_TABLE=path.md` writes the table of docs/faults.md (point, where, on disk at the kill, what the
 resume did, outcome) from what this run observed.
 
