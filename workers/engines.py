@@ -121,7 +121,7 @@ def plan_layout(config) -> Layout:
         if shared > 1.0 + 1e-9:
             raise ValueError(f"generation.placement: hybrid puts an engine and rank {r} of the trainers on one GPU, "
                              f"but generation.num_gpus {gen.num_gpus} + policy.num_gpus"
-                             f"{' x2 (policy and reference)' if r == 0 else ''}"
+                             f"{' x2 (policy and reference)' if r == 0 and 'reference' in ranks else ''}"
                              f"{' + critic.num_gpus' if 'critic' in ranks and r < ranks['critic'] else ''}"
                              f"{' + reward.model.num_gpus' if 'reward' in ranks and r == 0 else ''} = "
                              f"{shared:g} > 1; lower those fractions")
