@@ -212,8 +212,10 @@ def show_lineage(name: str, root: str | None = None) -> int:
     promoted = lineage.promoted()
     console.print(f"lineage {name} under {root}")
     table = Table(box=box.SIMPLE_HEAD)
-    for column in ("run", "status", "parent", "files", "gate", "candidate", "vs promoted", "promotion", "weights"):
-        table.add_column(column, no_wrap=column != "weights")
+    for column in ("run", "status", "parent", "files", "gate", "candidate", "vs promoted", "promotion"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("weights (under the root)", overflow="fold")
+    under = str(root).rstrip("/") + "/"
     for r in records:
         g = r.get("gate") or {}
         verdict = r.get("promotion", "promoted" if r["status"] == "complete" else None) or "-"
@@ -222,7 +224,7 @@ def show_lineage(name: str, root: str | None = None) -> int:
         table.add_row(r["run_id"], r["status"], r["parent"] or "base", str(len(r["prompt_files"])),
                       g.get("metric", "-"), f"{g['candidate']:.3f}" if g else "-",
                       f"{g['promoted']:.3f} ({g['promoted_run'] or 'base'})" if g else "-", verdict,
-                      r.get("final_policy") or "-")
+                      (r.get("final_policy") or "-").removeprefix(under))
     console.print(table)
     serving = lineage.serving()
     if promoted is None:

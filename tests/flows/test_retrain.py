@@ -79,8 +79,9 @@ def test_gate_rejects_a_worse_lora_candidate_and_the_next_run_starts_from_the_pr
     """Three triggers of a LoRA lineage with a promotion gate: the first run (true reward) is promoted over the base
     model; the second is trained on purpose with a reward that punishes correct answers, loses the gate and is kept,
     marked rejected; the third starts from the first run's adapter (not the rejected one's), and `ppoflow lineage
-    show` says so. The gate tolerates 0.05 of evaluation noise (min_delta -0.05 on 64 greedy answers): the first run
-    must not lose more than that against the base, the poisoned one loses far more."""
+    show` says so. The gate tolerates 0.05 of evaluation noise (min_delta -0.05 on 64 greedy answers): the honest
+    runs train gently (lr 5e-4, two steps: seen within 0.04 of the policy they start from at lr 2e-3), the poisoned
+    one hard (lr 2e-2, four steps: seen at a pass rate of 0 from 0.28)."""
     from ppoflow.cli import main as ppoflow
     from storage.lineage import LineageStore
 
@@ -90,7 +91,7 @@ def test_gate_rejects_a_worse_lora_candidate_and_the_next_run_starts_from_the_pr
     incoming = tmp_path / "incoming"
     overrides = [f"model.path={sft_model_dir}", f"storage.root={tmp_path}", "iterations=2", "eval.prompts=null",
                  *test_scale, "algo.estimator=group_norm", "generation.backend=hf", "policy.lora.rank=8",
-                 "policy.lr=2e-3", f"retrain.gate.eval_prompts={prompts_dir}/eval.jsonl", "retrain.gate.max_prompts=64",
+                 "policy.lr=5e-4", f"retrain.gate.eval_prompts={prompts_dir}/eval.jsonl", "retrain.gate.max_prompts=64",
                  "retrain.gate.min_delta=-0.05", "retrain.gate.reward_fn=ppoflow.tasks.arith:reward"]
     _write(incoming, "2026-11-01.jsonl", list(range(1000, 1064)))
     one = ppo_retrain("lora", str(incoming), QUICKSTART, overrides)
