@@ -22,7 +22,7 @@ from rich.table import Table
 
 from stages.common import iteration_summary
 from stages.curves import curves_png
-from storage.run import RunStore, find_run
+from storage.run import RunStore, find_run, run_uri
 
 ITERATION_COLUMNS = [  # (header, metric of iteration_summary, format)
     ("iter", "iteration", "{}"),
@@ -215,7 +215,7 @@ def show_lineage(name: str, root: str | None = None) -> int:
     for column in ("run", "status", "parent", "files", "gate", "candidate", "vs promoted", "promotion"):
         table.add_column(column, no_wrap=True)
     table.add_column("weights (under the root)", overflow="fold")
-    under = str(root).rstrip("/") + "/"
+    under = run_uri(root, "")  # `{root}/`, absolute for a local root, as the records hold it
     for r in records:
         g = r.get("gate") or {}
         verdict = r.get("promotion", "promoted" if r["status"] == "complete" else None) or "-"
