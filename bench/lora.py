@@ -17,7 +17,7 @@ CPU (the quickstart, 2 cores; a shared machine gives orders of magnitude only):
     .venv/bin/python bench/lora.py --vllm-lora-only          # merged reload vs vLLM's LoRA, no training
 GPU (one GPU, a random-init model of Qwen2.5-0.5B's block shape, configs/gpu-0.5b.yaml's settings), from the repo root
 with the carried wheels (bench/gpu_run.sh installs them and runs a named script):
-    bash bench/gpu_run.sh bench/lora.py --gpu --iterations 4 --json $OUT/lora-gpu.json
+    bash bench/gpu_run.sh bench/lora.py --gpu --iterations 3 --json $OUT/lora-gpu.json
 Results: bench/RESULTS.md ("LoRA"), bench/results/lora.json.
 """
 
@@ -179,8 +179,11 @@ def main(argv=None) -> int:
             make_tiny_model(str(model), sft_steps=0, shape=QWEN05_SHAPE, dtype="bfloat16")
         prompts = write_prompts(str(work / "arith"))
         config = str(REPO / "configs" / "gpu-0.5b.yaml")
+        # configs/gpu-0.5b.yaml cut to fit one 10-minute command for both variants: 32 prompts x 4 samples of up to
+        # 128 tokens, two optimizer steps per iteration
         sets = [f"model.path={model}", f"data.prompts={prompts['train']}", "generation.max_new_tokens=128",
-                "data.max_prompt_tokens=128", "generation.max_model_len=256"]
+                "data.max_prompt_tokens=128", "generation.max_model_len=256", "data.prompts_per_iteration=32",
+                "generation.n_samples_per_prompt=4", "policy.mini_batch_size=64"]
         full_lr = 1e-6
     else:
         config = str(REPO / "configs" / "quickstart.yaml")
