@@ -42,7 +42,7 @@ their processes to exit.
 A LoRA policy (`policy.lora`: adapter-only checkpoints, the reference being the policy with its adapter disabled)
 gets a chain of its own, `test_lora_sigkill_in_update_then_resume`: killed twice in update (while checkpoint 1 is
 written, and after update 2 stepped), compared bit for bit with an uninterrupted LoRA run of 2 iterations; without a
-critic, so its processes start two actors each (it runs alone: `-k lora`).
+reference actor (it runs alone: `-k lora`).
 
 `PPOFLOW_FAULT_TABLE=path.md` writes the table of docs/faults.md (point, where, on disk at the kill, what the
 resume did, outcome) from what this run observed.
@@ -562,9 +562,11 @@ def _outcome_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-LORA_SETS = ["policy.lora.rank=8", "policy.lr=2e-3", "algo.estimator=group_norm"]
+LORA_SETS = ["policy.lora.rank=8", "policy.lr=2e-3"]
 """The LoRA chain's and its reference's config: a LoRA policy (adapter-only checkpoints, the reference being the
-policy with its adapter disabled, merged weights synced), and no critic, so each process starts two actors."""
+policy with its adapter disabled, merged weights synced). GAE as in the other chains: the random-init model earns no
+reward, and only the critic's values give its adapter nonzero advantages to learn from (a group estimator would
+leave B at 0 and the comparison empty)."""
 
 LORA_CHAIN = {"iterations": 2, "kills": ["update.policy_saved@1", TORN_AFTER]}
 """Killed twice in update: while checkpoint 1 (the adapter and its optimizer state) is being written, and after the
@@ -575,7 +577,8 @@ def test_lora_sigkill_in_update_then_resume(tmp_path, tiny_model_dir, prompts_di
                                             prefect_server):
     """The same checks as above for a LoRA policy: a chain killed in update resumes to tables and a final adapter
     bit-equal to an uninterrupted LoRA run's (the trainers reload adapter-only checkpoints onto the base weights and
-    replay the committed updates). Three processes and a 2-iteration reference, two actors each."""
+    replay the committed updates). Three processes and a 2-iteration reference, three actors each (engine, policy,
+    critic: no reference)."""
     base_args, env = _base_args(tmp_path, tiny_model_dir, prompts_dir, test_scale, prefect_server)
     base_args += [a for s in LORA_SETS for a in ("--set", s)]
     started = time.monotonic()
@@ -595,5 +598,9 @@ def test_lora_sigkill_in_update_then_resume(tmp_path, tiny_model_dir, prompts_di
     assert not (ref / "logs" / "reference.log").exists()  # no reference actor: the policy is its own reference
     last = ref / "checkpoints" / f"iter-{LORA_CHAIN['iterations']:06d}"
     assert (last / "hf" / "adapter_model.safetensors").exists() and (last / "merged" / "model.safetensors").exists()
+    from safetensors.numpy import load_file
+
+    adapter = load_file(last / "hf" / "adapter_model.safetensors")
+    assert any(k.endswith("lora_B.weight") and (v != 0).any() for k, v in adapter.items())  # B left 0: it trained
     _check_equal_to_reference(chain.run, ref, chain.iterations)  # the final adapter's weights, bit for bit
     _check_lives(chain)
