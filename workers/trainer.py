@@ -14,6 +14,11 @@ since (`dirty`). A stage that needs version v calls `ensure_version(v, checkpoin
 checkpoint when the memory state is anything else — so a retried or resumed update never trains on top of a half
 update.
 
+LoRA (`policy.lora`): the policy is the base model wrapped by PEFT, only the adapter trains (the optimizer holds the
+trainable parameters only), and the policy is its own reference (`logprobs(adapter=False)`: no ReferenceWorker is
+started). Checkpoints exclude the frozen base weights; the engines' weights and the merged export are W + (α/r)·BA,
+computed apart from the model (`_engine_tensors`), never merged in place.
+
 Model groups: N actors of one class (ranks 0..N-1, one process each, same constructor arguments but `rank`) meet at
 rank 0's `master_addr`/`master_port` and train one data-parallel model. Every method of a trainer is collective: call
 it on every rank of the group with the same arguments (the full table), concurrently, and wait for all. Results are
