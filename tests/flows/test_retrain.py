@@ -47,7 +47,7 @@ def test_lineage_trains_on_new_files_only_and_warm_starts(tmp_path, tiny_model_d
     three = ppo_retrain("daily", str(incoming), QUICKSTART, overrides)
     assert three["action"] == "nothing_new" and "no new prompt files" in three["message"]
     assert not (tmp_path / "daily-0003").exists()
-    records = sorted((tmp_path / "lineages" / "daily").glob("*.json"))
+    records = sorted((tmp_path / "lineages" / "daily").glob("daily-*.json"))  # beside _SERVING.json
     assert [json.loads(p.read_text())["status"] for p in records] == ["complete", "complete"]
 
 
