@@ -79,9 +79,9 @@ def test_gate_rejects_a_worse_lora_candidate_and_the_next_run_starts_from_the_pr
     """Three triggers of a LoRA lineage with a promotion gate: the first run (true reward) is promoted over the base
     model; the second is trained on purpose with a reward that punishes correct answers, loses the gate and is kept,
     marked rejected; the third starts from the first run's adapter (not the rejected one's), and `ppoflow lineage
-    show` says so. The gate tolerates 0.05 of evaluation noise (min_delta -0.05 on 64 greedy answers): the honest
-    runs train gently (lr 5e-4, two steps: seen within 0.04 of the policy they start from at lr 2e-3), the poisoned
-    one hard (lr 2e-2, four steps: seen at a pass rate of 0 from 0.28)."""
+    show` says so. The gate tolerates 0.1 of evaluation noise (min_delta -0.1 on 64 greedy answers, one answer is
+    0.016): the honest runs train gently (lr 5e-4, two steps; seen: the first 0.047 below the base, the third 0.031
+    above the first), the poisoned one hard (lr 2e-2, four steps; seen: a pass rate of 0 from 0.27)."""
     from ppoflow.cli import main as ppoflow
     from storage.lineage import LineageStore
 
@@ -92,7 +92,7 @@ def test_gate_rejects_a_worse_lora_candidate_and_the_next_run_starts_from_the_pr
     overrides = [f"model.path={sft_model_dir}", f"storage.root={tmp_path}", "iterations=2", "eval.prompts=null",
                  *test_scale, "algo.estimator=group_norm", "generation.backend=hf", "policy.lora.rank=8",
                  "policy.lr=5e-4", f"retrain.gate.eval_prompts={prompts_dir}/eval.jsonl", "retrain.gate.max_prompts=64",
-                 "retrain.gate.min_delta=-0.05", "retrain.gate.reward_fn=ppoflow.tasks.arith:reward"]
+                 "retrain.gate.min_delta=-0.1", "retrain.gate.reward_fn=ppoflow.tasks.arith:reward"]
     _write(incoming, "2026-11-01.jsonl", list(range(1000, 1064)))
     one = ppo_retrain("lora", str(incoming), QUICKSTART, overrides)
     assert one["promotion"] == "promoted", one["gate"]
@@ -102,7 +102,7 @@ def test_gate_rejects_a_worse_lora_candidate_and_the_next_run_starts_from_the_pr
     two = ppo_retrain("lora", str(incoming), QUICKSTART,
                       [*overrides, "reward.fn=poison_reward:reward", "iterations=4", "policy.lr=2e-2"])
     assert two["parent"] == "lora-0001" and two["promotion"] == "rejected", two["gate"]
-    assert two["gate"]["promoted_run"] == "lora-0001" and two["gate"]["delta"] < -0.05
+    assert two["gate"]["promoted_run"] == "lora-0001" and two["gate"]["delta"] < -0.1
 
     _write(incoming, "2026-11-03.jsonl", list(range(3000, 3064)))
     three = ppo_retrain("lora", str(incoming), QUICKSTART, overrides)
