@@ -651,7 +651,7 @@ class PolicyWorker(_DeepSpeedWorker):
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=_torch_dtype(self.dtype),
                                                      attn_implementation=self.attention)
-        lora = self.cfg.lora
+        lora = self._lora
         if lora is None:
             return model
         import peft
@@ -668,8 +668,14 @@ class PolicyWorker(_DeepSpeedWorker):
             task_type="CAUSAL_LM"))
 
     @property
+    def _lora(self):
+        """The policy's LoraConfig, or None: full fine-tuning (also for a plain TrainerConfig, as tests and benches
+        pass it)."""
+        return getattr(self.cfg, "lora", None)
+
+    @property
     def _frozen_base(self) -> bool:
-        return self.cfg.lora is not None
+        return self._lora is not None
 
     def _how(self, training: bool) -> str:
         """How forwards run: packed, shared prompts (not under gradient checkpointing in training: its
@@ -694,7 +700,7 @@ class PolicyWorker(_DeepSpeedWorker):
         import torch
 
         _use_threads(threads, self.cfg.num_threads)
-        if not adapter and self.cfg.lora is None:
+        if not adapter and self._lora is None:
             raise ValueError("logprobs(adapter=False) needs a LoRA policy (policy.lora): a fully fine-tuned policy "
                              "has no base model to fall back to; the reference actor computes π_ref")
         base = contextlib.nullcontext() if adapter else self.engine.module.disable_adapter()
@@ -909,7 +915,7 @@ class PolicyWorker(_DeepSpeedWorker):
         own merge formula, `get_delta_weight`), as new tensors, and the base model's own tensors elsewhere. The
         adapter is never merged in place: unmerging would not restore W bit for bit."""
         module = self.engine.module
-        if self.cfg.lora is None:
+        if self._lora is None:
             return module.state_dict(keep_vars=True)
         import torch
         from peft.tuners.lora import LoraLayer
@@ -923,7 +929,7 @@ class PolicyWorker(_DeepSpeedWorker):
                                      for n, t in base.state_dict(keep_vars=True).items() if ".lora_" not in n)}
 
     def _full_state_dict(self) -> dict | None:
-        if self.cfg.lora is None:
+        if self._lora is None:
             return super()._full_state_dict()
         if self.rank != 0:  # ZeRO 0-2 (ZeRO-3 is refused with LoRA): rank 0 holds every weight
             return None
@@ -949,7 +955,7 @@ class PolicyWorker(_DeepSpeedWorker):
         in its writer thread, from host copies); every rank of a group must call (the ZeRO-3 gather is collective).
         Returns the seconds the call blocked."""
         t0 = time.perf_counter()
-        lora = self.cfg.lora is not None
+        lora = self._lora is not None
         # host copies
         adapter = ({k: v.detach().to("cpu", copy=True) for k, v in self.engine.module.state_dict().items()
                     if ".lora_" in k} if lora and self.rank == 0 else None)
