@@ -39,5 +39,6 @@ def ppo_retrain(lineage: str, prompts_dir: str, config_path: str, overrides: lis
     return {**plan, "run_uri": run["run_uri"], "final_policy": record["final_policy"],
             "promotion": record["promotion"], "gate": record.get("gate")}
 
+
 if __name__ == "__main__":
     print(ppo_retrain(*sys.argv[1:4], overrides=sys.argv[4:])["message"])

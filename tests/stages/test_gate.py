@@ -82,7 +82,8 @@ def test_gate_table_and_mlflow_alias(tmp_path, tiny_model_dir):
 
     _register(config, "daily", first)
     _register(config, "daily", second)
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", registry_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    store = f"sqlite:///{tmp_path}/mlflow.db"  # the trackers' default under tracking.dir
+    client = MlflowClient(tracking_uri=store, registry_uri=store)
     versions = {str(v.version): v for v in client.search_model_versions("name='ppoflow-daily'")}
     assert len(versions) == 2 and first["mlflow_model_version"] == "ppoflow-daily/1"
     promoted = client.get_model_version_by_alias("ppoflow-daily", "promoted")

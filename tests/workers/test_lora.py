@@ -9,7 +9,6 @@ Run alone:  .venv/bin/pytest -q tests/workers/test_lora.py
 
 import os
 
-import numpy as np
 import pytest
 
 from tests.workers.test_trainer_group import (SEED, Group, _algo, _assert_rows_close, _assert_same_metrics,
