@@ -8,6 +8,7 @@
     ppoflow runs list [--root ROOT]
     ppoflow runs show RUN [--root ROOT]
     ppoflow rollouts RUN --iter N [--k 5] [--order best|worst|random|all] [--root ROOT]
+    ppoflow lineage show NAME [--root ROOT]                   a retraining lineage: runs, gate scores, what serves
 
 `train` with the id of an existing run resumes it from storage (committed stages are not redone); it prints a header,
 one line per iteration and a summary, the workers' output going to `{run}/logs/` (ppoflow/console.py). `runs` and
@@ -204,6 +205,8 @@ def cmd_inspect(args) -> int:
     from ppoflow import runs
 
     try:
+        if args.command == "lineage":
+            return runs.show_lineage(args.name, root=args.root)
         if args.command == "rollouts":
             return runs.show_rollouts(args.run, args.iter, k=args.k, order=args.order, seed=args.seed, root=args.root)
         if args.runs_command == "show":
@@ -270,6 +273,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seed of --order random")
     p.add_argument("--root", help=root_help)
     p.set_defaults(fn=cmd_inspect)
+
+    p = sub.add_parser("lineage", help="a retraining lineage: its runs, the promotion gate's scores, what serves")
+    lineage_sub = p.add_subparsers(dest="lineage_command", required=True)
+    q = lineage_sub.add_parser("show", help="runs, gate scores and verdicts, the promoted run and its weights")
+    q.add_argument("name", help="lineage name")
+    q.add_argument("--root", help=root_help)
+    q.set_defaults(fn=cmd_inspect)
 
     args = parser.parse_args(argv)
     return args.fn(args)

@@ -77,7 +77,8 @@ def header(config, run_id: str, uri: str, logs: str, committed: int | None, lega
         t = getattr(config, role)
         trainers.append(f"{role}{f' ×{t.num_ranks}' if t.num_ranks > 1 else ''} (ZeRO-{t.zero_stage}, "
                         f"{res(t.num_cpus, t.num_gpus)})")
-    trainers.append("reference")
+    trainers.append("reference" if config.policy.lora is None else
+                    f"LoRA rank {config.policy.lora.rank} (reference: the adapter disabled)")
     if config.reward.model is not None:
         trainers.append(f"reward model ({res(config.reward.model.num_cpus, config.reward.model.num_gpus)})")
     ev = config.eval

@@ -4,6 +4,7 @@ reward and KL curves), print sample rollouts of an iteration.
     ppoflow runs list [--root ROOT]
     ppoflow runs show RUN [--root ROOT]                   iteration table; writes {run}/plots/curves.png
     ppoflow rollouts RUN --iter N [--k 5] [--order best|worst|random|all] [--seed 0] [--root ROOT]
+    ppoflow lineage show NAME [--root ROOT]               runs of a retraining lineage, gate scores, what serves
 
 ROOT is the `storage.root` the runs were trained with (default `runs`; any fsspec URI, credentials from the
 environment). Everything is read through storage.run.RunStore — commit markers, the run manifest, committed Parquet —
@@ -21,7 +22,7 @@ from rich.table import Table
 
 from stages.common import iteration_summary
 from stages.curves import curves_png
-from storage.run import RunStore, find_run
+from storage.run import RunStore, find_run, run_uri
 
 ITERATION_COLUMNS = [  # (header, metric of iteration_summary, format)
     ("iter", "iteration", "{}"),
@@ -193,4 +194,49 @@ def show_rollouts(run_id: str, iteration: int, k: int = 5, order: str = "random"
                     f"max {pc.max(rewards).as_py():.3f}" if n else "the iteration committed no samples")
                    + (" · adv = mean advantage over the response tokens" if stage == "advantages"
                       else " · advantages not committed"))
+    return 0
+
+
+def show_lineage(name: str, root: str | None = None) -> int:
+    """The runs of retraining lineage `name` (storage/lineage.py), oldest first: status, parent, the gate's scores
+    (candidate vs the policy promoted when it was gated) and verdict, where its weights are; then what serves: the
+    promoted run and a path a serving stack loads (an HF folder, or the base model plus a LoRA adapter)."""
+    from storage.lineage import LineageStore
+
+    root = _root(root)
+    lineage = LineageStore(root, name)
+    records = lineage.records()
+    if not records:
+        raise RunNotFound(f"no lineage {name!r} under {root} (no {lineage.uri}/*.json); pass --root to look elsewhere")
+    console = _console()
+    promoted = lineage.promoted()
+    console.print(f"lineage {name} under {root}")
+    table = Table(box=box.SIMPLE_HEAD)
+    for column in ("run", "status", "parent", "files", "gate", "candidate", "vs promoted", "promotion"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("weights (under the root)", overflow="fold")
+    under = run_uri(root, "")  # `{root}/`, absolute for a local root, as the records hold it
+    for r in records:
+        g = r.get("gate") or {}
+        verdict = r.get("promotion", "promoted" if r["status"] == "complete" else None) or "-"
+        if promoted is not None and r["run_id"] == promoted["run_id"]:
+            verdict += " (serving)"
+        table.add_row(r["run_id"], r["status"], r["parent"] or "base", str(len(r["prompt_files"])),
+                      g.get("metric", "-"), f"{g['candidate']:.3f}" if g else "-",
+                      f"{g['promoted']:.3f} ({g['promoted_run'] or 'base'})" if g else "-", verdict,
+                      (r.get("final_policy") or "-").removeprefix(under))
+    console.print(table)
+    serving = lineage.serving()
+    if promoted is None:
+        console.print("serving: the base model (no run promoted yet)")
+    elif serving is not None and serving["run_id"] == promoted["run_id"]:
+        adapter = (f"; or base {serving['base_model']} + LoRA adapter {serving['adapter']}"
+                   if serving.get("adapter") else "")
+        console.print(f"serving: {serving['run_id']} (promoted {serving['promoted_at'][:19].replace('T', ' ')} UTC): "
+                      f"HF folder {serving['weights']}{adapter}")
+    else:  # promoted before the serving pointer existed
+        console.print(f"serving: {promoted['run_id']}: HF folder {promoted['final_policy']}")
+    rejected = [r["run_id"] for r in records if r.get("promotion") == "rejected"]
+    if rejected:
+        console.print(f"rejected (kept, never a parent): {', '.join(rejected)}")
     return 0

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from algorithms.config import AlgoConfig
 from algorithms.registry import ESTIMATORS
 from storage.config import CREDENTIAL_OPTIONS, CheckpointConfig, StorageConfig
-from workers.config import GenerationConfig, ModelConfig, RayConfig, TrainerConfig
+from workers.config import GenerationConfig, ModelConfig, PolicyConfig, RayConfig, TrainerConfig
 
 
 class ConfigError(ValueError):
@@ -288,6 +288,59 @@ class TrackingConfig(BaseModel):
         return v
 
 
+class GateConfig(BaseModel):
+    """The promotion gate of a retraining lineage (flows/retrain.py, stages/gate.py): after a run of the lineage
+    trains, its final policy (the candidate) and the lineage's promoted policy (the base model before any promotion)
+    answer the same held-out prompts with the same seeds; the candidate is promoted only when its score beats the
+    promoted one's by at least `min_delta`. A rejected run is kept and marked so, and the next trigger starts again
+    from the promoted policy."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    eval_prompts: str | list[str]
+    """Held-out prompts (the layouts of data.prompts, same columns and labels) that both policies answer; none of them
+    should be in the lineage's training files."""
+
+    metric: Literal["pass_rate", "reward_mean"] = "pass_rate"
+    """`pass_rate`: the fraction of answers whose reward is at least `pass_threshold`; `reward_mean`: their mean
+    reward."""
+
+    min_delta: float = Field(0.0, allow_inf_nan=False)
+    """Promote when candidate score − promoted score ≥ min_delta. 0 promotes a tie (newer data, no worse); a positive
+    value demands a measurable gain; a small negative one tolerates evaluation noise."""
+
+    n_samples: int = Field(1, ge=1)
+    """Answers per prompt (above 1 needs temperature > 0)."""
+
+    temperature: float = Field(0.0, ge=0.0)
+    """Sampling temperature of the answers; 0 is greedy."""
+
+    max_prompts: int | None = Field(None, ge=1)
+    """Use the first max_prompts rows of eval_prompts only; None uses them all."""
+
+    reward_fn: str | None = None
+    """Rule reward `module:function` that scores the answers (reward.fn's contract); None: reward.fn. Set it when a
+    run's training reward is not the yardstick of the lineage."""
+
+    pass_threshold: float = 1.0
+    """An answer passes when its reward is at least this (metric pass_rate)."""
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> "GateConfig":
+        if self.n_samples > 1 and self.temperature == 0:
+            raise ValueError(f"n_samples: {self.n_samples} greedy answers per prompt would be copies of one; set "
+                             "temperature > 0 or n_samples: 1")
+        return self
+
+
+class RetrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    gate: GateConfig | None = None
+    """Evaluate each retrained candidate against the lineage's promoted policy and promote it only if it wins (see
+    GateConfig); None promotes every run that finishes."""
+
+
 class FlowConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
@@ -304,7 +357,7 @@ class FlowConfig(BaseModel):
     seconds (bench/RESULTS.md, "Orchestration overhead")."""
 
 
-OPERATIONAL_FIELDS = ("run_id", "iterations", "ray", "flow", "eval", "tracking", "checkpoint")
+OPERATIONAL_FIELDS = ("run_id", "iterations", "ray", "flow", "eval", "tracking", "checkpoint", "retrain")
 """Fields a resumed run may change: they don't change what the run computes."""
 
 
@@ -331,8 +384,9 @@ class RunConfig(BaseModel):
     generation: GenerationConfig = GenerationConfig()
     """Rollout sampling and the generation engines (vLLM or HF) that do it."""
 
-    policy: TrainerConfig = TrainerConfig()
-    """The policy's DeepSpeed trainer (its ranks, optimizer, batch sizes); the reference model shares its resources."""
+    policy: PolicyConfig = PolicyConfig()
+    """The policy's DeepSpeed trainer (its ranks, optimizer, batch sizes, an optional LoRA adapter); the reference
+    model shares its resources."""
 
     critic: TrainerConfig = TrainerConfig()
     """The critic's DeepSpeed trainer; used by `algo.estimator: gae` only."""
@@ -360,6 +414,9 @@ class RunConfig(BaseModel):
 
     tracking: TrackingConfig = TrackingConfig()
     """Experiment tracker of each iteration's metrics (TensorBoard, MLflow, W&B or none)."""
+
+    retrain: RetrainConfig = RetrainConfig()
+    """Scheduled retraining of a lineage (flows/retrain.py): the promotion gate; a training run itself ignores it."""
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> "RunConfig":
@@ -392,6 +449,16 @@ class RunConfig(BaseModel):
                 errors.append(f"algo.max_staleness: {stale} keeps the engines sampling while the trainers work, "
                               "but generation.enable_sleep_mode frees the engines' GPU memory for the trainers "
                               "between samplings; set generation.enable_sleep_mode: false or algo.max_staleness: 0")
+        if (lora := self.policy.lora) is not None:
+            path, ref = self.model.path, self.model.ref_path
+            if lora.init_adapter is None and ref not in (None, path):
+                errors.append(f"model.ref_path: with policy.lora the reference is the policy's base model with the "
+                              f"adapter disabled, so model.ref_path must be unset or model.path ({path}), got {ref}; "
+                              "to start from a trained adapter set policy.lora.init_adapter")
+            if lora.init_adapter is not None and ref in (None, path):
+                errors.append("model.ref_path: policy.lora.init_adapter needs model.ref_path, the base model the "
+                              "adapter sits on, and model.path, that base with the adapter merged (what the engines "
+                              "start from), e.g. a run's checkpoints/iter-N/merged")
         batch = self.data.prompts_per_iteration * n
         for name in (["policy", "critic"] if self.uses_critic else ["policy"]):
             t: TrainerConfig = getattr(self, name)

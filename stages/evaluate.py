@@ -18,49 +18,69 @@ def due(config, iteration: int) -> bool:
     return ev.prompts is not None and (iteration % ev.every == 0 or iteration == config.iterations)
 
 
-@stage("eval", schema="eval", task_name="evaluate", trainers=True)
-def evaluate(s: StageRun) -> Output:
+def eval_requests(config, rows: list[dict], n_samples: int, temperature: float) -> list[dict]:
+    """Engine requests for held-out prompt rows: `n_samples` answers each, greedy at temperature 0, seeded per prompt
+    (the same seeds whichever policy answers, so two policies are compared on the same draws)."""
+    from stages.generate import _tokenizer, encode_prompt
+
+    data, gen = config.data, config.generation
+    tok = _tokenizer(config.model.path)
+    return [{
+        "prompt_ids": encode_prompt(tok, r[data.prompt_key], data.apply_chat_template, data.max_prompt_tokens,
+                                    data.input_template)[0],
+        "n": n_samples, "temperature": temperature, "top_p": 1.0 if temperature == 0 else gen.top_p,
+        "top_k": -1 if temperature == 0 else gen.top_k, "max_new_tokens": gen.max_new_tokens,
+        "stop": gen.stop or None, "seed": (config.seed * 1_000_003 + i * n_samples) % (2**31 - 1),
+    } for i, r in enumerate(rows)]
+
+
+def scored_answers(config, rows: list[dict], results: list[list[dict]], version: int, reward_fn: str | None,
+                   pass_threshold: float, id_prefix: str) -> tuple[list[dict], dict]:
+    """The engine's answers to `rows` as EVAL rows, each rewarded by the rule function `reward_fn` and passed when
+    its reward is at least `pass_threshold`, and their metrics (eval/reward_mean, eval/pass_rate, ...)."""
     import numpy as np
     import pyarrow as pa
 
-    from stages.generate import _tokenizer, encode_prompt, read_prompt_rows
     from stages.score import compute_rewards
     from storage.prompts import prompt_text
-    from storage.schema import EVAL, ROLLOUT
+    from storage.schema import ROLLOUT
+
+    data = config.data
+    out = [{"sample_id": f"{id_prefix}-p{i}-s{k}", "prompt_index": i, "sample_index": k,
+            "prompt": prompt_text(r[data.prompt_key]), "response": s["text"], "response_len": len(s["response_ids"]),
+            "finish_reason": s["finish_reason"], "policy_version": version,
+            "metadata": json.dumps({c: v for c, v in r.items() if c != data.prompt_key}, default=str)}
+           for i, (r, samples) in enumerate(zip(rows, results)) for k, s in enumerate(samples)]
+    # the reward function sees eval samples exactly as it sees rollouts
+    columns = ("sample_id", "prompt", "response", "metadata")
+    rewards = compute_rewards(reward_fn, pa.Table.from_pylist(
+        out, schema=pa.schema([ROLLOUT.field(c) for c in columns])), label_key=data.label_key)
+    for o, reward in zip(out, rewards):
+        o.update(reward=reward, passed=reward >= pass_threshold)
+    metrics = {"eval/reward_mean": float(np.mean(rewards)),
+               "eval/pass_rate": float(np.mean([o["passed"] for o in out])),
+               "eval/response_len": float(np.mean([o["response_len"] for o in out])),
+               "eval/prompts": len(rows)}
+    return out, metrics
+
+
+@stage("eval", schema="eval", task_name="evaluate", trainers=True)
+def evaluate(s: StageRun) -> Output:
+    import pyarrow as pa
+
+    from stages.generate import read_prompt_rows
+    from storage.schema import EVAL
     from workers.engine_pool import check_serving
 
-    config, iteration = s.config, s.iteration
-    ev, data, gen = config.eval, config.data, config.generation
+    config, iteration, ev = s.config, s.iteration, s.config.eval
     pool = s.engines()
     pool.bring_to(iteration)
     check_serving(pool.handles, iteration)
     pool.wake()
     rows = read_prompt_rows(config, "eval.prompts")[: ev.max_prompts]
-    tok = _tokenizer(config.model.path)
-    requests = [{
-        "prompt_ids": encode_prompt(tok, r[data.prompt_key], data.apply_chat_template, data.max_prompt_tokens,
-                                    data.input_template)[0],
-        "n": ev.n_samples, "temperature": ev.temperature, "top_p": 1.0 if ev.temperature == 0 else gen.top_p,
-        "top_k": -1 if ev.temperature == 0 else gen.top_k, "max_new_tokens": gen.max_new_tokens,
-        "stop": gen.stop or None, "seed": (config.seed * 1_000_003 + i * ev.n_samples) % (2**31 - 1),
-    } for i, r in enumerate(rows)]
-    results = pool.generate(requests, iteration, "eval", iteration)
-
-    out = [{"sample_id": f"eval{iteration}-p{i}-s{k}", "prompt_index": i, "sample_index": k,
-            "prompt": prompt_text(r[data.prompt_key]), "response": s["text"], "response_len": len(s["response_ids"]),
-            "finish_reason": s["finish_reason"], "policy_version": iteration,
-            "metadata": json.dumps({c: v for c, v in r.items() if c != data.prompt_key}, default=str)}
-           for i, (r, samples) in enumerate(zip(rows, results)) for k, s in enumerate(samples)]
-    # the reward function sees eval samples exactly as it sees rollouts
-    columns = ("sample_id", "prompt", "response", "metadata")
-    rewards = compute_rewards(config.reward.fn, pa.Table.from_pylist(
-        out, schema=pa.schema([ROLLOUT.field(c) for c in columns])), label_key=data.label_key)
-    for o, reward in zip(out, rewards):
-        o.update(reward=reward, passed=reward >= ev.pass_threshold)
-    metrics = {"eval/reward_mean": float(np.mean(rewards)),
-               "eval/pass_rate": float(np.mean([o["passed"] for o in out])),
-               "eval/response_len": float(np.mean([o["response_len"] for o in out])),
-               "eval/prompts": len(rows)}
+    results = pool.generate(eval_requests(config, rows, ev.n_samples, ev.temperature), iteration, "eval", iteration)
+    out, metrics = scored_answers(config, rows, results, iteration, config.reward.fn, ev.pass_threshold,
+                                  f"eval{iteration}")
     return Output(pa.Table.from_pylist(out, schema=EVAL), metrics, {"policy_version": iteration})
 
 

@@ -207,11 +207,14 @@ def score(s: StageRun) -> Output:
 
     # Each column's ObjectRefs, one per rank of the group that computes it: every rank returns the whole column.
     # The models work at once: on CPU each on its share of the threads.
-    working = 2 + config.uses_critic + (config.reward.model is not None)
+    # A LoRA policy is its own reference (the adapter disabled): its actor runs both calls, one after the other.
+    lora = config.policy.lora is not None
+    working = (1 if lora else 2) + config.uses_critic + (config.reward.model is not None)
     policy = s.group("policy")
     threads = threads_each(config, config.policy, working)
     pending = {"old_logprobs": on_all_ranks(policy, "logprobs", tokens, threads),
-               "ref_logprobs": [s.actor("reference").logprobs.remote(tokens, threads)]}
+               "ref_logprobs": (on_all_ranks(policy, "logprobs", tokens, threads, False) if lora
+                                else [s.actor("reference").logprobs.remote(tokens, threads)])}
     if config.uses_critic:
         critic = s.group("critic")
         pending["values"] = on_all_ranks(critic, "values", tokens, threads_each(config, config.critic, working))

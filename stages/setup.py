@@ -99,6 +99,12 @@ def preflight(config) -> None:
             AutoConfig.from_pretrained(path)
         except (OSError, ValueError) as err:
             raise RunSetupError(f"{field}: cannot load model config from {path!r}: {err}") from None
+    lora = config.policy.lora
+    if lora is not None and lora.init_adapter is not None and not (
+            Path(lora.init_adapter).expanduser() / "adapter_config.json").is_file():
+        raise RunSetupError(f"policy.lora.init_adapter: {lora.init_adapter} is not a saved adapter (no "
+                            "adapter_config.json); give a folder PEFT's save_pretrained wrote, e.g. a LoRA run's "
+                            "checkpoints/iter-N/hf")
     if config.data.overlong_prompts == "reject":
         _reject_overlong_prompts(config, prompt_sets)
     from workers.engines import plan_layout

@@ -50,7 +50,10 @@ def update(s: StageRun) -> Output:
     state, hf = checkpoint_due(config, iteration)
     # The last iteration's checkpoint is waited for: the run's final policy must be whole when the run ends.
     background = config.checkpoint.background and iteration < config.iterations
-    parts, save_s = trainers.save(iteration, state, hf, background) if state or hf else ([], 0.0)
+    lora = config.policy.lora
+    merged = hf and lora is not None and (lora.merged_export == "every" or
+                                          (lora.merged_export == "final" and iteration == config.iterations))
+    parts, save_s = trainers.save(iteration, state, hf, background, merged) if state or hf else ([], 0.0)
 
     rows = update_metric_rows(results)
     metrics = {name: float(np.mean([r["value"] for r in rows if r["name"] == name]))
@@ -59,7 +62,7 @@ def update(s: StageRun) -> Output:
     metrics["perf/checkpoint_s"] = save_s  # what the update waited for (a host copy when writing in the background)
     fields = {"policy_version": iteration}
     if parts:
-        fields["checkpoint"] = {"uri": ckpt, "parts": parts, "state": state, "hf": hf}
+        fields["checkpoint"] = {"uri": ckpt, "parts": parts, "state": state, "hf": hf, "merged": merged}
     return Output(pa.Table.from_pylist(rows, schema=METRICS), metrics, fields)
 
 

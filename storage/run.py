@@ -264,14 +264,15 @@ class RunStore:
                 return n
         return 0
 
-    def hf_export_ready(self, iteration: int) -> bool:
-        """Whether the HF export of iteration `iteration` is whole (what the `storage` weight sync loads)."""
+    def hf_export_ready(self, iteration: int, part: str = "hf") -> bool:
+        """Whether the HF export of iteration `iteration` is whole (what the `storage` weight sync loads): `hf`, or
+        `merged` (a LoRA policy's full weights; its `hf` holds the adapter)."""
         update = self.stage_marker(iteration, "update")
         ckpt = (update or {}).get("checkpoint") or {}
         if "files" in ckpt:  # a checkpoint written inline, before part markers: the update marker lists its files
-            return True
-        # The hf part marker is written last, after every file of the export (also before the update commits).
-        return self.fs.exists(f"{self._path(self.checkpoint_uri(iteration))}/{PART_MARKER.format(part='hf')}")
+            return part == "hf"
+        # The part marker is written last, after every file of the export (also before the update commits).
+        return self.fs.exists(f"{self._path(self.checkpoint_uri(iteration))}/{PART_MARKER.format(part=part)}")
 
     def checkpoint_files(self, iteration: int) -> list[dict]:
         """Relative name and size of every file of a checkpoint folder."""

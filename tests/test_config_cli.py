@@ -45,8 +45,10 @@ def test_show_gives_every_field_its_value_description_and_source(capsys):
         assert lines[i - 1].lstrip().startswith("# "), f"no description above {'.'.join(path)}"
         if m.group(4):
             sources[".".join(path)] = m.group(4)
-    # every leaf field of the quickstart's config (reward.remote is null: one line for the section)
-    expected = {f for f in _fields(RunConfig) if not f.startswith("reward.remote.")} | {"reward.remote"}
+    # every leaf field of the quickstart's config (reward.remote, policy.lora and retrain.gate are null: one line for
+    # the section)
+    unset = ("reward.remote", "policy.lora", "retrain.gate")
+    expected = {f for f in _fields(RunConfig) if not f.startswith(tuple(f"{u}." for u in unset))} | set(unset)
     assert set(sources) == expected
     assert sources["seed"] == "file" and sources["iterations"] == "file" and sources["run_id"] == "default"
     assert sources["algo.gamma"] == "override" and sources["algo.lam"] == "file"

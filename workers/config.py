@@ -285,6 +285,58 @@ class TrainerConfig(BaseModel):
         return self
 
 
+class LoraConfig(BaseModel):
+    """A LoRA adapter on the policy (PEFT; Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models"):
+    W x + (alpha / rank) · B A x on every target module, A (rank × in) and B (out × rank, zero at the start) the only
+    trained weights. The base weights stay frozen, so the reference π_ref is the policy with its adapter disabled (no
+    reference actor, no second copy of the weights), checkpoints hold the adapter and its optimizer state only, and
+    the engines receive the merged weights W + (alpha / rank) · B A through the usual weight sync."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    rank: int = Field(8, ge=1)
+    """Rank r of the update B A."""
+
+    alpha: float = Field(16.0, gt=0.0)
+    """Scale numerator: the update is multiplied by alpha / rank."""
+
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout on the adapter's input in training (0: none; logprobs are always computed without it)."""
+
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    """Modules that get an adapter, by name suffix (`[q_proj, v_proj]`), or `all-linear`: every linear layer of the
+    transformer blocks (not the output layer)."""
+
+    init_adapter: str | None = None
+    """A saved adapter folder (PEFT `save_pretrained`: adapter_config.json + adapter_model.safetensors, e.g. a run's
+    `checkpoints/iter-N/hf`) the adapter starts from instead of B = 0; its rank and targets must match these fields.
+    The base model is then `model.ref_path` and `model.path` must be that base with this adapter merged (what the
+    engines start from, e.g. the run's `checkpoints/iter-N/merged`): retraining a lineage sets all three."""
+
+    merged_export: Literal["final", "every", "none"] = "final"
+    """Where a merged HF folder (base + adapter folded into full weights, `checkpoints/iter-N/merged`, what a serving
+    stack without PEFT loads and what the `storage` weight sync reads) is written besides the adapter export
+    (`checkpoints/iter-N/hf`): `final` with the last iteration's export only, `every` with every HF export, `none`
+    never (the `storage` weight sync then goes through the object store)."""
+
+
+class PolicyConfig(TrainerConfig):
+    """The policy's trainer: a TrainerConfig plus an optional LoRA adapter."""
+
+    lora: LoraConfig | None = None
+    """Train a LoRA adapter instead of every weight (None: full fine-tuning). Needs zero_stage 0, 1 or 2."""
+
+    @model_validator(mode="after")
+    def _lora_rules(self) -> "PolicyConfig":
+        if self.lora is not None and self.zero_stage == 3:
+            raise ValueError("zero_stage: 3 is not supported with a LoRA adapter (policy.lora): ZeRO-3 partitions "
+                             "the frozen base weights, which the reference forward (adapter disabled) and every "
+                             "merged weight sync would gather whole again, and its optimizer saves nothing on the "
+                             "adapter's few weights; use zero_stage 0, 1 or 2 (2 partitions the adapter's optimizer "
+                             "states and gradients)")
+        return self
+
+
 class GroupPlacement(BaseModel):
     """Where one group of actors (the engines, or the trainers) may go in a Ray cluster of several nodes."""
 

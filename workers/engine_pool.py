@@ -203,7 +203,7 @@ class EnginePool:
         TrainerPool(self.config, self.run_uri, self.store).bring_to(version, roles=["policy"])
         policy = self._policy()
         route = gen.weight_sync
-        if route == "storage" and not (version > 0 and self.store.hf_export_ready(version)):
+        if route == "storage" and not (version > 0 and self.store.hf_export_ready(version, self._full_export)):
             route = "object_store"  # no HF export of this version in storage (the base model; hf_every; in flight)
         if route == "broadcast" and 0 < gen.num_gpus < 1:  # an engine may share trainer rank 0's GPU: no NCCL group
             colocated = (gen.placement == "hybrid" and gen.tensor_parallel_size == 1
@@ -220,6 +220,12 @@ class EnginePool:
             rows[i].update(method=route, bytes=result["bytes"], seconds=seconds,
                            checksum=float(result.get("checksum", float("nan"))))
         return rows
+
+    @property
+    def _full_export(self) -> str:
+        """The checkpoint folder with the policy's full weights: `hf`, or a LoRA policy's `merged` (its `hf` holds
+        the adapter)."""
+        return "hf" if self.config.policy.lora is None else "merged"
 
     def _names(self, indices: list[int]) -> list[str]:
         return [engine_name(self.run_uri, i) for i in indices]
@@ -250,7 +256,7 @@ class EnginePool:
         sample = sample_names(ray.get(policy[0].weight_sync_plan.remote(), timeout=SYNC_TIMEOUT_S), version)
         sent = {"sample_sums": ray.get(on_all_ranks(policy, "weight_sums", sample), timeout=SYNC_TIMEOUT_S)[0]}
         self._fault(fault_stage, version)
-        uri = f"{self.store.policy_checkpoint(version)}/hf"
+        uri = f"{self.store.policy_checkpoint(version)}/{self._full_export}"
         results = ray.get([e.update_weights_from_uri.remote(uri, version, self.config.storage.storage_options, sample)
                            for e in targets], timeout=SYNC_TIMEOUT_S)
         for name, result in zip(self._names(indices), results):

@@ -67,7 +67,9 @@ def plan_layout(config) -> Layout:
     # its own bundle (Ray would otherwise count the driver's GPU twice).
     engine_resources = {"num_cpus": gen.num_cpus, "num_gpus": gen.num_gpus if tp == 1 else 0.0}
 
-    trainers = {"policy": config.policy, "reference": config.policy}  # the reference uses the policy's resources
+    trainers = {"policy": config.policy}
+    if config.policy.lora is None:  # a LoRA policy is its own reference (workers/launch.py)
+        trainers["reference"] = config.policy  # the reference uses the policy's resources
     if config.uses_critic:
         trainers["critic"] = config.critic
     if config.reward.model is not None:  # one actor, beside the reference on rank 0's bundle
@@ -119,7 +121,7 @@ def plan_layout(config) -> Layout:
         if shared > 1.0 + 1e-9:
             raise ValueError(f"generation.placement: hybrid puts an engine and rank {r} of the trainers on one GPU, "
                              f"but generation.num_gpus {gen.num_gpus} + policy.num_gpus"
-                             f"{' x2 (policy and reference)' if r == 0 else ''}"
+                             f"{' x2 (policy and reference)' if r == 0 and 'reference' in ranks else ''}"
                              f"{' + critic.num_gpus' if 'critic' in ranks and r < ranks['critic'] else ''}"
                              f"{' + reward.model.num_gpus' if 'reward' in ranks and r == 0 else ''} = "
                              f"{shared:g} > 1; lower those fractions")

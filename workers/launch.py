@@ -56,10 +56,14 @@ def start_workers(run_uri: str, config, timeout_s: float = 600.0) -> dict:
 
     actors = {f"engine-{i}": engine for i, engine in enumerate(engines)}
     # Dr. GRPO's seq-mean-token-sum-norm divides by a constant length: the response length limit.
-    actors.update(group("policy", PolicyWorker, config.policy, model.path, algo=config.algo,
-                        norm_len=config.generation.max_new_tokens))
-    actors["reference"] = ray.remote(ReferenceWorker).options(**options("reference", config.policy)).remote(
-        model.ref_path or model.path, model.dtype, config.policy)
+    # A LoRA policy sits on the base model (model.ref_path, when a lineage warm-starts its adapter) and is its own
+    # reference (the adapter disabled): no reference actor, no second copy of the weights.
+    lora = config.policy.lora is not None
+    actors.update(group("policy", PolicyWorker, config.policy, (model.ref_path or model.path) if lora else model.path,
+                        algo=config.algo, norm_len=config.generation.max_new_tokens))
+    if not lora:
+        actors["reference"] = ray.remote(ReferenceWorker).options(**options("reference", config.policy)).remote(
+            model.ref_path or model.path, model.dtype, config.policy)
     if config.uses_critic:
         from transformers import AutoTokenizer
 

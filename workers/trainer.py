@@ -14,6 +14,11 @@ since (`dirty`). A stage that needs version v calls `ensure_version(v, checkpoin
 checkpoint when the memory state is anything else — so a retried or resumed update never trains on top of a half
 update.
 
+LoRA (`policy.lora`): the policy is the base model wrapped by PEFT, only the adapter trains (the optimizer holds the
+trainable parameters only), and the policy is its own reference (`logprobs(adapter=False)`: no ReferenceWorker is
+started). Checkpoints exclude the frozen base weights; the engines' weights and the merged export are W + (α/r)·BA,
+computed apart from the model (`_engine_tensors`), never merged in place.
+
 Model groups: N actors of one class (ranks 0..N-1, one process each, same constructor arguments but `rank`) meet at
 rank 0's `master_addr`/`master_port` and train one data-parallel model. Every method of a trainer is collective: call
 it on every rank of the group with the same arguments (the full table), concurrently, and wait for all. Results are
@@ -414,7 +419,9 @@ class _DeepSpeedWorker(RunActor):
             # block none of whose inputs requires grad.
             self._checkpointed_module(model).gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False})
-        optimizer = torch.optim.AdamW(model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        # Trainable parameters only: a LoRA policy's frozen base weights get no optimizer state (nor ZeRO partitions).
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=self.cfg.lr,
+                                      weight_decay=self.cfg.weight_decay)
         # DeepSpeed steps the scheduler once per optimizer step (at the accumulation boundary) and saves and loads
         # its state with the checkpoint. The factor is 1 for a constant schedule without warmup: the plain lr.
         cfg = self.cfg
@@ -433,6 +440,12 @@ class _DeepSpeedWorker(RunActor):
     def state(self) -> dict:
         return {"role": self.role, "version": self.state_version, "dirty": self.dirty}
 
+    @property
+    def _frozen_base(self) -> bool:
+        """Whether the model's base weights are frozen (a LoRA policy): checkpoints then hold the trained weights
+        only, and loading one keeps the base weights `_build` loaded."""
+        return False
+
     def ensure_version(self, version: int, checkpoint_uri: str | None, storage_options: dict | None = None) -> bool:
         """Bring the in-memory state to policy `version` from its checkpoint (`checkpoint_uri`; None for version 0,
         the base weights); returns True when it had to reload. workers/trainers.py picks the checkpoint and replays
@@ -446,7 +459,8 @@ class _DeepSpeedWorker(RunActor):
         from storage.checkpoint import local_dir_for_read
 
         with local_dir_for_read(f"{checkpoint_uri}/{self.role}", storage_options) as path:
-            _, client_state = self.engine.load_checkpoint(path, tag="state")
+            # An adapter-only checkpoint (LoRA) holds the trained weights; the frozen ones come from _build's base.
+            _, client_state = self.engine.load_checkpoint(path, tag="state", load_module_strict=not self._frozen_base)
         rng_states = (client_state or {}).get("rng_states")  # absent in checkpoints written before they were saved
         if rng_states is not None:
             _set_rng_state(rng_states[self.rank])
@@ -469,7 +483,8 @@ class _DeepSpeedWorker(RunActor):
         # client_state (all ranks read it back), under ZeRO-3 every rank writes its own.
         rng_states = self._gather(_rng_state())
         path, publish = staging_dir(f"{checkpoint_uri}/{self.role}", storage_options)
-        self.engine.save_checkpoint(path, tag="state", client_state={"rng_states": rng_states}, save_latest=False)
+        self.engine.save_checkpoint(path, tag="state", client_state={"rng_states": rng_states}, save_latest=False,
+                                    exclude_frozen_parameters=self._frozen_base)
         ckpt_engine, version = self.engine.checkpoint_engine, self.state_version
         copies, zipfile = ckpt_engine.take(), ckpt_engine.zipfile_serialization  # DeepSpeed's own file format
 
@@ -628,11 +643,39 @@ class PolicyWorker(_DeepSpeedWorker):
         super().__init__(*args, **kwargs)
 
     def _make_model(self):
+        """The causal LM at `model_path`; with `policy.lora` the base model there wrapped by PEFT with a fresh
+        adapter (A random from the seed `_build` set, B = 0: the policy starts equal to the base) or the saved
+        `init_adapter`, trainable, every base weight frozen."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        return AutoModelForCausalLM.from_pretrained(self.model_path, dtype=_torch_dtype(self.dtype),
-                                                    attn_implementation=self.attention)
+        model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=_torch_dtype(self.dtype),
+                                                     attn_implementation=self.attention)
+        lora = self._lora
+        if lora is None:
+            return model
+        import peft
+
+        if lora.init_adapter is not None:
+            model = peft.PeftModel.from_pretrained(model, lora.init_adapter, is_trainable=True)
+            saved = model.peft_config["default"]
+            if saved.r != lora.rank or saved.lora_alpha != lora.alpha:
+                raise ValueError(f"policy.lora.init_adapter: {lora.init_adapter} has rank {saved.r} and alpha "
+                                 f"{saved.lora_alpha}, policy.lora asks for rank {lora.rank} and alpha {lora.alpha}")
+            return model
+        return peft.get_peft_model(model, peft.LoraConfig(
+            r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
+            task_type="CAUSAL_LM"))
+
+    @property
+    def _lora(self):
+        """The policy's LoraConfig, or None: full fine-tuning (also for a plain TrainerConfig, as tests and benches
+        pass it)."""
+        return getattr(self.cfg, "lora", None)
+
+    @property
+    def _frozen_base(self) -> bool:
+        return self._lora is not None
 
     def _how(self, training: bool) -> str:
         """How forwards run: packed, shared prompts (not under gradient checkpointing in training: its
@@ -645,12 +688,22 @@ class PolicyWorker(_DeepSpeedWorker):
     def _checkpointed_module(model):
         return model
 
-    def logprobs(self, table, threads: int | None = None) -> list[list[float]]:
+    def logprobs(self, table, threads: int | None = None, adapter: bool = True) -> list[list[float]]:
         """log π(a_t|s_t) of the current weights for every response token of `table`'s samples (every rank: the
-        whole table in, the whole list out). `threads`: torch threads for this call (None: policy.num_threads)."""
+        whole table in, the whole list out). `threads`: torch threads for this call (None: policy.num_threads).
+        `adapter=False` (a LoRA policy only): the same forwards with the adapter disabled (each adapted layer runs its
+        base layer alone), i.e. the frozen base model, the reference π_ref: what a separate copy of the base computes,
+        to float rounding (seen: 2e-6 in the shared-prompt path, where a frozen weight may take another CPU matmul
+        kernel; equal in the padded path)."""
+        import contextlib
+
         import torch
 
         _use_threads(threads, self.cfg.num_threads)
+        if not adapter and self._lora is None:
+            raise ValueError("logprobs(adapter=False) needs a LoRA policy (policy.lora): a fully fine-tuned policy "
+                             "has no base model to fall back to; the reference actor computes π_ref")
+        base = contextlib.nullcontext() if adapter else self.engine.module.disable_adapter()
 
         def forward(idx) -> list:
             rows = table.take(idx)
@@ -659,7 +712,7 @@ class PolicyWorker(_DeepSpeedWorker):
                                            self.device, self._how(training=False)))
 
         self.engine.eval()
-        with torch.no_grad():
+        with torch.no_grad(), base:
             return self._sharded(table, forward)
 
     def train(self, table, new_version: int, seed: int, kl_coef: float, threads: int | None = None) -> list[dict]:
@@ -856,35 +909,79 @@ class PolicyWorker(_DeepSpeedWorker):
             self._sync.close()
         self._sync = self._sync_store = self._sync_info = None
 
+    def _engine_tensors(self) -> dict:
+        """Every tensor the engines serve, by HF name (a tied lm_head under both names): the model's parameters and
+        persistent buffers; for a LoRA policy the base weights with the adapter folded in, W + (alpha/r)·B A (PEFT's
+        own merge formula, `get_delta_weight`), as new tensors, and the base model's own tensors elsewhere. The
+        adapter is never merged in place: unmerging would not restore W bit for bit."""
+        module = self.engine.module
+        if self._lora is None:
+            return module.state_dict(keep_vars=True)
+        import torch
+        from peft.tuners.lora import LoraLayer
+
+        base = module.get_base_model()
+        with torch.no_grad():
+            merged = {f"{name}.weight": layer.base_layer.weight + layer.get_delta_weight("default")
+                      for name, layer in base.named_modules() if isinstance(layer, LoraLayer)}
+        return {name: merged.get(name, tensor)
+                for name, tensor in ((n.replace(".base_layer.", "."), t)
+                                     for n, t in base.state_dict(keep_vars=True).items() if ".lora_" not in n)}
+
+    def _full_state_dict(self) -> dict | None:
+        if self._lora is None:
+            return super()._full_state_dict()
+        if self.rank != 0:  # ZeRO 0-2 (ZeRO-3 is refused with LoRA): rank 0 holds every weight
+            return None
+        return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in self._engine_tensors().items()}
+
     def _sync_tensors(self) -> dict:
         """The parameters and persistent buffers the engines load, by HF name, each tensor once: a tied lm_head is
         left out: the engines tie it to the embedding themselves."""
         seen, out = set(), {}
-        for name, tensor in self.engine.module.state_dict(keep_vars=True).items():
+        for name, tensor in self._engine_tensors().items():
             if id(tensor) not in seen:
                 seen.add(id(tensor))
                 out[name] = tensor
         return out
 
-    def export_hf(self, checkpoint_uri: str, storage_options: dict | None = None, background: bool = False) -> float:
-        """HF folder (config, tokenizer, safetensors) of the current policy, `{checkpoint_uri}/hf`, then its part
-        marker `_PART-hf.json`: `from_pretrained` loads it. Rank 0 writes it (now, or with `background` in its writer
-        thread, from a host copy of the weights); every rank of a group must call (the ZeRO-3 gather is collective).
+    def export_hf(self, checkpoint_uri: str, storage_options: dict | None = None, background: bool = False,
+                  merged: bool = False) -> float:
+        """HF folder of the current policy, `{checkpoint_uri}/hf`, then its part marker `_PART-hf.json`: config,
+        tokenizer and safetensors that `from_pretrained` loads; for a LoRA policy the adapter only (PEFT
+        `save_pretrained`: adapter_config.json naming the base model, adapter_model.safetensors), which
+        `PeftModel.from_pretrained(base, folder)` loads, and with `merged` also `{checkpoint_uri}/merged`
+        (`_PART-merged.json`), the full weights with the adapter folded in. Rank 0 writes (now, or with `background`
+        in its writer thread, from host copies); every rank of a group must call (the ZeRO-3 gather is collective).
         Returns the seconds the call blocked."""
         t0 = time.perf_counter()
-        sd = self._full_state_dict()  # host copies
+        lora = self._lora is not None
+        # host copies
+        adapter = ({k: v.detach().to("cpu", copy=True) for k, v in self.engine.module.state_dict().items()
+                    if ".lora_" in k} if lora and self.rank == 0 else None)
+        sd = self._full_state_dict() if not lora or merged else None
         if self.rank != 0:
             return time.perf_counter() - t0
 
-        def write() -> None:
+        def save(part: str, save_model) -> None:
             from storage.checkpoint import staging_dir, write_part
 
-            path, publish = staging_dir(f"{checkpoint_uri}/hf", storage_options)
-            self.engine.module.save_pretrained(path, state_dict=sd, safe_serialization=True)
+            path, publish = staging_dir(f"{checkpoint_uri}/{part}", storage_options)
+            save_model(path)
             self.tokenizer.save_pretrained(path)
-            files = {f"hf/{name}": os.path.getsize(os.path.join(path, name)) for name in sorted(os.listdir(path))}
+            files = {f"{part}/{name}": os.path.getsize(os.path.join(path, name)) for name in sorted(os.listdir(path))}
             publish()
-            write_part(checkpoint_uri, "hf", files, storage_options, seconds=round(time.perf_counter() - t0, 4))
+            write_part(checkpoint_uri, part, files, storage_options, seconds=round(time.perf_counter() - t0, 4))
+
+        def write() -> None:
+            module = self.engine.module
+            if not lora:
+                save("hf", lambda path: module.save_pretrained(path, state_dict=sd, safe_serialization=True))
+                return
+            save("hf", lambda path: module.save_pretrained(path, state_dict=adapter, safe_serialization=True))
+            if merged:
+                save("merged", lambda path: module.get_base_model().save_pretrained(path, state_dict=sd,
+                                                                                    safe_serialization=True))
 
         self._write(write, background)
         return time.perf_counter() - t0

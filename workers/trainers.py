@@ -94,10 +94,12 @@ class TrainerPool:
             replayed.append(n)
         return {"loaded": base if loading else None, "replayed": replayed}
 
-    def save(self, iteration: int, state: bool, hf: bool, background: bool) -> tuple[list[str], float]:
+    def save(self, iteration: int, state: bool, hf: bool, background: bool,
+             merged: bool = False) -> tuple[list[str], float]:
         """Write checkpoint `iteration`'s parts: every rank's DeepSpeed state of each role (`state`) and the policy's
-        HF export (`hf`), now or (`background`) in the trainers' writer threads. Returns the part names, the
-        update marker's list of what makes the checkpoint whole, and the seconds the driver was blocked."""
+        HF export (`hf`; a LoRA policy's adapter, plus with `merged` its full weights), now or (`background`) in the
+        trainers' writer threads. Returns the part names, the update marker's list of what makes the checkpoint
+        whole, and the seconds the driver was blocked."""
         import ray
 
         t0 = time.perf_counter()
@@ -109,8 +111,8 @@ class TrainerPool:
                 saving.append(on_all_ranks(group, "save_checkpoint", ckpt, opts, background))
                 parts += [f"{role}-rank{r}" for r in range(len(group))]
         if hf:
-            saving.append(on_all_ranks(self.group("policy"), "export_hf", ckpt, opts, background))
-            parts.append("hf")
+            saving.append(on_all_ranks(self.group("policy"), "export_hf", ckpt, opts, background, merged))
+            parts += ["hf", "merged"] if merged else ["hf"]
         if saving:
             ray.get(saving[0])
             # mid-checkpoint: the policy's state copied (written, unless in the background); the rest in flight

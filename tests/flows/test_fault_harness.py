@@ -43,6 +43,11 @@ The pipelined run (algo.max_staleness = 1: generate n+1 beside the trainers' wor
 ASYNC_CHAIN, against an uninterrupted reference at S = 1 (3 iterations; the second test): killed in update 2 while
 generate 3 is in flight, then after generate 3 committed and before sync 2; it costs 4 more processes, run 2 at a time.
 
+A LoRA policy (`policy.lora`: adapter-only checkpoints, the reference being the policy with its adapter disabled)
+gets a chain of its own, `test_lora_sigkill_in_update_then_resume`: killed twice in update (while checkpoint 1 is
+written, and after update 2 stepped), compared bit for bit with an uninterrupted LoRA run of 2 iterations; without a
+reference actor (it runs alone: `-k lora`).
+
 `PPOFLOW_FAULT_TABLE=path.md` writes the table of docs/faults.md (point, where, on disk at the kill, what the
 resume did, outcome) from what this run observed.
 
@@ -613,3 +618,46 @@ def test_sigkill_while_generate_and_update_overlap_then_resume(tmp_path, tiny_mo
     stopped = [e for e in final if e["stage"] == "workers" and e["action"] == "stopped"]
     assert len(stopped) == 1 and stopped[0]["engine"]["requests"] == probes > 0, (stopped, probes)
     assert len(chain.reward_calls.read_text()) == 3  # each iteration scored once: nothing scored again
+
+
+LORA_SETS = ["policy.lora.rank=8", "policy.lr=2e-3"]
+"""The LoRA chain's and its reference's config: a LoRA policy (adapter-only checkpoints, the reference being the
+policy with its adapter disabled, merged weights synced). GAE as in the other chains: the random-init model earns no
+reward, and only the critic's values give its adapter nonzero advantages to learn from (a group estimator would
+leave B at 0 and the comparison empty)."""
+
+LORA_CHAIN = {"iterations": 2, "kills": ["update.policy_saved@1", TORN_AFTER]}
+"""Killed twice in update: while checkpoint 1 (the adapter and its optimizer state) is being written, and after the
+second update stepped the adapter (in-memory state dirty, then a torn part file and junk planted)."""
+
+
+def test_lora_sigkill_in_update_then_resume(tmp_path, tiny_model_dir, prompts_dir, reap_session, test_scale,
+                                            prefect_server):
+    """The same checks as above for a LoRA policy: a chain killed in update resumes to tables and a final adapter
+    bit-equal to an uninterrupted LoRA run's (the trainers reload adapter-only checkpoints onto the base weights and
+    replay the committed updates). Three processes and a 2-iteration reference, three actors each (engine, policy,
+    critic: no reference)."""
+    base_args, env = _base(tmp_path, tiny_model_dir, prompts_dir, test_scale, prefect_server, *LORA_SETS)
+    started = time.monotonic()
+    chain = Chain("chain-lora", LORA_CHAIN, tmp_path, base_args, env, reap_session)
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            reference = pool.submit(_reference, tmp_path, base_args, env, reap_session, "reference-lora",
+                                    LORA_CHAIN["iterations"])
+            pool.submit(chain.train).result()
+            reference = reference.result()
+    finally:
+        chain.head.stop()
+    print(f"\nLoRA fault chain: {len(chain.lives)} processes + the reference in {time.monotonic() - started:.0f} s")
+    assert reference["rc"] == 0, reference["log"].read_text()[-4000:]
+    assert chain.error is None, chain.error
+    ref = tmp_path / "reference-lora"
+    assert not (ref / "logs" / "reference.log").exists()  # no reference actor: the policy is its own reference
+    last = ref / "checkpoints" / f"iter-{LORA_CHAIN['iterations']:06d}"
+    assert (last / "hf" / "adapter_model.safetensors").exists() and (last / "merged" / "model.safetensors").exists()
+    from safetensors.numpy import load_file
+
+    adapter = load_file(last / "hf" / "adapter_model.safetensors")
+    assert any(k.endswith("lora_B.weight") and (v != 0).any() for k, v in adapter.items())  # B left 0: it trained
+    _check_equal_to_reference(chain.run, ref, chain.iterations)  # the final adapter's weights, bit for bit
+    _check_lives(chain)
