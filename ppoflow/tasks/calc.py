@@ -15,8 +15,8 @@ the same offset from the tool's output, which keeps the copy easy for a 4-layer 
 answer on the rest, so the starting policy calls the tool some of the time; RL can learn to call it always.
 
 Reward (referenced as `ppoflow.tasks.calc:reward`), on the episode's last policy turn: 1.0 for exactly the product,
-0.1 for a bare integer that is not, 0.0 for anything else (a tool call left unanswered included): `ppoflow.tasks.arith`'s
-rule.
+0.1 for a bare integer that is not, 0.0 for anything else (a tool call left unanswered included):
+`ppoflow.tasks.arith`'s rule.
 
 Run alone (writes train.jsonl and eval.jsonl, disjoint):
   python -m ppoflow.tasks.calc data/calc --n-train 4096 --n-eval 256 --seed 0
