@@ -194,8 +194,9 @@ def run_episodes(episodes: list[Episode], sample: Callable[[list[dict]], list[li
             ep.turns.append(_turn(role, text, len(ids) if fits else 0, seconds, tool=info.get("tool"),
                                   error=bool(info.get("error"))))
         if done or not fits:
-            ep.finish_reason = (_last_policy_finish(ep) if done else "max_turns" if ep.policy_turns >= max_turns
-                                else "length")
+            last_policy_turn = next(t for t in reversed(ep.turns) if t["role"] == "assistant")
+            ep.finish_reason = (last_policy_turn["finish_reason"] if done else "max_turns"
+                                if ep.policy_turns >= max_turns else "length")
             return False
         index = len(ep.turns) - 1
         ep.ids += ids
@@ -237,14 +238,11 @@ def run_episodes(episodes: list[Episode], sample: Callable[[list[dict]], list[li
                 ready = []
             if not stepping:
                 break
-            if lockstep:
-                done, _ = wait(stepping)
-            else:
-                done, _ = wait(stepping, timeout=step_wait_s)
-                if not done:
-                    done, _ = wait(stepping, return_when=FIRST_COMPLETED)
-                else:  # the steps finished by now join this round; the others, a later one
-                    done = {f for f in stepping if f.done()}
+            # Lockstep: every step of the round. Else the steps done within step_wait_s (at least one) join the next
+            # engine batch, and slower ones a later batch.
+            done, _ = wait(stepping, timeout=None if lockstep else step_wait_s)
+            if not done:
+                done, _ = wait(stepping, return_when=FIRST_COMPLETED)
             for future in sorted(done, key=lambda f: (stepping[f].group, stepping[f].sample)):
                 ep = stepping.pop(future)
                 result, seconds = future.result()
@@ -252,10 +250,6 @@ def run_episodes(episodes: list[Episode], sample: Callable[[list[dict]], list[li
                 if observe(ep, result, seconds):
                     ready.append(ep)
     return stats
-
-
-def _last_policy_finish(ep: Episode) -> str:
-    return next(t["finish_reason"] for t in reversed(ep.turns) if t["role"] == "assistant")
 
 
 SAMPLING_KEYS = ("temperature", "top_p", "top_k", "max_new_tokens", "stop")
