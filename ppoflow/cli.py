@@ -3,8 +3,8 @@
     ppoflow train --config configs/quickstart.yaml [--set algo.gamma=0.99 ...] [--run-id RUN] [--verbose]
     ppoflow config show [--config F] [--set key=value ...]   every field: value, description, default|file|override
     ppoflow config schema [--out FILE]                        the run config's JSON schema
-    ppoflow make-tiny-model models/tiny [--sft-steps N]
-    ppoflow make-prompts data/arith [--n-train N --n-eval N]
+    ppoflow make-tiny-model models/tiny [--sft-steps N] [--tools]
+    ppoflow make-prompts data/arith [--n-train N --n-eval N] [--task calc]
     ppoflow runs list [--root ROOT]
     ppoflow runs show RUN [--root ROOT]
     ppoflow rollouts RUN --iter N [--k 5] [--order best|worst|random|all] [--root ROOT]
@@ -92,13 +92,15 @@ def cmd_train(args) -> int:
 def cmd_make_tiny_model(args) -> int:
     from ppoflow.tiny_model import make_tiny_model
 
-    make_tiny_model(args.out_dir, seed=args.seed, **({"sft_steps": args.sft_steps} if args.sft_steps is not None
-                                                     else {}))
+    make_tiny_model(args.out_dir, seed=args.seed, sft_steps=args.sft_steps, tools=args.tools)
     return 0
 
 
 def cmd_make_prompts(args) -> int:
-    from ppoflow.tasks.arith import write_prompts
+    if args.task == "calc":
+        from ppoflow.tasks.calc import write_prompts
+    else:
+        from ppoflow.tasks.arith import write_prompts
 
     print(write_prompts(args.out_dir, n_train=args.n_train, n_eval=args.n_eval, seed=args.seed))
     return 0
@@ -234,10 +236,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out_dir")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sft-steps", type=int, default=None, help="SFT steps on the quickstart task (0: random init)")
+    p.add_argument("--tools", action="store_true", help="the tool-use model: SFT on 4-digit multiplication with some "
+                                                        "calc-tool episodes (ppoflow/tasks/calc.py)")
     p.set_defaults(fn=cmd_make_tiny_model)
 
     p = sub.add_parser("make-prompts", help="write the quickstart task's train.jsonl and eval.jsonl")
     p.add_argument("out_dir")
+    p.add_argument("--task", choices=["arith", "calc"], default="arith",
+                   help="arith: doubling (the quickstart); calc: 4-digit multiplication (the tool-use task)")
     p.add_argument("--n-train", type=int, default=2048)
     p.add_argument("--n-eval", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)

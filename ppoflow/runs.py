@@ -143,9 +143,17 @@ def show_run(run_id: str, root: str | None = None) -> int:
     return 0
 
 
+def _turn_line(turn: dict) -> str:
+    """`assistant: <calc>2*3</calc>`, `tool [calc]: 6`, `tool [python] (error): ...`."""
+    observed = turn["tool"] if turn["tool"] and turn["role"] != "assistant" else None
+    return (f"{turn['role']}{f' [{observed}]' if observed else ''}{' (error)' if turn['error'] else ''}: "
+            f"{turn['text']}")
+
+
 def show_rollouts(run_id: str, iteration: int, k: int = 5, order: str = "random", seed: int = 0,
                   root: str | None = None) -> int:
-    """k samples of one iteration from its experience table (the scored table when advantages isn't committed)."""
+    """k samples of one iteration from its experience table (the scored table when advantages isn't committed); a
+    multi-turn episode's response shown turn by turn."""
     store = _open(run_id, root)
     committed = store.committed_stages(iteration)
     stage = next((s for s in ("advantages", "score") if s in committed), None)
@@ -165,7 +173,8 @@ def show_rollouts(run_id: str, iteration: int, k: int = 5, order: str = "random"
     else:  # sort_indices is stable: equal rewards keep their stored order
         idx = pc.sort_indices(table, [("reward", "descending" if order == "best" else "ascending")])[:k].to_pylist()
     columns = ["sample_id", "prompt", "response", "reward", "response_ids", "finish_reason"]
-    picked = table.take(idx).select(columns + (["advantages"] if stage == "advantages" else [])).to_pylist()
+    columns += [c for c in ("turns", "advantages") if c in table.column_names]  # turns: multi-turn runs only
+    picked = table.take(idx).select(columns).to_pylist()
 
     console = _console()
     console.print(f"run {store.run_id} · iteration {iteration} · {order} {len(picked)} of {n} samples "
@@ -186,7 +195,10 @@ def show_rollouts(run_id: str, iteration: int, k: int = 5, order: str = "random"
                 prompt = "\n".join(f"{m['role']}: {m['content']}" for m in json.loads(prompt))
             except (ValueError, KeyError, TypeError):
                 pass
-        out.add_row(r["sample_id"], prompt, r["response"], f"{r['reward']:.3f}",
+        response = r["response"]
+        if r.get("turns"):  # a multi-turn episode: one `role: text` line (or block) per turn
+            response = "\n".join(_turn_line(t) for t in r["turns"])
+        out.add_row(r["sample_id"], prompt, response, f"{r['reward']:.3f}",
                     f"{sum(adv) / len(adv):+.3f}" if adv else "-", str(len(r["response_ids"])), r["finish_reason"])
     console.print(out)
     rewards = table.column("reward")

@@ -17,10 +17,15 @@ user's model, so the quickstart exercises the real path.
   the run. The final number is logged on a third, held-out split. Questions come from a seed apart from the prompt
   files' default, and the three splits never share a question. Seen for seeds 0-7 (one thread each): stops after
   60-160 steps, 17-37 s, held-out exact match 22-50%. `sft_steps=0` keeps the random init (fast tests).
+- The tool-use model (`tools=True`, the multi-turn benchmark's): the same shape, its tokenizer trained on the
+  multiplication task of `ppoflow.tasks.calc` (merges for "<calc", "tool", ...), SFT on `calc` tool episodes (the
+  call copies the question, the answer copies the tool's output; the tool's tokens are not learned) with direct
+  answers beside them, so that the SFT'd model calls the tool on about TOOL_FRACTION of its samples (`sft_tools`).
 
 Run alone:
   python -m ppoflow.tiny_model models/tiny            # ~30 s on 2 cores; logs loss and exact match
   python -m ppoflow.tiny_model /tmp/t --sft-steps 0   # random init, ~5 s
+  python -m ppoflow.tiny_model models/tiny-calc --tools   # the tool-use model (4-digit multiplication, calc tool)
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from typing import Callable
 
 import torch
 
-from ppoflow.tasks import arith
+from ppoflow.tasks import arith, calc
 
 PAD, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 
@@ -67,6 +72,16 @@ SFT_EVAL_EVERY = 10
 SFT_TARGET_ACCURACY = 0.3
 """Stop SFT once validation exact match reaches this; it climbs 5-35 points per SFT_EVAL_EVERY steps there."""
 HELDOUT_N = 100
+
+TOOL_FRACTION = 0.3
+"""Share of its samples on which the SFT'd tool model calls the tool (the rest answer directly)."""
+TOOL_SFT_STEPS = 200
+"""SFT steps of the tool model (a fixed number: it stops at no target)."""
+TOOL_SFT_BATCH = 32
+"""Tool episodes per SFT step of the tool model (direct answers come on top, see `sft_tools`)."""
+TOOL_SFT_LR = 1e-3
+"""The tool model's SFT rate: the copies were learned at 1e-3 in ~100 steps and not at all in 600 at SFT_LR (3e-3),
+which learned the call's copy but never the answer's (bench/RESULTS.md, multi-turn section)."""
 _SFT_SEED_OFFSET = 1_000  # keeps SFT's questions on a different seed from write_prompts' default 0
 
 
@@ -74,12 +89,14 @@ def make_tiny_model(
     out_dir: str,
     *,
     seed: int = 0,
-    sft_steps: int = SFT_STEPS,
+    sft_steps: int | None = None,
     log: Callable[[str], None] = print,
     shape: dict | None = None,
     dtype: str = "float32",
     vocab_size: int | None = None,
     device: str = "cpu",
+    tools: bool = False,
+    tool_fraction: float = TOOL_FRACTION,
 ) -> str:
     """Train a tokenizer, build a tiny Qwen2, run up to `sft_steps` of SFT and save it all to `out_dir`.
 
@@ -87,7 +104,13 @@ def make_tiny_model(
     `vocab_size` pads the tokenizer to that many entries (`train_tokenizer`), e.g. Qwen2.5's 151,936, so the LM head
     costs what a real one does; `dtype` ("float32" or "bfloat16") is the dtype the weights are saved in. The model is
     built (on `device`: "cuda" initialises a billion-parameter shape in seconds) and trained in float32 either way
-    and cast just before saving."""
+    and cast just before saving.
+
+    `tools`: the tool-use model instead of the quickstart's: tokenizer and SFT on the 4-digit multiplication task of
+    `ppoflow.tasks.calc`, `calc` tool episodes and direct answers, so that the model calls the tool on about
+    `tool_fraction` of its samples (`sft_tools`).
+
+    `sft_steps`: None for SFT_STEPS (a cap), or TOOL_SFT_STEPS with `tools`."""
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
     shape = {**MODEL_SHAPE, **(shape or {})}
@@ -101,7 +124,8 @@ def make_tiny_model(
     try:
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            tokenizer = train_tokenizer(seed, model_max_length=shape["max_position_embeddings"], vocab_size=vocab_size)
+            tokenizer = train_tokenizer(seed, model_max_length=shape["max_position_embeddings"], vocab_size=vocab_size,
+                                        tools=tools)
             pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
             config = Qwen2Config(
                 vocab_size=len(tokenizer),
@@ -117,8 +141,11 @@ def make_tiny_model(
             model.generation_config = GenerationConfig(bos_token_id=pad_id, eos_token_id=eos_id, pad_token_id=pad_id)
             n_params = sum(p.numel() for p in model.parameters())
             log(f"tiny_model: Qwen2 with {n_params:,} parameters, vocab {len(tokenizer)}")
-            if sft_steps > 0:
-                sft(model, tokenizer, seed=seed, steps=sft_steps, log=log)
+            if tools:
+                sft_tools(model, tokenizer, seed=seed, log=log, tool_fraction=tool_fraction,
+                          steps=TOOL_SFT_STEPS if sft_steps is None else sft_steps)
+            elif sft_steps is None or sft_steps > 0:
+                sft(model, tokenizer, seed=seed, steps=SFT_STEPS if sft_steps is None else sft_steps, log=log)
     finally:
         torch.set_num_threads(threads)
 
@@ -154,14 +181,15 @@ def make_tiny_reward_model(out_dir: str, *, seed: int = 0, log: Callable[[str], 
 
 
 def train_tokenizer(seed: int, model_max_length: int = MODEL_SHAPE["max_position_embeddings"],
-                    vocab_size: int | None = None):
+                    vocab_size: int | None = None, tools: bool = False):
     """Byte-level BPE trained on the task's text; returns a `PreTrainedTokenizerFast` with the chat template.
 
     `model_max_length` is recorded in the tokenizer config: the model's context length. `vocab_size` (larger than the
     few hundred entries the task's text yields) pads the BPE vocabulary with filler tokens `<|t{id}|>` up to that
     size: no text encodes to them, and a model that samples one (a random-init model samples them all) decodes it
     as that string. In the BPE model itself, not as added tokens: a tokenizer with 150k added tokens loads ~15x
-    slower."""
+    slower. `tools`: trained on the multiplication task's text, tool calls and `tool` turns instead
+    (`ppoflow.tasks.calc`)."""
     import json
 
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
@@ -186,8 +214,8 @@ def train_tokenizer(seed: int, model_max_length: int = MODEL_SHAPE["max_position
         show_progress=False,
     )
     texts = ["user", "assistant", "system"]
-    for row in arith.make_prompts(1_000, seed):
-        texts += [row["prompt"], row["answer"]]
+    for row in arith.make_prompts(1_000, seed) if not tools else calc.make_prompts(1_000, seed):
+        texts += [row["prompt"], row["answer"]] + ([calc.tool_call(row), "tool"] if tools else [])
     tok.train_from_iterator(texts, trainer)
     if vocab_size is not None and vocab_size > tok.get_vocab_size():
         data = json.loads(tok.to_str())
@@ -254,6 +282,84 @@ def sft(model, tokenizer, *, seed: int, steps: int, log: Callable[[str], None]) 
     return losses
 
 
+def encode_tool_episode(tokenizer, row: dict) -> tuple[list[int], list[int], list[int]]:
+    """Prompt ids, response ids and response mask of the `calc` tool episode of a multiplication row, token for
+    token what the episode loop (workers/episodes.py) builds when the policy samples this canonical text: the call
+    and `<|im_end|>` (mask 1), the tool's message as the chat template renders it (mask 0), the answer and
+    `<|im_end|>` (mask 1)."""
+    from workers.episodes import observation_text
+
+    prompt_ids, answer_ids = encode_example(tokenizer, row)
+    call_ids = tokenizer.encode(calc.tool_call(row), add_special_tokens=False) + [tokenizer.eos_token_id]
+    tool_ids = tokenizer.encode(observation_text(tokenizer, [{"role": "tool", "content": row["answer"]}], True),
+                                add_special_tokens=False)
+    return prompt_ids, call_ids + tool_ids + answer_ids, [1] * len(call_ids) + [0] * len(tool_ids) + [1] * len(
+        answer_ids)
+
+
+def sft_tools(model, tokenizer, *, seed: int, steps: int, tool_fraction: float, log: Callable[[str], None]) -> None:
+    """SFT of the tool model, `steps` steps over multiplication questions. Each step holds TOOL_SFT_BATCH tool episodes,
+    learned on the policy's tokens (the call and the answer, not the tool's output), and direct answers learned on
+    their first token only, as many as make a `tool_fraction` of the first tokens a call: the policy learns the two
+    copies from every episode and to call the tool on about `tool_fraction` of its samples. A direct answer's other
+    digits are not learned: no model this size multiplies, and fitting the noise would slow the copies down. Logs how
+    often the greedy policy copies the question into the call and the tool's output into the answer."""
+    questions = calc.make_prompts(20_000, seed + _SFT_SEED_OFFSET)
+    heldout, train = questions[:HELDOUT_N], questions[HELDOUT_N:]
+    direct = round(TOOL_SFT_BATCH * (1 - tool_fraction) / tool_fraction)
+    rng = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=TOOL_SFT_LR, weight_decay=0.0, betas=(0.9, 0.98))
+    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / SFT_WARMUP))
+    start = time.perf_counter()
+    for step in range(1, steps + 1):
+        model.train()
+        batch = []  # (prompt ids, response ids, labels over the response)
+        for n, i in enumerate(torch.randint(len(train), (TOOL_SFT_BATCH + direct,), generator=rng).tolist()):
+            if n < TOOL_SFT_BATCH:
+                prompt, response, mask = encode_tool_episode(tokenizer, train[i])
+                batch.append((prompt, response, [t if m else -100 for t, m in zip(response, mask)]))
+            else:
+                prompt, response = encode_example(tokenizer, train[i])
+                batch.append((prompt, response, response[:1] + [-100] * (len(response) - 1)))
+        input_ids, labels, attention_mask = _collate([(p, r) for p, r, _ in batch], tokenizer.pad_token_id)
+        for row, (prompt, _, learned) in enumerate(batch):
+            labels[row, len(prompt): len(prompt) + len(learned)] = torch.tensor(learned)
+        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        warmup.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % 50 == 0 or step == steps:
+            call, answer = tool_copy_accuracy(model, tokenizer, heldout)
+            log(f"tiny_model: tool sft step {step:4d} loss {loss.item():.4f} held-out greedy copies: call {call:.0%}, "
+                f"answer {answer:.0%} ({time.perf_counter() - start:.1f}s)")
+
+
+@torch.no_grad()
+def tool_copy_accuracy(model, tokenizer, rows: list[dict]) -> tuple[float, float]:
+    """Greedy, on `rows`: the fraction whose call, once `<calc>` is given, copies the question exactly, and the
+    fraction whose answer, after the whole canonical call and tool output, copies the tool's output exactly."""
+    model.eval()
+    calls, answers = [], []
+    for row in rows:
+        prompt, response, mask = encode_tool_episode(tokenizer, row)
+        opening = tokenizer.encode("<calc>", add_special_tokens=False)
+        calls.append((prompt + opening, tokenizer.encode(calc.tool_call(row), add_special_tokens=False)[len(opening):]))
+        answer_at = len(response) - mask[::-1].index(0)  # after the last tool token
+        answers.append((prompt + response[:answer_at], response[answer_at:-1]))
+    out = []
+    for pairs in (calls, answers):
+        width = max(len(p) for p, _ in pairs)
+        input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p, _ in pairs])
+        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p, _ in pairs])
+        new = max(len(t) for _, t in pairs)
+        generated = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=new,
+                                   do_sample=False)[:, width:].tolist()
+        out.append(sum(g[: len(t)] == t for g, (_, t) in zip(generated, pairs)) / len(pairs))
+    return out[0], out[1]
+
+
 def _collate(batch: list[tuple[list[int], list[int]]], pad_id: int):
     """Right-pad prompt+response; labels are -100 on prompt and padding so only the response is learned."""
     width = max(len(p) + len(r) for p, r in batch)
@@ -289,6 +395,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Build the quickstart's tiny Qwen2 chat model.")
     parser.add_argument("out_dir")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--sft-steps", type=int, default=SFT_STEPS, help="cap; SFT stops at the target accuracy")
+    parser.add_argument("--sft-steps", type=int, default=None, help="cap; SFT stops at the target accuracy")
+    parser.add_argument("--tools", action="store_true", help="the tool-use model (ppoflow/tasks/calc.py)")
     args = parser.parse_args()
-    make_tiny_model(args.out_dir, seed=args.seed, sft_steps=args.sft_steps)
+    make_tiny_model(args.out_dir, seed=args.seed, sft_steps=args.sft_steps, tools=args.tools)

@@ -1,10 +1,12 @@
 """Advantages stage: per-token KL, shaped rewards, advantages and returns from the scored table. Pure math, no actors.
 
 Scores are clipped / normalised first (algo.reward_clip, algo.normalize_rewards), then shaped: r_t = −β·KL_t plus the
-score on the last token (β = 0 when the KL is a loss term instead). Then the estimator registered as algo.estimator
-(algorithms/estimators.py; docs/algorithms.md lists them) turns them into advantages, and returns for the critic's
-targets (zeros without a critic); the estimators registered with whiten=True are whitened over the batch when
-algo.whiten_advantages is on.
+score on the last token (β = 0 when the KL is a loss term instead), plus a multi-turn environment's reward increments
+where it put them. Then the estimator registered as algo.estimator (algorithms/estimators.py; docs/algorithms.md lists
+them) turns them into advantages, and returns for the critic's targets (zeros without a critic); the estimators
+registered with whiten=True are whitened over the batch when algo.whiten_advantages is on. A multi-turn episode's
+environment tokens are holes: the estimators' mask is the policy's tokens (storage/schema.py `policy_mask`), so the
+holes carry no KL, reward, advantage or return, and GAE and the returns-to-go pass through them.
 
 State that spans iterations (the adaptive KL coefficient, the running reward statistics) is stored in this stage's
 commit marker and read back from the previous iteration's, so a resumed run continues with the same values.
@@ -33,11 +35,13 @@ def compute_advantages(scored, algo, state: dict | None = None) -> dict:
     from algorithms import advantages as adv
     from algorithms.estimators import EstimatorInputs
     from algorithms.kl import AdaptiveKLController, FixedKLController, kl_estimate
+    from storage.schema import policy_mask
 
     state = state or {}
     lengths = [len(r) for r in scored["response_ids"].to_pylist()]
     width = max(lengths + [1])
-    mask = torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]
+    # Real tokens: the policy's; a multi-turn episode's environment tokens are holes every estimator skips.
+    mask = (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]) & _padded(policy_mask(scored), width).bool()
     old = _padded(scored["old_logprobs"].to_pylist(), width)
     ref = _padded(scored["ref_logprobs"].to_pylist(), width)
     group_ids = torch.tensor(scored["group_id"].to_pylist())
@@ -60,6 +64,9 @@ def compute_advantages(scored, algo, state: dict | None = None) -> dict:
 
     kl = torch.where(mask, kl_estimate(old, ref, algo.kl_estimator), 0)
     token_rewards = adv.kl_shaped_rewards(scores, kl, mask, kl_coef if algo.kl_in_reward else 0.0)
+    env_rewards = scored["env_rewards"].to_pylist() if "env_rewards" in scored.column_names else []
+    if any(r is not None for r in env_rewards):  # an environment's per-turn increments, on top of the outcome
+        token_rewards = token_rewards + torch.where(mask, _padded([r or [] for r in env_rewards], width), 0)
     estimator = ESTIMATORS[algo.estimator]
     inputs = EstimatorInputs(
         token_rewards=token_rewards, seq_rewards=torch.where(mask, token_rewards, 0).sum(-1),

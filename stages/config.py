@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from algorithms.config import AlgoConfig
 from algorithms.registry import ESTIMATORS
 from storage.config import CREDENTIAL_OPTIONS, CheckpointConfig, StorageConfig
-from workers.config import GenerationConfig, ModelConfig, PolicyConfig, RayConfig, TrainerConfig
+from workers.config import GenerationConfig, ModelConfig, PolicyConfig, RayConfig, RolloutConfig, TrainerConfig
 
 
 class ConfigError(ValueError):
@@ -384,6 +384,9 @@ class RunConfig(BaseModel):
     generation: GenerationConfig = GenerationConfig()
     """Rollout sampling and the generation engines (vLLM or HF) that do it."""
 
+    rollout: RolloutConfig = RolloutConfig()
+    """Multi-turn episodes with an environment (tools, ...); off by default: one response per sample."""
+
     policy: PolicyConfig = PolicyConfig()
     """The policy's DeepSpeed trainer (its ranks, optimizer, batch sizes, an optional LoRA adapter); the reference
     model shares its resources."""
@@ -435,6 +438,12 @@ class RunConfig(BaseModel):
                 "generation.max_model_len: must hold data.max_prompt_tokens + generation.max_new_tokens "
                 f"({self.data.max_prompt_tokens} + {self.generation.max_new_tokens} > {self.generation.max_model_len})"
             )
+        if self.rollout.env is not None and (
+                self.data.max_prompt_tokens + self.rollout.max_total_tokens > self.generation.max_model_len):
+            errors.append(
+                "generation.max_model_len: with rollout.env it must hold data.max_prompt_tokens + "
+                f"rollout.max_total_tokens ({self.data.max_prompt_tokens} + {self.rollout.max_total_tokens} > "
+                f"{self.generation.max_model_len})")
         if self.algo.overlong_buffer is not None and self.algo.overlong_buffer > self.generation.max_new_tokens:
             errors.append(f"algo.overlong_buffer: must not exceed generation.max_new_tokens "
                           f"({self.algo.overlong_buffer} > {self.generation.max_new_tokens})")

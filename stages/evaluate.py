@@ -3,10 +3,12 @@ greedy by default; responses, rewards and pass flags are committed under `iter-{
 `eval/reward_mean` and `eval/pass_rate`. It runs before the first iteration and after every eval.every-th one.
 
 Every engine is brought to policy version n first, so the same stage evaluates any committed iteration of a run; the
-requests are spread over the engines like the generate stage's.
+requests are spread over the engines like the generate stage's. With rollout.env each answer is an episode with that
+environment (a tool task is evaluated with its tools), its last policy turn scored.
 Run alone: see flows/ppo.py; tests: tests/flows/test_ppo_flow.py
 """
 
+import functools
 import json
 
 from stages.common import Output, StageRun, stage
@@ -49,7 +51,8 @@ def scored_answers(config, rows: list[dict], results: list[list[dict]], version:
     out = [{"sample_id": f"{id_prefix}-p{i}-s{k}", "prompt_index": i, "sample_index": k,
             "prompt": prompt_text(r[data.prompt_key]), "response": s["text"], "response_len": len(s["response_ids"]),
             "finish_reason": s["finish_reason"], "policy_version": version,
-            "metadata": json.dumps({c: v for c, v in r.items() if c != data.prompt_key}, default=str)}
+            "metadata": json.dumps({c: v for c, v in r.items() if c != data.prompt_key}, default=str),
+            "turns": s.get("turns")}  # a multi-turn episode's turns (rollout.env); None for one response
            for i, (r, samples) in enumerate(zip(rows, results)) for k, s in enumerate(samples)]
     # the reward function sees eval samples exactly as it sees rollouts
     columns = ("sample_id", "prompt", "response", "metadata")
@@ -68,9 +71,10 @@ def scored_answers(config, rows: list[dict], results: list[list[dict]], version:
 def evaluate(s: StageRun) -> Output:
     import pyarrow as pa
 
-    from stages.generate import read_prompt_rows
+    from stages.generate import _tokenizer, encode_prompt, read_prompt_rows
     from storage.schema import EVAL
     from workers.engine_pool import check_serving
+    from workers.episodes import episode_metrics, play
 
     config, iteration, ev = s.config, s.iteration, s.config.eval
     pool = s.engines()
@@ -78,9 +82,20 @@ def evaluate(s: StageRun) -> Output:
     check_serving(pool.handles, iteration)
     pool.wake()
     rows = read_prompt_rows(config, "eval.prompts")[: ev.max_prompts]
-    results = pool.generate(eval_requests(config, rows, ev.n_samples, ev.temperature), iteration, "eval", iteration)
+    requests = eval_requests(config, rows, ev.n_samples, ev.temperature)
+    sample = functools.partial(pool.generate, version=iteration, stage="eval", iteration=iteration)
+    if config.rollout.env is None:
+        results = sample(requests)
+    else:  # the same environment as the rollouts (a tool task is judged with its tools)
+        data, tok = config.data, _tokenizer(config.model.path)
+        results, _ = play(requests, rows, sample, tok, functools.partial(
+            encode_prompt, tok, chat=data.apply_chat_template, max_tokens=data.max_prompt_tokens,
+            input_template=data.input_template), config.rollout, prompt_key=data.prompt_key,
+            chat=data.apply_chat_template, max_model_len=config.generation.max_model_len)
     out, metrics = scored_answers(config, rows, results, iteration, config.reward.fn, ev.pass_threshold,
                                   f"eval{iteration}")
+    if config.rollout.env is not None:
+        metrics.update(episode_metrics(out, "eval"))
     return Output(pa.Table.from_pylist(out, schema=EVAL), metrics, {"policy_version": iteration})
 
 

@@ -17,6 +17,10 @@ With algo.dynamic_sampling (DAPO) the stage scores each round of prompt groups w
 groups whose samples disagree and samples further prompts until prompts_per_iteration groups are kept (at most
 algo.max_sampling_rounds rounds); the whole loop commits once, so a crash inside it repeats the same rounds.
 
+With rollout.env each sample is a multi-turn episode with that environment (workers/episodes.py): the request of a
+prompt becomes its n episodes, each turn seeded from the sample's seed, so a crash inside (fault point
+`generate.turn{t}` before the engine batch of turn t) repeats the same turns.
+
 Tests: tests/stages/test_generate.py; end to end: tests/flows/test_ppo_flow.py
 """
 
@@ -108,11 +112,13 @@ def generate(s: StageRun) -> Output:
 
     from algorithms.dapo import informative_groups
     from stages.score import compute_rewards
+    from storage.faults import fault_point
     from storage.prompts import prompt_text
     from stages.pipeline import behaviour_version
     from storage.schema import ROLLOUT
     from workers.engine_pool import check_serving, generate_on_engines
     from workers.engines import engine_versions
+    from workers.episodes import EPISODE_COLUMNS, episode_metrics, play
 
     config, store, iteration = s.config, s.store, s.iteration
     pool = s.engines()
@@ -129,6 +135,10 @@ def generate(s: StageRun) -> Output:
     def recover_locked(index: int, error: Exception) -> None:  # re-syncing a restarted engine moves the policy
         with trainers_lock(s.run_uri):
             recover(index, error)
+
+    def sample(requests: list[dict]) -> list[list[dict]]:  # every request (or episode turn) from policy `version`
+        return generate_on_engines(pool.handles, requests, chunk_size=pool.chunk_size(len(requests)),
+                                   version=version, on_engine_lost=recover_locked)
 
     pool.wake()
 
@@ -157,8 +167,14 @@ def generate(s: StageRun) -> Output:
         } for j, g in enumerate(groups)]
         t_gen = time.perf_counter()
         # An engine that dies mid-sampling is restarted by Ray, synced back to `version` and sent its chunks again.
-        results = generate_on_engines(pool.handles, requests, chunk_size=pool.chunk_size(len(requests)),
-                                      version=version, on_engine_lost=recover_locked)
+        if config.rollout.env is None:
+            results = sample(requests)
+        else:  # multi-turn episodes (workers/episodes.py); a SIGKILL inside repeats the same turns on resume
+            results, _ = play(requests, [rows[g["index"]] for g in groups], sample, tok, functools.partial(
+                encode_prompt, tok, chat=data.apply_chat_template, max_tokens=data.max_prompt_tokens,
+                input_template=data.input_template), config.rollout, prompt_key=data.prompt_key,
+                chat=data.apply_chat_template, max_model_len=gen.max_model_len,
+                on_turn=lambda t: fault_point(f"generate.turn{t}", iteration))
         gen_seconds += time.perf_counter() - t_gen
         requests_sent += len(requests)
         position, rounds = position + batch, rounds + 1
@@ -168,10 +184,12 @@ def generate(s: StageRun) -> Output:
                 "sample_id": f"it{iteration}-r{rounds}-p{g['index']}-s{k}", "iteration": iteration,
                 "prompt_index": g["index"], "group_id": -1, "sample_index": k,
                 "prompt": prompt_text(rows[g["index"]][data.prompt_key]),
-                "prompt_ids": g["ids"], "prompt_truncated": g["truncated"], "response": s["text"],
+                "prompt_ids": s.get("prompt_ids", g["ids"]),
+                "prompt_truncated": s.get("prompt_truncated", g["truncated"]), "response": s["text"],
                 "response_ids": s["response_ids"], "engine_logprobs": s["logprobs"],
                 "finish_reason": s["finish_reason"], "policy_version": version, "staleness": iteration - 1 - version,
                 "metadata": json.dumps(meta, default=str),
+                **{c: s.get(c) for c in EPISODE_COLUMNS},
             } for k, s in enumerate(samples)]
         if not algo.dynamic_sampling:
             kept = groups
@@ -197,7 +215,8 @@ def generate(s: StageRun) -> Output:
                         "sample_id": f"it{iteration}-g{group_id}-p{g['index']}-s{r['sample_index']}"})
     pool.sleep()
     lengths = [len(r["response_ids"]) for r in out]
-    metrics = {
+    metrics = episode_metrics(out, "rollout") if config.rollout.env is not None else {}
+    metrics = {**metrics,
         "rollout/response_len": float(np.mean(lengths)),
         "rollout/finish_length_frac": float(np.mean([r["finish_reason"] == "length" for r in out])),
         "rollout/prompt_truncated_frac": float(np.mean([r["prompt_truncated"] for r in out])),

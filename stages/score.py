@@ -6,7 +6,7 @@ from the committed checkpoint if it holds anything else. That is the version tha
 algo.max_staleness ≥ 1 drew it from an older one (stages/pipeline.py). Reference, policy and critic work concurrently
 on one shared Arrow table in Ray's object store.
 
-The logprob gate: the engine's sampling logprobs must match the trainer's on the same tokens within
+The logprob gate: the engine's sampling logprobs must match the trainer's on the same (policy) tokens within
 `algo.max_logprob_gap`, else the iteration fails with LogprobGateError and nothing is committed: the engine served
 other weights than the version it reported (a broken sync), and training on that rollout would be silently off-policy.
 It applies to rollouts of staleness 0; a stale rollout's gap to π_old is the off-policy distance (still reported as
@@ -196,7 +196,7 @@ def score(s: StageRun) -> Output:
     import ray
 
     from stages.pipeline import staleness
-    from storage.schema import SCORED
+    from storage.schema import SCORED, policy_mask
     from workers.cluster import on_all_ranks
     from workers.trainers import threads_each
 
@@ -239,9 +239,12 @@ def score(s: StageRun) -> Output:
     for name in ("old_logprobs", "ref_logprobs", "values"):
         table = table.append_column(name, pa.array(columns[name], SCORED.field(name).type))
 
-    # Engine vs trainer on the same tokens and weights: a large gap means the sync or the engine is broken.
-    engine_lp = np.concatenate([np.asarray(x, np.float64) for x in rollout["engine_logprobs"].to_pylist()] or [[]])
-    old_lp = np.concatenate([np.asarray(x, np.float64) for x in columns["old_logprobs"]] or [[]])
+    # Engine vs trainer on the same tokens and weights: a large gap means the sync or the engine is broken. Only
+    # policy tokens: the engine never sampled a multi-turn episode's environment tokens (holes).
+    sampled = np.concatenate([np.asarray(m, bool) for m in policy_mask(rollout)] or [[]]).astype(bool)
+    engine_lp = np.concatenate([np.asarray(x, np.float64) for x in rollout["engine_logprobs"].to_pylist()]
+                               or [[]])[sampled]
+    old_lp = np.concatenate([np.asarray(x, np.float64) for x in columns["old_logprobs"]] or [[]])[sampled]
     metrics = {
         "rollout/reward_mean": float(np.mean(rewards)),
         "rollout/reward_std": float(np.std(rewards)),

@@ -10,7 +10,8 @@ actors see the driver's PPOFLOW_FAULTS (workers/cluster.py worker_env), so point
 It lives in storage/ (which imports nothing of ours) so that points can sit inside the storage writes too (a Parquet
 part written, its marker not). The points: run.opened, run.workers_started; each stage's start / before_commit /
 after_commit (the stage skeleton, stages/common.py); {stage}.mid_write and {stage}.before_marker inside the Parquet
-commit; update.after_train / policy_saved (mid-checkpoint); checkpoint.writing (a trainer writing a checkpoint file,
+commit; generate.turn{t} before the first engine batch of turn t (0-based) of multi-turn episodes (workers/episodes.py);
+update.after_train / policy_saved (mid-checkpoint); checkpoint.writing (a trainer writing a checkpoint file,
 in its background writer thread when checkpoint.background); sync.before_engine_update; policy.train inside the
 policy's Ray actors (each rank).
 """

@@ -165,6 +165,11 @@ class RunStore:
             self.fs.rm(path, recursive=True)  # leftovers of an attempt that never committed
         self.fs.makedirs(path, exist_ok=True)
         if not table.schema.equals(schema):
+            # A column the schema gained after an earlier stage of this run was committed (the multi-turn columns of a
+            # rollout written before them) is written as nulls, which every such column reads as its trivial value.
+            for f in schema:
+                if f.name not in table.column_names:
+                    table = table.append_column(f, pa.nulls(table.num_rows, f.type))
             table = table.select(schema.names).cast(schema)
         files = []
         for i, start in enumerate(range(0, max(table.num_rows, 1), rows_per_part)):

@@ -4,12 +4,35 @@ Each stage adds columns to the previous table, so every table is self-contained 
 holds everything a user needs to inspect an iteration with plain pyarrow. Per-token columns are Arrow lists over the
 *response* tokens of one sample (length A = len(response_ids)); prompt tokens carry no per-token values.
 
+A multi-turn episode (rollout.env) is one row too: its response is every token after the prompt, the policy's turns
+and the environment's answers in order, and `response_mask` tells them apart. Environment tokens are holes: every
+per-token column has a value there (logprobs of the tokens, values, ...) but no loss, estimator, metric or logprob
+gate counts them (`policy_mask`). A sample without multi-turn columns (a single-turn run, or a table written before
+they existed) has no holes.
+
 Run alone to print the schemas:  python -m storage.schema
 """
 
 import hashlib
 
 import pyarrow as pa
+
+TURN = pa.struct(
+    [
+        pa.field("role", pa.string()),  # "assistant" (a policy turn), the observation's chat role ("tool", "user"),
+        #                                 or "environment" (an observation given as plain text)
+        pa.field("text", pa.string()),  # assistant: the turn decoded (special tokens skipped, a stop string cut);
+        #                                 observation: its content (the chat template's glue is not shown)
+        pa.field("tool", pa.string()),  # the tool the assistant turn called / whose output this is; null for none
+        pa.field("tokens", pa.int32()),  # response tokens the turn added (0 for an observation that ended the episode)
+        pa.field("latency_s", pa.float64()),  # assistant: the engine batch it was sampled in; observation: env.step
+        pa.field("reward", pa.float32()),  # assistant: env.step's reward increment for this action; 0 otherwise
+        pa.field("seed", pa.int64()),  # assistant: the engine seed that sampled it (rerun it with this seed, n=1)
+        pa.field("finish_reason", pa.string()),  # assistant: the engine's "stop" | "length"
+        pa.field("error", pa.bool_()),  # observation: the environment flagged an error (a tool failed, timed out)
+    ]
+)
+"""One turn of a multi-turn episode (the rollout's `turns` column)."""
 
 ROLLOUT = pa.schema(
     [
@@ -28,6 +51,16 @@ ROLLOUT = pa.schema(
         pa.field("policy_version", pa.int64()),  # policy version the engine served (iteration - 1 - staleness)
         pa.field("staleness", pa.int64()),  # versions between it and the update's start: iteration - 1 - policy_version
         pa.field("metadata", pa.string()),  # JSON object of the prompt row's other columns (e.g. the answer)
+        # Multi-turn columns (rollout.env); null on a single-turn sample, and null wherever they hold their trivial
+        # value. With an env, `response` is the episode's last policy turn (its answer: what reward.fn scores),
+        # `finish_reason` also "max_turns", and engine_logprobs holds 0.0 at environment tokens.
+        pa.field("response_mask", pa.list_(pa.int8())),  # (A,) 1 = policy token (sampled), 0 = environment token
+        #                                                  (a hole); null = all 1
+        pa.field("turn_index", pa.list_(pa.int16())),  # (A,) index in `turns` of the turn each token belongs to;
+        #                                                null = all 0
+        pa.field("env_rewards", pa.list_(pa.float32())),  # (A,) env.step reward increments, each on the last token of
+        #                                                   the policy turn that earned it; null = none
+        pa.field("turns", pa.list_(TURN)),  # the episode turn by turn; null for a single-turn sample
     ]
 )
 
@@ -83,11 +116,23 @@ EVAL = pa.schema(
         pa.field("passed", pa.bool_()),  # reward >= eval.pass_threshold
         pa.field("policy_version", pa.int64()),  # policy that answered (= the iteration; 0 = the starting policy)
         pa.field("metadata", pa.string()),  # JSON of the prompt row's other columns (what the reward function saw)
+        pa.field("turns", pa.list_(TURN)),  # with rollout.env: the episode turn by turn (`response` is its last
+        #                                     policy turn); null for a single-turn answer
     ]
 )
 
 SCHEMAS = {"rollout": ROLLOUT, "scored": SCORED, "experience": EXPERIENCE, "metrics": METRICS, "sync": SYNC,
            "eval": EVAL}
+
+
+def policy_mask(table) -> list[list[int]]:
+    """Per sample, 1 on each response token the policy sampled and 0 on environment tokens (holes): the
+    `response_mask` column with its nulls, or its absence (tables of single-turn samples or from before multi-turn
+    rollouts), read as all ones."""
+    lengths = [len(ids) for ids in table["response_ids"].to_pylist()]
+    if "response_mask" not in table.column_names:
+        return [[1] * n for n in lengths]
+    return [[1] * n if m is None else m for m, n in zip(table["response_mask"].to_pylist(), lengths)]
 
 
 def fingerprint(schema: pa.Schema) -> str:

@@ -151,3 +151,32 @@ def test_vllm_greedy_matches_hf_greedy_and_stops_at_im_end(tmp_path, sft_model_d
     for (vllm_ids, finish_reason), hf_ids in zip(result, hf):
         assert vllm_ids == hf_ids
         assert finish_reason == "stop" and vllm_ids[-1] == tokenizer.eos_token_id
+
+
+def test_tool_model_sft_shows_the_episodes_the_rollouts_build(tmp_path):
+    """The tool model's SFT examples are token for token the episodes the episode loop builds (workers/episodes.py,
+    with the real ToolEnv) when the policy samples the canonical call and answer."""
+    from ppoflow.envs.tools import ToolEnv
+    from ppoflow.tasks import calc
+    from workers.episodes import Episode, run_episodes
+
+    logs = []
+    out = tiny_model.make_tiny_model(str(tmp_path / "calc"), seed=0, sft_steps=2, tools=True, log=logs.append)
+    assert any("tool sft step    2" in line and "call" in line for line in logs), logs
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert len(tokenizer.encode("<calc>", add_special_tokens=False)) <= 2  # merged: the task's text trained it
+    row = calc.make_prompts(1, seed=5)[0]
+    prompt, response, mask = tiny_model.encode_tool_episode(tokenizer, row)
+
+    texts = [calc.tool_call(row), row["answer"]]
+
+    def engine(requests):  # the policy's turns: the canonical texts, each closed by <|im_end|>
+        text = texts.pop(0)
+        ids = tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id]
+        return [[{"response_ids": ids, "logprobs": [0.0] * len(ids), "text": text, "finish_reason": "stop"}]]
+
+    sampling = {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "max_new_tokens": 24, "stop": None}
+    episode = Episode(ToolEnv(tools=["calc"]), 0, 0, 1, sampling, prompt)
+    run_episodes([episode], engine, tokenizer, max_turns=3, max_total_tokens=96, max_model_len=256, chat=True)
+    assert (episode.ids, episode.mask) == (response, mask)
+    assert episode.final_text == row["answer"] and episode.finish_reason == "stop"

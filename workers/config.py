@@ -1,6 +1,6 @@
 """Settings of the long-lived workers: models, the generation engine, the DeepSpeed trainers and Ray."""
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -141,6 +141,47 @@ class GenerationConfig(BaseModel):
         if errors:
             raise ValueError("\n".join(errors))
         return self
+
+
+class RolloutConfig(BaseModel):
+    """Multi-turn episodes: an environment answers each policy turn (workers/episodes.py, ppoflow/envs/)."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    env: str | None = None
+    """Environment class `module:Class`, built per episode as `Class(prompt_key=data.prompt_key, **env_args)`:
+    `reset(row)` gives the first observation, `step(turn_text)` answers `(observation | None, reward_increment,
+    done, info)` (ppoflow/envs/base.py). `ppoflow.envs.tools:ToolEnv` runs a calculator and sandboxed Python.
+    None: single-turn, one response per sample (the same samples as `ppoflow.envs.base:SingleTurnEnv`)."""
+
+    env_args: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments of the environment's constructor (e.g. `{tools: [calc], call_format: tags}`)."""
+
+    max_turns: int = Field(4, ge=1)
+    """Policy turns per episode at most; an episode still going after them ends with finish reason `max_turns`."""
+
+    max_total_tokens: int = Field(128, ge=1)
+    """Response tokens per episode at most, policy and environment tokens together (each turn still stops at
+    generation.max_new_tokens); an episode out of room ends with finish reason `length`."""
+
+    env_workers: int = Field(8, ge=1)
+    """Threads that run environment steps, so a slow tool call holds up only its own episode."""
+
+    lockstep: bool = False
+    """Send each turn's requests together, once every episode's step is done: the same engine batches in every run,
+    so a rerun on the HF engine is bit-identical (its logprobs move in the last bits with the batch's padding);
+    a slow tool then delays the turn. False: each engine batch holds the episodes ready by then."""
+
+    step_wait_s: float = Field(0.1, ge=0.0)
+    """Without lockstep: how long the next engine batch waits for environment steps still running; slower steps
+    join a later batch."""
+
+    @field_validator("env")
+    @classmethod
+    def _module_class(cls, v: str | None) -> str | None:
+        if v is not None and not all(v.partition(":")[::2]):
+            raise ValueError(f"expected 'package.module:Class', got {v!r}")
+        return v
 
 
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")

@@ -723,6 +723,7 @@ class PolicyWorker(_DeepSpeedWorker):
         from algorithms.kl import kl_estimate
         from algorithms.losses import aggregate, importance_weights, policy_loss
         from storage.faults import fault_point
+        from storage.schema import policy_mask
 
         fault_point("policy.train", new_version)  # inside the actor (rank 0 and every other rank)
 
@@ -733,12 +734,13 @@ class PolicyWorker(_DeepSpeedWorker):
         algo, metrics = self.algo, []
         cols = {c: table[c].to_pylist() for c in ("prompt_ids", "response_ids", "old_logprobs", "advantages",
                                                   "ref_logprobs", "engine_logprobs")}
-        response_ids = cols["response_ids"]
+        response_ids, policy = cols["response_ids"], policy_mask(table)
         how, entropy_grad = self._how(training=True), algo.entropy_coef > 0  # the entropy is a metric otherwise
         for micro_batches, mine in self._optimizer_steps(table, seed):
             # Every micro-batch divides by the whole optimizer step's token (or sequence) count, so the gradient
-            # does not depend on how the step is split into micro-batches or ranks.
-            denominators = {"loss_denominator": float(sum(len(response_ids[i]) for mb in micro_batches for i in mb)),
+            # does not depend on how the step is split into micro-batches or ranks. Policy tokens only: a
+            # multi-turn episode's environment tokens (holes) are in no loss.
+            denominators = {"loss_denominator": float(sum(sum(policy[i]) for mb in micro_batches for i in mb)),
                             "num_seqs_denominator": float(sum(len(mb) for mb in micro_batches)),
                             "norm_len": float(self.norm_len)}
             acc = {"ppo/policy_loss": 0.0, "ppo/clipfrac": 0.0, "ppo/approx_kl": 0.0, "ppo/kl_loss": 0.0,
@@ -750,6 +752,7 @@ class PolicyWorker(_DeepSpeedWorker):
                     self.engine, [cols["prompt_ids"][i] for i in mb], [response_ids[i] for i in mb],
                     self.tokenizer.pad_token_id, self.device, how, with_entropy=True, entropy_grad=entropy_grad)
                 a_max = logp.shape[1]
+                mask = mask & _padded([policy[i] for i in mb], a_max, logp.device).bool()
                 column = lambda name: _padded([cols[name][i] for i in mb], a_max, logp.device)  # noqa: E731
                 old_lp = column("old_logprobs")
                 is_weights = None
@@ -1056,6 +1059,7 @@ class CriticWorker(_DeepSpeedWorker):
         """Clipped value regression onto the experience's returns; one metrics dict per optimizer step. `threads`:
         torch threads for this call (None: critic.num_threads)."""
         from algorithms.losses import value_loss
+        from storage.schema import policy_mask
 
         _use_threads(threads, self.cfg.num_threads)
 
@@ -1063,15 +1067,16 @@ class CriticWorker(_DeepSpeedWorker):
         self.dirty = True
         metrics = []
         prompt_ids, response_ids = table["prompt_ids"].to_pylist(), table["response_ids"].to_pylist()
-        old_v, returns = table["values"].to_pylist(), table["returns"].to_pylist()
+        old_v, returns, policy = table["values"].to_pylist(), table["returns"].to_pylist(), policy_mask(table)
         for micro_batches, mine in self._optimizer_steps(table, seed):
-            step_tokens = float(sum(len(response_ids[i]) for mb in micro_batches for i in mb))
+            step_tokens = float(sum(sum(policy[i]) for mb in micro_batches for i in mb))  # holes have no target
             acc = {"critic/value_loss": 0.0, "critic/clipfrac": 0.0}
             lr = self._lr()
             for j, mb in enumerate(mine):
                 self._micro_step(last=j == len(mine) - 1)
                 v, mask = self._response_values([prompt_ids[i] for i in mb], [response_ids[i] for i in mb])
                 a_max = v.shape[1]
+                mask = mask & _padded([policy[i] for i in mb], a_max, v.device).bool()
                 loss, stats = value_loss(v, _padded([old_v[i] for i in mb], a_max, v.device),
                                          _padded([returns[i] for i in mb], a_max, v.device), mask,
                                          self.algo.value_clip_eps, loss_denominator=step_tokens)

@@ -84,3 +84,59 @@ def test_reinforce_is_whitened_return_to_go(seed):
     std = math.sqrt(sum((x - mean) ** 2 for x in flat) / len(flat))
     for i, row in enumerate(raw):
         assert out["advantages"][i] == pytest.approx([(x - mean) / math.sqrt(std**2 + 1e-8) for x in row], abs=1e-6)
+
+
+def _with_holes(rows: list[dict], seed: int) -> pa.Table:
+    """`rows` as multi-turn samples: environment tokens (holes) inserted before, between and after their tokens, with
+    NaN logprobs and values (anything may sit there); the table has a response_mask column."""
+    rng = random.Random(seed)
+    out = []
+    for r in rows:
+        holed = {k: v for k, v in r.items() if not isinstance(v, list)}
+        cols = {k: [] for k in ("response_ids", "old_logprobs", "ref_logprobs", "values")}
+        mask = []
+        for t in range(len(r["response_ids"]) + 1):
+            for _ in range(rng.choice([0, 0, 1, 3])):
+                for k in cols:
+                    cols[k].append(7 if k == "response_ids" else float("nan"))
+                mask.append(0)
+            if t < len(r["response_ids"]):
+                for k in cols:
+                    cols[k].append(r[k][t])
+                mask.append(1)
+        out.append({**holed, **cols, "response_mask": mask})
+    return pa.Table.from_pylist(out)
+
+
+@pytest.mark.parametrize("estimator", ["gae", "reinforce", "reinforce_baseline", "rloo", "group_norm", "dr_grpo"])
+def test_every_estimator_skips_the_holes_of_multiturn_samples(estimator):
+    """Environment tokens are holes: each estimator gives the policy tokens of a holed sample exactly what it gives
+    the sample without them (a table without the mask column: all policy tokens), and 0 at the holes, in every
+    column; the batch statistics (whitening, the adaptive KL) see the policy tokens only."""
+    from algorithms.registry import ESTIMATORS
+
+    assert estimator in ESTIMATORS
+    table, rows = _scored(11, n_groups=4)
+    holed = _with_holes(rows, seed=12)
+    algo = AlgoConfig(estimator=estimator, gamma=0.95, lam=0.9, kl_coef=0.1, kl_estimator="k3")
+    plain, with_holes = compute_advantages(table, algo), compute_advantages(holed, algo)
+    assert with_holes["metrics"] == pytest.approx(plain["metrics"], rel=1e-9, abs=1e-12)
+    for i, mask in enumerate(holed["response_mask"].to_pylist()):
+        assert 0 in mask or len(mask) == len(rows[i]["response_ids"])
+        for column, values in with_holes["columns"].items():
+            assert [v for v, m in zip(values[i], mask) if m] == pytest.approx(plain["columns"][column][i], abs=1e-9)
+            assert [v for v, m in zip(values[i], mask) if not m] == [0.0] * mask.count(0), column
+
+
+def test_environment_reward_increments_join_the_token_rewards():
+    """env_rewards (per token, null for none) are added where the environment put them, on top of the score on the
+    last policy token; GRPO's group totals include them."""
+    table, rows = _scored(4, n_groups=2, n=2)
+    increments = [None, [0.0] * (len(rows[1]["response_ids"]) - 1) + [0.5], None, None]
+    increments[2] = [0.25] + [0.0] * (len(rows[2]["response_ids"]) - 1)
+    with_env = table.append_column("env_rewards", pa.array(increments, pa.list_(pa.float32())))
+    algo = AlgoConfig(estimator="group_norm", kl_coef=0.0)
+    base = compute_advantages(table, algo)["columns"]["token_rewards"]
+    got = compute_advantages(with_env, algo)["columns"]["token_rewards"]
+    for i, inc in enumerate(increments):
+        assert got[i] == pytest.approx([b + (inc[t] if inc else 0.0) for t, b in enumerate(base[i])], abs=1e-9)

@@ -64,9 +64,11 @@ def test_cli_rejects_bad_config_before_starting_anything(tmp_path):
 
 def test_flow_parameter_schema_is_pinned():
     """The flow parameter is public surface (Prefect draws its form from it): change it on purpose."""
-    assert list(RunConfig.model_fields) == ["run_id", "seed", "iterations", "model", "data", "generation", "policy",
-                                            "critic", "algo", "reward", "storage", "checkpoint", "ray", "flow", "eval",
-                                            "tracking", "retrain"]  # retrain: the lineage's promotion gate (issue 27)
+    # rollout (multi-turn episodes with an environment, issue 28) joined after generation; retrain: the lineage's
+    # promotion gate (issue 27)
+    assert list(RunConfig.model_fields) == ["run_id", "seed", "iterations", "model", "data", "generation", "rollout",
+                                            "policy", "critic", "algo", "reward", "storage", "checkpoint", "ray",
+                                            "flow", "eval", "tracking", "retrain"]
     # data.label_key and data.input_template joined DataConfig (issue 26)
     assert list(RunConfig.model_fields["data"].annotation.model_fields) == [
         "prompts", "prompt_key", "label_key", "input_template", "prompts_per_iteration", "max_prompt_tokens",
