@@ -25,7 +25,8 @@ settings count too, so S = 0, 1, 2 may be split over calls (the GPU host's comma
 
 CPU (2 cores, the issue's shape: generation and update take comparable time at these settings, see bench/RESULTS.md):
     taskset -c 0,1 .venv/bin/python bench/async.py --out bench/results/async.json
-GPU host (repo root, carried wheels in .whl/; the HF engine, bf16, the ~0.48B shape of bench/gpu_ppo.py), two calls:
+GPU host (repo root with .carry/ from `bash gpu/pack.sh`; the HF engine, bf16, the ~0.48B shape of bench/gpu_ppo.py),
+two calls:
     bash bench/gpu_run.sh bench/async.py --device gpu --gpus 2 --staleness 0 1 --out bench/results/async.json
     bash bench/gpu_run.sh bench/async.py --device gpu --gpus 2 --staleness 2 --out bench/results/async.json
 """
