@@ -538,21 +538,21 @@ class _DeepSpeedWorker(RunActor):
         """`forward(indices)` (one result per row of a micro-batch) over every row of `table`, split over the group;
         the full list, in row order, on every rank.
 
-        Rank r takes rows [r·k, (r+1)·k), k = ceil(n/N), cut into micro-batches. Under ZeRO-3 each forward
-        gathers the parameters with the other ranks, so every rank must run as many forwards: a rank with fewer
-        micro-batches repeats one whose results are dropped."""
+        Rank r takes rows [r·k, (r+1)·k), k = ceil(n/N), cut into micro-batches (a token budget groups rows by
+        length, not in row order: each result goes back to its row). Under ZeRO-3 each forward gathers the
+        parameters with the other ranks, so every rank must run as many forwards: a rank with fewer micro-batches
+        repeats one whose results are dropped."""
         n, lengths = table.num_rows, _lengths(table)
-        if self.world_size == 1:
-            return [row for mb in _micro_batches(self.cfg, np.arange(n), lengths) for row in forward(mb)]
         k = -(-n // self.world_size)
         shares = [np.arange(r * k, min((r + 1) * k, n)) for r in range(self.world_size)]
         splits = [[mb for mb in _micro_batches(self.cfg, s, lengths) if len(mb)] for s in shares]
         mine = splits[self.rank]
         filler = mine[0] if mine else np.zeros(1, dtype=np.int64)
-        local = [row for mb in mine for row in forward(mb)]
+        local = {int(i): row for mb in mine for i, row in zip(mb, forward(mb))}
         for _ in range(max(len(s) for s in splits) - len(mine)):
             forward(filler)
-        return [row for share in self._gather(local) for row in share]
+        rows = {i: row for share in self._gather(local) for i, row in share.items()}
+        return [rows[i] for i in range(n)]
 
     def _full_state_dict(self) -> dict | None:
         """Full (gathered) weights with HF names, as independent CPU tensors, on rank 0; None on the other ranks.
@@ -1116,12 +1116,14 @@ class ReferenceWorker(RunActor):
 
         _use_threads(threads, self.cfg.num_threads)
         how = "packed" if self.packing else "shared" if self.cfg.share_prompts else "padded"
-        out = []
+        out = [None] * table.num_rows
         with torch.no_grad():
             for idx in _micro_batches(self.cfg, np.arange(table.num_rows), _lengths(table)):
-                rows = table.take(idx)
-                out += _rows(*forward_logprobs(self.model, rows["prompt_ids"].to_pylist(),
-                                               rows["response_ids"].to_pylist(), self.pad_id, self.device, how))
+                rows = table.take(idx)  # a token budget groups rows by length: each result goes back to its row
+                for i, row in zip(idx, _rows(*forward_logprobs(self.model, rows["prompt_ids"].to_pylist(),
+                                                               rows["response_ids"].to_pylist(), self.pad_id,
+                                                               self.device, how))):
+                    out[i] = row
         return out
 
 

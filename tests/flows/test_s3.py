@@ -13,7 +13,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from storage.run import MARKER, STAGES
+from storage.run import MARKER, PART_MARKER, STAGES
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_backend", "ray_session")]
 
@@ -91,10 +91,12 @@ def test_quickstart_on_s3_commits_in_the_bucket_resumes_and_leaks_no_secret(
         assert table.num_rows == 8 * config.generation.n_samples_per_prompt
         update = json.loads(fs.cat_file(f"{run_key}/iter-{n:06d}/update/{MARKER}"))
         ckpt = f"{run_key}/checkpoints/iter-{n:06d}"
-        listed = update["checkpoint"]["files"]
-        assert {f["name"].split("/")[0] for f in listed} == {"policy", "critic", "hf"}
-        for f in listed:  # every file the update committed is in the bucket, at its size
-            assert fs.size(f"{ckpt}/{f['name']}") == f["bytes"], f
+        # Each part of the checkpoint the update names lists its files in its own marker, written after them.
+        listed = {name: size for part in update["checkpoint"]["parts"]
+                  for name, size in json.loads(fs.cat_file(f"{ckpt}/{PART_MARKER.format(part=part)}"))["files"].items()}
+        assert {name.split("/")[0] for name in listed} == {"policy", "critic", "hf"}
+        for name, size in listed.items():  # every file of the checkpoint is in the bucket, at its size
+            assert fs.size(f"{ckpt}/{name}") == size, name
         assert fs.exists(f"{ckpt}/hf/model.safetensors") and fs.exists(f"{ckpt}/hf/config.json")
     assert json.loads(fs.cat_file(f"{run_key}/iter-000002/generate/{MARKER}"))["policy_version"] == 1
     for n in (0, 1, 2):

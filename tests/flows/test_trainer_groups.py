@@ -12,6 +12,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from storage.run import PART_MARKER
+
 pytestmark = pytest.mark.slow
 
 COMMON = ("generation.backend=hf", "eval.prompts=null", "policy.zero_stage=2", "critic.zero_stage=2")
@@ -43,7 +45,9 @@ def test_two_rank_groups_train_like_one_rank_and_resume_from_their_shards(make_c
         assert m2[name] == pytest.approx(m1[name], rel=1e-4, abs=1e-7), name
 
     # Both ranks wrote their ZeRO-2 optimizer shard into the committed checkpoint.
-    files = [f["name"] for f in _marker(two, 1, "update")["checkpoint"]["files"]]
+    ckpt = _marker(two, 1, "update")["checkpoint"]
+    files = [name for part in ckpt["parts"] for name in
+             json.loads((two / "checkpoints" / "iter-000001" / PART_MARKER.format(part=part)).read_text())["files"]]
     for role in ("policy", "critic"):
         for rank in (0, 1):
             assert any(f"{role}/" in f and f"zero_pp_rank_{rank}_" in f and "optim_states" in f for f in files), \

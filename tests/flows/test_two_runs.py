@@ -24,17 +24,21 @@ def _config(make_config, run_id: str, iterations: int):
 
 @pytest.fixture
 def tables(monkeypatch):
-    """Every table artifact the reports create, by key, in order (Prefect's call captured; the API is beside the
-    point)."""
-    import prefect.artifacts
+    """Every table artifact the reports publish, by key, in order (the report's publishing captured; Prefect's API is
+    beside the point)."""
+    import json
+
+    import stages.report
 
     made, guard = {}, threading.Lock()
 
-    def create_table_artifact(table, key, description):
+    def publish(artifacts: dict[str, dict], prefix: str) -> None:
         with guard:
-            made.setdefault(key, []).append(table)
+            for name, art in artifacts.items():
+                if art["type"] == "table":
+                    made.setdefault(f"{prefix}-{name}", []).append(json.loads(art["data"]))
 
-    monkeypatch.setattr(prefect.artifacts, "create_table_artifact", create_table_artifact)
+    monkeypatch.setattr(stages.report, "_publish", publish)
     return made
 
 

@@ -6,6 +6,7 @@ device shows up here, where on a GPU it would fail inside a loss with a device m
 tests/workers/test_trainer_group.py.
 """
 
+import numpy as np
 import pytest
 import torch
 
@@ -126,6 +127,26 @@ def test_a_call_runs_on_the_threads_it_is_given_and_computes_the_same(tiny_model
             assert a == pytest.approx(b, abs=1e-6)
     finally:
         torch.set_num_threads(before)
+
+
+def test_reference_under_a_token_budget_returns_rows_in_table_order(tiny_model_dir):
+    """A token budget groups samples by length (longest first), not in row order: the reference's logprobs still come
+    back one list per row, in the table's order, equal to the padded micro-batches'."""
+    import pyarrow as pa
+
+    from workers.config import TrainerConfig
+
+    g = np.random.default_rng(3)
+    lens = [(3, 2), (9, 7), (2, 1), (6, 8), (4, 3), (11, 2)]
+    table = pa.table({"prompt_ids": [g.integers(5, 200, p).tolist() for p, _ in lens],
+                      "response_ids": [g.integers(5, 200, r).tolist() for _, r in lens]})
+    padded = trainer.ReferenceWorker(tiny_model_dir, "float32", TrainerConfig(micro_batch_size=4))
+    budget = trainer.ReferenceWorker(tiny_model_dir, "float32",
+                                     TrainerConfig(packing=True, max_tokens_per_micro_batch=16))
+    expected, actual = padded.logprobs(table), budget.logprobs(table)
+    assert [len(r) for r in actual] == [r for _, r in lens]
+    for a, b in zip(actual, expected):
+        assert a == pytest.approx(b, abs=1e-5)
 
 
 def test_shared_prompts_give_the_full_sequences_logprobs_entropy_and_gradients(tiny_model_dir):
