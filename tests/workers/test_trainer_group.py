@@ -221,8 +221,9 @@ def test_zero2_group_is_the_one_rank_model(ray_session, tiny_model_dir, vocab, t
         split = Group(PolicyWorker, 1, tiny_model_dir, _trainer(micro_batch_size=16, gradient_checkpointing=True),
                       algo=_algo(), norm_len=8)
         duo = Group(PolicyWorker, 2, tiny_model_dir, _trainer(), algo=_algo(), norm_len=8)
-        # ~130 tokens a micro-batch: a 32-sample step of ~25-token samples is cut into ~6 (3 per rank), unevenly
-        budget = Group(PolicyWorker, 2, tiny_model_dir, _trainer(packing=True, max_tokens_per_micro_batch=130),
+        # ~130 tokens a micro-batch: a 32-sample step of ~25-token samples is cut into ~6 (3 per rank), unevenly.
+        # Padded forwards: the split alone is under test here (packed = padded is tests/workers/test_packing.py's).
+        budget = Group(PolicyWorker, 2, tiny_model_dir, _trainer(packing=False, max_tokens_per_micro_batch=130),
                        algo=_algo(), norm_len=8)
         assert split.checkpointing() == [True] and solo.checkpointing() == [False]
 
@@ -248,9 +249,7 @@ def test_zero2_group_is_the_one_rank_model(ray_session, tiny_model_dir, vocab, t
         base, w_solo = _base_weights(tiny_model_dir), _weights(solo)
         assert _update_distance(w_solo, _weights(split), base) < WEIGHT_RTOL
         assert _update_distance(w_solo, _weights(duo), base) < WEIGHT_RTOL
-        # Micro-batches cut by tokens sum the gradient in another order than micro-batches of 8, and Adam's first
-        # step (about lr · sign(g)) magnifies that rounding where g is near 0: seen 1.04e-4, so thrice the bound.
-        assert _update_distance(w_solo, _weights(budget), base) < 3 * WEIGHT_RTOL
+        assert _update_distance(w_solo, _weights(budget), base) < WEIGHT_RTOL
 
         # Three more steps: the loss trajectory, and the LR of each step (warmup 0.5, 1, then the cosine).
         (more,) = solo.call("train", rest, 2, SEED + 1, 0.05)
@@ -260,7 +259,9 @@ def test_zero2_group_is_the_one_rank_model(ray_session, tiny_model_dir, vocab, t
         assert more_duo[0] == more_duo[1]
         _assert_same_metrics(more_duo[0], more)
         _assert_same_metrics(more_split, more)
-        _assert_same_metrics(more_budget[0], more, rtol=1e-3, atol=1e-5)  # after that first step's rounding
+        # Its micro-batches group other samples than solo's (as split's do), so each step rounds differently: seen
+        # 2.4e-7 on a policy loss of -6.2e-4 (split's 7e-8; the first step's weights agree like split's, 4.4e-5).
+        _assert_same_metrics(more_budget[0], more, atol=1e-6)
         lrs = [m["ppo/lr"] for m in one + more]
         assert lrs == pytest.approx([LR * 0.5, LR, LR, LR * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi / 4)))], rel=1e-9)
         assert lrs == pytest.approx([_lr_at(s) for s in range(4)], rel=1e-12)
