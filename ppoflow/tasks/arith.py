@@ -62,7 +62,12 @@ def write_prompts(out_dir: str, *, n_train: int = 2048, n_eval: int = 256, seed:
     Both splits come from one draw without replacement, so they are disjoint by construction.
     Returns `{"train": path, "eval": path}`.
     """
-    rows = make_prompts(n_train + n_eval, seed)
+    return write_splits(out_dir, make_prompts(n_train + n_eval, seed), n_train)
+
+
+def write_splits(out_dir: str, rows: list[dict], n_train: int) -> dict[str, str]:
+    """`rows[:n_train]` as `train.jsonl`, the rest as `eval.jsonl` (one JSON row per line) in `out_dir`; returns
+    `{"train": path, "eval": path}` (this task's and ppoflow.tasks.calc's prompt files)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {}

@@ -25,9 +25,7 @@ Run alone (writes train.jsonl and eval.jsonl, disjoint):
 from __future__ import annotations
 
 import argparse
-import json
 import random
-from pathlib import Path
 
 from ppoflow.tasks import arith
 
@@ -53,15 +51,7 @@ def tool_call(row: dict) -> str:
 
 def write_prompts(out_dir: str, *, n_train: int = 4096, n_eval: int = 256, seed: int = 0) -> dict[str, str]:
     """Write `train.jsonl` and `eval.jsonl` into `out_dir` (one draw, so no question is in both)."""
-    rows = make_prompts(n_train + n_eval, seed)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for split, split_rows in (("train", rows[:n_train]), ("eval", rows[n_train:])):
-        path = out / f"{split}.jsonl"
-        path.write_text("".join(json.dumps(row) + "\n" for row in split_rows))
-        paths[split] = str(path)
-    return paths
+    return arith.write_splits(out_dir, make_prompts(n_train + n_eval, seed), n_train)
 
 
 def reward(prompts: list[str], responses: list[str], metadata: list[dict],
