@@ -80,7 +80,7 @@ def test_standard_layout_with_tensor_parallelism_gives_each_rank_a_gpu_bundle():
 def test_standard_layout_with_a_gpu_fraction_reserves_only_that_share():
     from workers.engines import plan_layout
 
-    # configs/gpu-0.5b.yaml shares one GPU: engine 0.3, policy and reference 0.3 each outside the group
+    # one GPU shared under standard placement: engine 0.3 in the group, policy and reference 0.3 each outside it
     layout = plan_layout(_config("generation.num_gpus=0.3", "generation.num_cpus=1"))
     assert layout.bundles == [{"GPU": 0.3, "CPU": 1.0}]
 
