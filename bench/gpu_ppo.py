@@ -227,8 +227,9 @@ def collect(run_uri: str, config, sampler: MemorySampler | None, flops_per_token
                 row["train_tokens_per_s"] = row["update_tokens"] / train_s
                 row["mfu"] = row["train_tokens_per_s"] * flops_per_token / peak_flops if peak_flops else None
             # The checkpoint's files as they are on disk now: None for one already rotated away (keep_checkpoints).
-            files = store.checkpoint_files(n) if update.get("checkpoint") else []
-            row["checkpoint_bytes"] = sum(f["bytes"] for f in files) if files or not update.get("checkpoint") else None
+            ckpt = update.get("checkpoint")
+            files = store.checkpoint_files(n) if ckpt else []
+            row["checkpoint_bytes"] = None if ckpt and not files else sum(f["bytes"] for f in files)
         if sampler is not None:
             for stage in STAGES:
                 marker = store.stage_marker(n, stage)

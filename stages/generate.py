@@ -112,11 +112,11 @@ def generate(s: StageRun) -> Output:
 
     from algorithms.dapo import informative_groups
     from stages.score import compute_rewards
+    from stages.pipeline import behaviour_version
     from storage.faults import fault_point
     from storage.prompts import prompt_text
-    from stages.pipeline import behaviour_version
     from storage.schema import ROLLOUT
-    from workers.engine_pool import check_serving, generate_on_engines
+    from workers.engine_pool import check_serving
     from workers.engines import engine_versions
     from workers.episodes import EPISODE_COLUMNS, episode_metrics, play
 
@@ -130,16 +130,9 @@ def generate(s: StageRun) -> Output:
         with trainers_lock(s.run_uri):
             pool.bring_to(version)
     check_serving(pool.handles, version)
-    recover = pool.recovery(version, "generate", iteration)
-
-    def recover_locked(index: int, error: Exception) -> None:  # re-syncing a restarted engine moves the policy
-        with trainers_lock(s.run_uri):
-            recover(index, error)
-
-    def sample(requests: list[dict]) -> list[list[dict]]:  # every request (or episode turn) from policy `version`
-        return generate_on_engines(pool.handles, requests, chunk_size=pool.chunk_size(len(requests)),
-                                   version=version, on_engine_lost=recover_locked)
-
+    # Every request (or episode turn) from policy `version`; re-syncing a restarted engine takes the trainer lock.
+    sample = functools.partial(pool.generate, version=version, stage="generate", iteration=iteration,
+                               guard=lambda: trainers_lock(s.run_uri))
     pool.wake()
 
     data, gen, algo = config.data, config.generation, config.algo
@@ -215,8 +208,8 @@ def generate(s: StageRun) -> Output:
                         "sample_id": f"it{iteration}-g{group_id}-p{g['index']}-s{r['sample_index']}"})
     pool.sleep()
     lengths = [len(r["response_ids"]) for r in out]
-    metrics = episode_metrics(out, "rollout") if config.rollout.env is not None else {}
-    metrics = {**metrics,
+    metrics = {
+        **(episode_metrics(out, "rollout") if config.rollout.env is not None else {}),
         "rollout/response_len": float(np.mean(lengths)),
         "rollout/finish_length_frac": float(np.mean([r["finish_reason"] == "length" for r in out])),
         "rollout/prompt_truncated_frac": float(np.mean([r["prompt_truncated"] for r in out])),

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 from storage.faults import fault_point
 from workers.cluster import get_group, on_all_ranks
@@ -132,11 +133,22 @@ class EnginePool:
             return None
         return max(1, -(-n_requests // self.config.generation.num_engines))
 
-    def generate(self, requests: list[dict], version: int, stage: str, iteration: int) -> list[list[dict]]:
+    def generate(self, requests: list[dict], version: int, stage: str, iteration: int,
+                 guard: Callable[[], AbstractContextManager] | None = None) -> list[list[dict]]:
         """Sample `requests` on every engine, each chunk from policy `version`; an engine lost on the way is brought
-        back to `version` and its chunk resent (`recovery`), so the result is what an undisturbed call returns."""
+        back to `version` and its chunk resent (`recovery`), so the result is what an undisturbed call returns.
+        `guard()`: a context each recovery runs in (the generate stage's trainer lock: bringing a restarted engine
+        back moves the policy, which the trainer stages beside a pipelined generate also use)."""
+        recover = self.recovery(version, stage, iteration)
+        if guard is not None:
+            unguarded = recover
+
+            def recover(index: int, error: Exception) -> None:
+                with guard():
+                    unguarded(index, error)
+
         return generate_on_engines(self.handles, requests, chunk_size=self.chunk_size(len(requests)),
-                                   version=version, on_engine_lost=self.recovery(version, stage, iteration))
+                                   version=version, on_engine_lost=recover)
 
     def recovery(self, version: int, stage: str, iteration: int) -> Callable:
         """The `on_engine_lost(i, error)` of `generate_on_engines` for a stage sampling policy `version`: wait until

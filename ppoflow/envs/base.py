@@ -38,7 +38,7 @@ class Env:
 
 class SingleTurnEnv(Env):
     """One policy turn and done: today's single-turn rollout, through the episode loop (`rollout.env: null` samples
-    the same tokens without it; tests/stages/test_multiturn.py compares the two)."""
+    the same tokens without it; tests/workers/test_episodes.py compares the two)."""
 
     def step(self, action: str):
         return None, 0.0, True, {}
