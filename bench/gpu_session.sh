@@ -5,8 +5,10 @@
 #
 #   bash bench/gpu_session.sh 1   0.5B GRPO end to end with vLLM (sleep, CUDA IPC sync, the standalone-vLLM ceiling,
 #                                 the HF engine vs plain generate) -> gpu_ppo_05b.json; then the gpu-marked vLLM tests
-#   bash bench/gpu_session.sh 2   update throughput/MFU at 0.5B and 1.5B, packed token budget vs padded, with a profile
+#   bash bench/gpu_session.sh 2   update throughput/MFU at 0.5B and 1.5B, packed token budget vs padded, with a profile;
+#                                 then every gpu-marked test
 #   bash bench/gpu_session.sh 3   1.5B PPO with a critic end to end -> gpu_ppo_15b.json; 0.5B without sleep (peak)
+#   bash bench/gpu_session.sh 4   LoRA vs full at 0.5B (bench/lora.py --gpu); 0.5B with CUDA graphs off (enforce_eager)
 #
 # Needs .carry/ (bash gpu/pack.sh) beside the repo; see bench/gpu_run.sh. Results are copied into bench/RESULTS.md
 # and bench/results/*.json by hand (with the machine and date), then bench/checkpoint.py --gpu-json derives the
@@ -31,16 +33,17 @@ step() {  # step NAME SECONDS COMMAND...: run it under its limit, log to $OUT/NA
     return 0
 }
 
-case ${1:?phase 1, 2 or 3} in
+case ${1:?phase 1, 2, 3 or 4} in
 1)
     step gpu_ppo_05b 400 python3 bench/gpu_ppo.py --shape qwen2.5-0.5b --iterations 3 --prompts 64 --samples 8 \
         --max-new-tokens 256 --set algo.estimator=group_norm --hf-generate --json-name gpu_ppo_05b.json
     step vllm_tests 170 python3 -m pytest -q -x -m gpu tests/flows/test_vllm_gpu.py -p no:cacheprovider
     ;;
 2)
-    step vllm_tests 300 python3 -m pytest -q -m gpu tests/flows/test_vllm_gpu.py -p no:cacheprovider
-    TAIL=40 step train_throughput 270 python3 bench/train_throughput.py --shape qwen2.5-0.5b,qwen2.5-1.5b \
+    TAIL=40 step train_throughput 280 python3 bench/train_throughput.py --shape qwen2.5-0.5b,qwen2.5-1.5b \
         --mode packed-budget,padded --role policy --profile
+    step gpu_tests 280 python3 -m pytest -v -m gpu tests/flows/test_vllm_gpu.py tests/workers/test_hf_engine.py \
+        tests/flows/test_engine_group_flow.py -p no:cacheprovider --durations=10
     ;;
 3)
     step gpu_ppo_15b 330 python3 bench/gpu_ppo.py --shape qwen2.5-1.5b --iterations 3 --prompts 64 --samples 8 \
@@ -48,5 +51,11 @@ case ${1:?phase 1, 2 or 3} in
     step gpu_ppo_05b_nosleep 230 python3 bench/gpu_ppo.py --shape qwen2.5-0.5b --iterations 2 --prompts 64 \
         --samples 8 --max-new-tokens 256 --set algo.estimator=group_norm --no-sleep --no-standalone \
         --json-name gpu_ppo_05b_nosleep.json
+    ;;
+4)
+    step lora_gpu 320 python3 bench/lora.py --gpu --iterations 3 --workdir /tmp/ppoflow-lora --json "$OUT/lora-gpu.json"
+    step gpu_ppo_05b_eager 200 python3 bench/gpu_ppo.py --shape qwen2.5-0.5b --iterations 2 --prompts 64 --samples 8 \
+        --max-new-tokens 256 --set algo.estimator=group_norm --set generation.enforce_eager=true --no-standalone \
+        --json-name gpu_ppo_05b_eager.json
     ;;
 esac

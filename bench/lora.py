@@ -15,7 +15,7 @@ Each variant is one `ppoflow train` process (its own local Ray and Prefect) of -
 CPU (the quickstart, 2 cores; a shared machine gives orders of magnitude only):
     .venv/bin/python bench/lora.py --iterations 6 --json bench/results/lora.json
     .venv/bin/python bench/lora.py --vllm-lora-only          # merged reload vs vLLM's LoRA, no training
-GPU (one GPU, a random-init model of Qwen2.5-0.5B's block shape, configs/gpu-0.5b.yaml's settings), from the repo root
+GPU (one GPU, a random-init model of Qwen2.5-0.5B's shape and vocabulary, configs/gpu-0.5b.yaml's settings), from the repo root
 with the carried wheels (bench/gpu_run.sh installs them and runs a named script):
     bash bench/gpu_run.sh bench/lora.py --gpu --iterations 3 --json $OUT/lora-gpu.json
 Results: bench/RESULTS.md ("LoRA"), bench/results/lora.json.
@@ -37,7 +37,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 QWEN05_SHAPE = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
                     intermediate_size=4864, max_position_embeddings=1024)
-"""Qwen2.5-0.5B's transformer blocks (its 152k-token vocabulary aside: the model uses the tiny tokenizer)."""
+"""Qwen2.5-0.5B's transformer blocks; with QWEN_VOCAB (the tiny tokenizer padded to it) the model has its real size."""
+QWEN_VOCAB = 151_936
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -185,7 +186,8 @@ def main(argv=None) -> int:
 
         model = work / "model-0.5b"
         if not (model / "config.json").exists():
-            make_tiny_model(str(model), sft_steps=0, shape=QWEN05_SHAPE, dtype="bfloat16")
+            make_tiny_model(str(model), sft_steps=0, shape=QWEN05_SHAPE, dtype="bfloat16", vocab_size=QWEN_VOCAB,
+                            device="cuda")
         prompts = write_prompts(str(work / "arith"))
         config = str(REPO / "configs" / "gpu-0.5b.yaml")
         # configs/gpu-0.5b.yaml cut to fit one 10-minute command for both variants: 32 prompts x 4 samples of up to
