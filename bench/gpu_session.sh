@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# gpu_session.sh PHASE - the GPU measurements of issues 21-23, planned as three device calls of at most 10 minutes
+# gpu_session.sh PHASE|STEP... - the GPU measurements of issues 21-23 and 27, planned as four device calls of at most 10 minutes
 # each (the device tool's limit), each step in its own process under its own time limit, so that a hung step costs
 # only its own slot. Every step's whole log goes to $OUT/<step>.log and its JSON to $OUT; a short tail is printed.
 #
@@ -9,6 +9,7 @@
 #                                 then every gpu-marked test
 #   bash bench/gpu_session.sh 3   1.5B PPO with a critic end to end -> gpu_ppo_15b.json; 0.5B without sleep (peak)
 #   bash bench/gpu_session.sh 4   LoRA vs full at 0.5B (bench/lora.py --gpu); 0.5B with CUDA graphs off (enforce_eager)
+#   bash bench/gpu_session.sh STEP...   named steps (see run_step), to fit what a call has left
 #
 # Needs .carry/ (bash gpu/pack.sh) beside the repo; see bench/gpu_run.sh. Results are copied into bench/RESULTS.md
 # and bench/results/*.json by hand (with the machine and date), then bench/checkpoint.py --gpu-json derives the
@@ -33,29 +34,37 @@ step() {  # step NAME SECONDS COMMAND...: run it under its limit, log to $OUT/NA
     return 0
 }
 
-case ${1:?phase 1, 2, 3 or 4} in
-1)
-    step gpu_ppo_05b 400 python3 bench/gpu_ppo.py --shape qwen2.5-0.5b --iterations 3 --prompts 64 --samples 8 \
-        --max-new-tokens 256 --set algo.estimator=group_norm --hf-generate --json-name gpu_ppo_05b.json
-    step vllm_tests 170 python3 -m pytest -q -x -m gpu tests/flows/test_vllm_gpu.py -p no:cacheprovider
-    ;;
-2)
-    TAIL=40 step train_throughput 280 python3 bench/train_throughput.py --shape qwen2.5-0.5b,qwen2.5-1.5b \
-        --mode packed-budget,padded --role policy --profile
-    step gpu_tests 280 python3 -m pytest -v -m gpu tests/flows/test_vllm_gpu.py tests/workers/test_hf_engine.py \
-        tests/flows/test_engine_group_flow.py -p no:cacheprovider --durations=10
-    ;;
-3)
-    step gpu_ppo_15b 330 python3 bench/gpu_ppo.py --shape qwen2.5-1.5b --iterations 3 --prompts 64 --samples 8 \
-        --max-new-tokens 256 --no-standalone --json-name gpu_ppo_15b.json
-    step gpu_ppo_05b_nosleep 230 python3 bench/gpu_ppo.py --shape qwen2.5-0.5b --iterations 2 --prompts 64 \
-        --samples 8 --max-new-tokens 256 --set algo.estimator=group_norm --no-sleep --no-standalone \
-        --json-name gpu_ppo_05b_nosleep.json
-    ;;
-4)
-    step lora_gpu 320 python3 bench/lora.py --gpu --iterations 3 --workdir /tmp/ppoflow-lora --json "$OUT/lora-gpu.json"
-    step gpu_ppo_05b_eager 200 python3 bench/gpu_ppo.py --shape qwen2.5-0.5b --iterations 2 --prompts 64 --samples 8 \
-        --max-new-tokens 256 --set algo.estimator=group_norm --set generation.enforce_eager=true --no-standalone \
-        --json-name gpu_ppo_05b_eager.json
-    ;;
-esac
+run_step() {  # one named measurement under its own limit
+    case $1 in
+    gpu_ppo_05b) step gpu_ppo_05b 400 python3 bench/gpu_ppo.py --shape qwen2.5-0.5b --iterations 3 --prompts 64 \
+        --samples 8 --max-new-tokens 256 --set algo.estimator=group_norm --hf-generate --json-name gpu_ppo_05b.json ;;
+    vllm_tests) step vllm_tests 170 python3 -m pytest -q -x -m gpu tests/flows/test_vllm_gpu.py -p no:cacheprovider ;;
+    train_throughput) TAIL=40 step train_throughput 270 python3 bench/train_throughput.py \
+        --shape qwen2.5-0.5b,qwen2.5-1.5b --mode packed-budget,padded --role policy --profile ;;
+    gpu_tests) step gpu_tests 260 python3 -m pytest -v -m gpu tests/flows/test_vllm_gpu.py \
+        tests/workers/test_hf_engine.py tests/flows/test_engine_group_flow.py -p no:cacheprovider --durations=10 ;;
+    gpu_ppo_15b) step gpu_ppo_15b 330 python3 bench/gpu_ppo.py --shape qwen2.5-1.5b --iterations 3 --prompts 64 \
+        --samples 8 --max-new-tokens 256 --no-standalone --json-name gpu_ppo_15b.json ;;
+    gpu_ppo_05b_nosleep) step gpu_ppo_05b_nosleep 230 python3 bench/gpu_ppo.py --shape qwen2.5-0.5b --iterations 2 \
+        --prompts 64 --samples 8 --max-new-tokens 256 --set algo.estimator=group_norm --no-sleep --no-standalone \
+        --json-name gpu_ppo_05b_nosleep.json ;;
+    lora_gpu) step lora_gpu 320 python3 bench/lora.py --gpu --iterations 3 --workdir /tmp/ppoflow-lora \
+        --json "$OUT/lora-gpu.json" ;;
+    gpu_ppo_05b_eager) step gpu_ppo_05b_eager 200 python3 bench/gpu_ppo.py --shape qwen2.5-0.5b --iterations 2 \
+        --prompts 64 --samples 8 --max-new-tokens 256 --set algo.estimator=group_norm \
+        --set generation.enforce_eager=true --no-standalone --json-name gpu_ppo_05b_eager.json ;;
+    *) echo "unknown step $1" >&2 ;;
+    esac
+}
+
+# A phase fits one 10-minute call; steps may also be named one by one (bash bench/gpu_session.sh lora_gpu ...).
+for arg in "${@:?phase 1, 2, 3 or 4, or step names}"; do
+    case $arg in
+    1) steps="gpu_ppo_05b vllm_tests" ;;
+    2) steps="train_throughput gpu_tests" ;;
+    3) steps="gpu_ppo_15b gpu_ppo_05b_nosleep" ;;
+    4) steps="lora_gpu gpu_ppo_05b_eager" ;;
+    *) steps=$arg ;;
+    esac
+    for s in $steps; do run_step "$s"; done
+done
