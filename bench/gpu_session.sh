@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# gpu_session.sh PHASE|STEP... - the GPU measurements of issues 21-23 and 27, planned as four device calls of at most 10 minutes
-# each (the device tool's limit), each step in its own process under its own time limit, so that a hung step costs
-# only its own slot. Every step's whole log goes to $OUT/<step>.log and its JSON to $OUT; a short tail is printed.
+# gpu_session.sh PHASE|STEP... - the GPU measurements of issues 21-23 and 27, planned as four device calls of at
+# most 10 minutes each (the device tool's limit), each step in its own process under its own time limit, so that a
+# hung step costs only its own slot. Every step's whole log goes to $OUT/<step>.log and its JSON to $OUT; a short tail is printed.
 #
 #   bash bench/gpu_session.sh 1   0.5B GRPO end to end with vLLM (sleep, CUDA IPC sync, the standalone-vLLM ceiling,
 #                                 the HF engine vs plain generate) -> gpu_ppo_05b.json; then the gpu-marked vLLM tests
