@@ -19,7 +19,7 @@ Reward (referenced as `ppoflow.tasks.calc:reward`), on the episode's last policy
 `ppoflow.tasks.arith`'s rule.
 
 Run alone (writes train.jsonl and eval.jsonl, disjoint):
-  python -m ppoflow.tasks.calc data/calc --n-train 4096 --n-eval 256 --seed 0
+  python -m ppoflow.tasks.calc data/calc --n-train 2048 --n-eval 256 --seed 0
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def tool_call(row: dict) -> str:
     return f"<calc>{row['prompt'].removeprefix('What is ').removesuffix('?')}</calc>"
 
 
-def write_prompts(out_dir: str, *, n_train: int = 4096, n_eval: int = 256, seed: int = 0) -> dict[str, str]:
+def write_prompts(out_dir: str, *, n_train: int = 2048, n_eval: int = 256, seed: int = 0) -> dict[str, str]:
     """Write `train.jsonl` and `eval.jsonl` into `out_dir` (one draw, so no question is in both)."""
     return arith.write_splits(out_dir, make_prompts(n_train + n_eval, seed), n_train)
 
@@ -63,7 +63,7 @@ def reward(prompts: list[str], responses: list[str], metadata: list[dict],
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Write the 4-digit multiplication task's train/eval prompt files.")
     parser.add_argument("out_dir")
-    parser.add_argument("--n-train", type=int, default=4096)
+    parser.add_argument("--n-train", type=int, default=2048)
     parser.add_argument("--n-eval", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
