@@ -64,8 +64,9 @@ def train(config: str, run_id: str, sets: list[str], work: Path) -> float:
     started = time.perf_counter()
     with open(work / f"{run_id}.log", "w") as log:
         rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
-    if rc != 0:
-        raise SystemExit(f"{run_id}: exit {rc}; see {work / f'{run_id}.log'}")
+    if rc != 0:  # the log's tail here: on the GPU host only what the command prints comes back
+        tail = (work / f"{run_id}.log").read_text(errors="replace").splitlines()[-40:]
+        raise SystemExit("\n".join(tail) + f"\n{run_id}: exit {rc}; see {work / f'{run_id}.log'}")
     return time.perf_counter() - started
 
 
@@ -194,7 +195,9 @@ def main(argv=None) -> int:
         # 128 tokens, two optimizer steps per iteration
         sets = [f"model.path={model}", f"data.prompts={prompts['train']}", "generation.max_new_tokens=128",
                 "data.max_prompt_tokens=128", "generation.max_model_len=256", "data.prompts_per_iteration=32",
-                "generation.n_samples_per_prompt=4", "policy.mini_batch_size=64"]
+                "generation.n_samples_per_prompt=4", "policy.mini_batch_size=64",
+                # the GPU host's carried stack has no TensorBoard; Ray may use the host's cores
+                "tracking.logger=none", f"ray.num_cpus={os.cpu_count() or 2}"]
         full_lr = 1e-6
     else:
         config = str(REPO / "configs" / "quickstart.yaml")

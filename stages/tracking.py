@@ -76,7 +76,11 @@ class Tracker:
 
 class TensorBoardTracker(Tracker):
     def __init__(self, logdir: str):
-        from torch.utils.tensorboard import SummaryWriter
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as err:  # torch's module is there, the tensorboard package it writes with may not be
+            raise ImportError(f"tracking.logger: tensorboard needs the tensorboard package ({err}); install it "
+                              "(`pip install tensorboard`) or set tracking.logger: none") from err
 
         self.writer = SummaryWriter(logdir)  # a new event file per writer; earlier files of the run stay
         self.where = f"TensorBoard: `tensorboard --logdir {logdir}`"

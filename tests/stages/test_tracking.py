@@ -145,6 +145,18 @@ def test_logger_none_writes_nothing(tmp_path):
     assert row["rollout/reward_mean"] == expected["rollout/reward_mean"]
 
 
+def test_tensorboard_without_its_package_names_the_field(tmp_path, monkeypatch):
+    """torch.utils.tensorboard imports only where the tensorboard package is installed (the GPU host's carried stack
+    has none): the error says which field chose it and what to do, and nothing is written."""
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # an import of it raises ImportError
+    config = _config(tmp_path)
+    uri = run_uri(str(tmp_path), "r1")
+    _commit_iteration(RunStore(uri), 1)
+    with pytest.raises(ImportError, match="tracking.logger: tensorboard needs the tensorboard package.*"
+                                          "tracking.logger: none"):
+        track_iteration(config, uri, 1)
+
+
 def _wandb_records(path: str):
     """The records of a W&B transaction log (`run-*.wandb`): a 7-byte header (":W&B", magic, version), then
     LevelDB-log chunks in 32 KiB blocks — crc32, length, type (1 full, 2 first, 3 middle, 4 last) and data."""
