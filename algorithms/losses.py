@@ -254,10 +254,12 @@ def value_loss(
     return loss, stats
 
 
-def entropy_from_logits(logits: Tensor) -> Tensor:
+def entropy_from_logits(logits: Tensor, lse: Tensor | None = None) -> Tensor:
     """Entropy of softmax(logits) over the last dim, per position: H = logsumexp(z) − Σ_v softmax(z)_v·z_v.
 
-    (..., V) → (...). This form needs one softmax and no log of probabilities; logits must be finite.
+    (..., V) → (...). This form needs one softmax and no log of probabilities; logits must be finite. `lse`: the
+    logsumexp(z) the caller has already (the log-prob took it), so that softmax(z) = exp(z − lse) costs one pass.
     """
-    pd = torch.softmax(logits, dim=-1)
-    return torch.logsumexp(logits, dim=-1) - (pd * logits).sum(dim=-1)
+    if lse is None:
+        lse = torch.logsumexp(logits, dim=-1)
+    return lse - (torch.exp(logits - lse[..., None]) * logits).sum(dim=-1)

@@ -8,9 +8,9 @@ log-probs and entropy from the hidden states in chunks, and micro-batches cut by
   not packed, SDPA, which on a packed row gets transformers' block-diagonal causal mask (built from the restarting
   position ids). Same code on CPU and GPU; only the kernel differs.
 - `token_logprobs`: log π(a_t) = logit − logsumexp over the vocabulary, from the hidden states in chunks of
-  LOGITS_CHUNK_TOKENS rows, each chunk's logits recomputed in the backward (activation checkpointing), so the
-  (tokens × vocabulary) float32 logits never exist at once: with Qwen2.5's 151,936-token vocabulary they would be
-  ~0.6 MB a token. The entropy rides along, with a gradient only when the loss uses it.
+  LOGITS_CHUNK_TOKENS rows, each chunk's logits rebuilt in the backward from the hidden rows and their logsumexp,
+  so the (tokens × vocabulary) float32 logits never exist at once: with Qwen2.5's 151,936-token vocabulary they
+  would be ~0.6 MB a token. The entropy rides along, with a gradient only when the loss uses it.
 - `token_budget_split`: an optimizer step's samples cut into micro-batches of at most a token budget, a whole
   multiple of the group's ranks, balanced so every rank gets about the same tokens (longest first onto the lightest).
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -111,27 +112,73 @@ def _chunk_logprobs(head, hidden, targets, with_entropy: bool, entropy_grad: boo
     from algorithms.losses import entropy_from_logits
 
     logits = head(hidden).float()
-    logp = logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    lse = torch.logsumexp(logits, dim=-1)
+    logp = logits.gather(-1, targets[:, None]).squeeze(-1) - lse
     if not with_entropy:
         return logp, None
     if entropy_grad:
-        return logp, entropy_from_logits(logits)
+        return logp, entropy_from_logits(logits, lse)
     with torch.no_grad():
-        return logp, entropy_from_logits(logits)
+        return logp, entropy_from_logits(logits, lse)
+
+
+@functools.cache
+def _linear_logprobs():
+    """The autograd Function of `token_logprobs`'s training path (built on first use: torch is imported late)."""
+    import torch
+
+    from algorithms.losses import entropy_from_logits
+
+    class LinearLogprobs(torch.autograd.Function):
+        """log softmax(hidden · Wᵀ)[target] per row, float32, and the entropy (no gradient; empty when not asked).
+        Keeps the hidden rows and each row's logsumexp for the backward, which rebuilds the softmax from them in one
+        pass: ∂ log p(target)/∂z = onehot(target) − softmax(z). A checkpoint would rerun the whole forward (the
+        entropy too) and then the logsumexp's own backward: on a 152k vocabulary that fp32 work, not the GEMMs,
+        led a 0.5B update's profile (bench/RESULTS.md, issue 23)."""
+
+        @staticmethod
+        def forward(ctx, hidden, weight, targets, with_entropy: bool):
+            logits = torch.nn.functional.linear(hidden, weight).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            logp = logits.gather(-1, targets[:, None]).squeeze(-1) - lse
+            entropy = entropy_from_logits(logits, lse) if with_entropy else logp.new_zeros(0)
+            ctx.save_for_backward(hidden, weight, targets, lse)
+            ctx.mark_non_differentiable(entropy)
+            return logp, entropy
+
+        @staticmethod
+        def backward(ctx, grad_logp, _grad_entropy):
+            hidden, weight, targets, lse = ctx.saved_tensors
+            grad = torch.nn.functional.linear(hidden, weight).float()
+            grad.sub_(lse[:, None]).exp_().mul_(-grad_logp[:, None])  # −softmax(z) · g
+            grad.scatter_add_(-1, targets[:, None], grad_logp[:, None].to(grad.dtype))  # + onehot(target) · g
+            grad = grad.to(hidden.dtype)
+            return (grad @ weight if ctx.needs_input_grad[0] else None,
+                    grad.t() @ hidden if ctx.needs_input_grad[1] else None, None, None)
+
+    return LinearLogprobs
 
 
 def token_logprobs(head, hidden: torch.Tensor, targets: torch.Tensor, with_entropy: bool = False,
                    entropy_grad: bool = False, chunk: int = LOGITS_CHUNK_TOKENS):
     """log softmax(head(hidden))[targets] for rows of hidden states (N, H) → (N,) float32, and the entropy (N,)
-    when asked (with a gradient only if `entropy_grad`), LOGITS_CHUNK_TOKENS rows at a time. Under autograd each
-    chunk is checkpointed: its logits are dropped after the forward and recomputed in the backward."""
+    when asked (with a gradient only if `entropy_grad`), LOGITS_CHUNK_TOKENS rows at a time, so that no more than
+    one chunk's logits exist at once. Under autograd a plain bias-free linear head goes through `LinearLogprobs`
+    (only the hidden rows and a logsumexp per row kept for the backward); any other head (a ZeRO-3-partitioned
+    weight, which only the module's own forward gathers; an adapter-wrapped head) and an entropy with a gradient
+    run the same arithmetic checkpointed, its logits recomputed in the backward."""
     import torch
     from torch.utils.checkpoint import checkpoint
 
+    training = torch.is_grad_enabled() and hidden.requires_grad
+    fused = (training and not entropy_grad and type(head) is torch.nn.Linear and head.bias is None
+             and not hasattr(head.weight, "ds_id"))  # ds_id: a DeepSpeed ZeRO-3 parameter
     logps, entropies = [], []
     for start in range(0, hidden.shape[0], chunk):
         args = (head, hidden[start:start + chunk], targets[start:start + chunk], with_entropy, entropy_grad)
-        if torch.is_grad_enabled() and hidden.requires_grad:
+        if fused:
+            logp, entropy = _linear_logprobs().apply(args[1], head.weight, args[2], with_entropy)
+        elif training:
             logp, entropy = checkpoint(_chunk_logprobs, *args, use_reentrant=False)
         else:
             logp, entropy = _chunk_logprobs(*args)

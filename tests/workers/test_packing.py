@@ -70,27 +70,50 @@ def test_packed_critic_values_equal_padded(tiny_model_dir):
     assert torch.allclose(packed[mask], padded[mask], atol=1e-5, rtol=0)
 
 
-def test_chunked_logprobs_equal_whole_and_keep_no_logits_for_the_backward():
-    """Chunk by chunk under checkpointing: the same values and gradients as one whole softmax; what autograd keeps
-    for the backward is the hidden states, not a chunk's logits."""
+@pytest.mark.parametrize("entropy_grad", [False, True], ids=["fused", "checkpointed"])
+def test_chunked_logprobs_equal_whole_and_keep_no_logits_for_the_backward(entropy_grad):
+    """Chunk by chunk, by the fused Function (entropy without a gradient) or under checkpointing (entropy in the
+    loss): the same values and gradients, the head's weight included, as one whole softmax; what autograd keeps for
+    the backward is the hidden states, not a chunk's logits."""
     torch.manual_seed(0)
     head = torch.nn.Linear(16, 1000, bias=False)
     hidden = torch.randn(300, 16, requires_grad=True)
     targets = torch.randint(0, 1000, (300,))
-    logp, entropy = token_logprobs(head, hidden, targets, with_entropy=True, entropy_grad=False, chunk=64)
-    logp.sum().backward()
-    grad = hidden.grad.clone()
-    hidden.grad = None
+    weights = torch.rand(300)  # a loss that weighs tokens differently, as the PPO loss does
+    logp, entropy = token_logprobs(head, hidden, targets, with_entropy=True, entropy_grad=entropy_grad, chunk=64)
+    (logp * weights).sum().backward()
+    grad, grad_w = hidden.grad.clone(), head.weight.grad.clone()
+    hidden.grad = head.weight.grad = None
     whole = torch.log_softmax(head(hidden).float(), -1)
     whole_logp = whole.gather(-1, targets[:, None]).squeeze(-1)
-    whole_logp.sum().backward()
+    (whole_logp * weights).sum().backward()
     assert torch.allclose(logp, whole_logp, atol=1e-5) and torch.allclose(hidden.grad, grad, atol=1e-5)
-    assert torch.allclose(entropy, -(whole.exp() * whole).sum(-1), atol=1e-4) and not entropy.requires_grad
+    assert torch.allclose(head.weight.grad, grad_w, atol=1e-5)
+    assert torch.allclose(entropy, -(whole.exp() * whole).sum(-1), atol=1e-4)
+    assert entropy.requires_grad == entropy_grad
 
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
-        token_logprobs(head, hidden, targets, chunk=64)
+        token_logprobs(head, hidden, targets, with_entropy=True, entropy_grad=entropy_grad, chunk=64)
     assert max(saved) < 64 * 1000, saved  # no chunk's (64 × vocab) logits kept for the backward
+
+
+def test_fused_logprobs_in_bfloat16_follow_the_checkpointed_path():
+    """The trainers' dtype on GPUs: the fused backward (softmax rebuilt from the saved logsumexp, cast to bf16 for
+    the two GEMMs) gives the gradients the checkpointed autograd path gives, to bf16 rounding."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(32, 2000, bias=False).to(torch.bfloat16)
+    hidden = torch.randn(200, 32, dtype=torch.bfloat16, requires_grad=True)
+    targets = torch.randint(0, 2000, (200,))
+    grads = []
+    for entropy_grad in (False, True):  # fused, then checkpointed (the entropy's gradient is not used below)
+        logp, _ = token_logprobs(head, hidden, targets, with_entropy=True, entropy_grad=entropy_grad, chunk=64)
+        logp.sum().backward()
+        grads.append((logp.detach(), hidden.grad.float(), head.weight.grad.float()))
+        hidden.grad = head.weight.grad = None
+    (lp_f, gh_f, gw_f), (lp_c, gh_c, gw_c) = grads
+    assert torch.equal(lp_f, lp_c)
+    assert torch.allclose(gh_f, gh_c, rtol=2e-2, atol=1e-3) and torch.allclose(gw_f, gw_c, rtol=2e-2, atol=1e-3)
 
 
 def test_token_budget_split_is_whole_bounded_a_multiple_of_the_ranks_and_balanced():
