@@ -261,5 +261,6 @@ def entropy_from_logits(logits: Tensor, lse: Tensor | None = None) -> Tensor:
     logsumexp(z) the caller has already (the log-prob took it), so that softmax(z) = exp(z − lse) costs one pass.
     """
     if lse is None:
-        lse = torch.logsumexp(logits, dim=-1)
+        pd = torch.softmax(logits, dim=-1)
+        return torch.logsumexp(logits, dim=-1) - (pd * logits).sum(dim=-1)
     return lse - (torch.exp(logits - lse[..., None]) * logits).sum(dim=-1)
