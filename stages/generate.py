@@ -157,7 +157,7 @@ def generate(s: StageRun) -> Output:
     if any(v != version for v in engine_versions(pool.handles)):
         with trainers_lock(s.run_uri):
             pool.bring_to(version)
-    check_serving(pool.handles, version)
+        check_serving(pool.handles, version)  # engines that were all at `version` need no second question
     # Every request (or episode turn) from policy `version`; re-syncing a restarted engine takes the trainer lock.
     sample = functools.partial(pool.generate, version=version, stage="generate", iteration=iteration,
                                guard=lambda: trainers_lock(s.run_uri))
