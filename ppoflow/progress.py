@@ -22,20 +22,34 @@ def enabled(stream=None) -> bool:
     return stream.isatty() and not os.environ.get("CI")
 
 
-def snapshot(store: RunStore, iterations: int) -> dict:
-    """What the bars show: committed iterations, the stage running now and the latest reward and eval pass rate."""
+def snapshot(store: RunStore, iterations: int, settled: dict[int, dict] | None = None) -> dict:
+    """What the bars show: committed iterations, the stage running now and the latest reward and eval pass rate.
+
+    `settled`, kept by the caller from one tick to the next, holds what was read of the iterations that can no longer
+    change: committed markers are never rewritten, and once iteration n+1's score is committed, n's stages and its
+    evaluation (which runs before that score) are all there will be. A tick then reads the markers of the last
+    iteration or two, not every marker of the run (six per iteration, every second, on the driver's cores)."""
+    settled = {} if settled is None else settled
     done, stage, reward, pass_rate = 0, STAGES[0], None, None
     for n in store.iterations():
-        if (ev := store.stage_marker(n, "eval")) is not None:  # iteration 0: the starting policy
-            pass_rate = ev["metrics"].get("eval/pass_rate", pass_rate)
+        row = settled.get(n)
+        if row is None:
+            ev = store.stage_marker(n, "eval")  # iteration 0: the starting policy
+            committed = store.committed_stages(n) if n > 0 else []
+            score = store.stage_marker(n, "score") if len(committed) == len(STAGES) else None
+            row = {"committed": committed, "pass_rate": (ev or {}).get("metrics", {}).get("eval/pass_rate"),
+                   "reward": (score or {}).get("metrics", {}).get("rollout/reward_mean")}
+            if store.stage_marker(n + 1, "score") is not None:
+                settled[n] = row
+        if row["pass_rate"] is not None:
+            pass_rate = row["pass_rate"]
         if n == 0:
             continue
-        committed = store.committed_stages(n)
-        if len(committed) == len(STAGES):
+        if len(row["committed"]) == len(STAGES):
             done = n
-            reward = (store.stage_marker(n, "score") or {}).get("metrics", {}).get("rollout/reward_mean", reward)
+            reward = row["reward"] if row["reward"] is not None else reward
         else:
-            stage = next(s for s in STAGES if s not in committed)
+            stage = next(s for s in STAGES if s not in row["committed"])
     current = min(done + 1, iterations)
     stages_done = len(store.committed_stages(current)) if done < iterations else len(STAGES)
     return {"done": done, "current": current, "stage": stage if done < iterations else "done",
@@ -97,9 +111,10 @@ class RunProgress:
                       console=Console(file=self.stream)) as bars:
             run = bars.add_task("iterations", total=self.iterations, info="")
             stage = bars.add_task("stages", total=len(STAGES), info="")
+            settled: dict[int, dict] = {}
             while True:
                 try:
-                    s = snapshot(self.store, self.iterations)
+                    s = snapshot(self.store, self.iterations, settled)
                 except Exception:  # storage briefly unreadable (e.g. mid-write): try again next tick
                     s = None
                 if s is not None:

@@ -8,6 +8,7 @@ environment (a tool task is evaluated with its tools), its last policy turn scor
 Run alone: see flows/ppo.py; tests: tests/flows/test_ppo_flow.py
 """
 
+import copy
 import functools
 import json
 
@@ -88,7 +89,8 @@ def evaluate(s: StageRun) -> Output:
         results = sample(requests)
     else:  # the same environment as the rollouts (a tool task is judged with its tools)
         data, tok = config.data, _tokenizer(config.model.path)
-        results, _ = play(requests, rows, sample, tok, functools.partial(
+        # Copies: the rows are shared with other stages (stages/generate.py prompt_set); an environment may change them.
+        results, _ = play(requests, copy.deepcopy(rows), sample, tok, functools.partial(
             encode_prompt, tok, chat=data.apply_chat_template, max_tokens=data.max_prompt_tokens,
             input_template=data.input_template), config.rollout, prompt_key=data.prompt_key,
             chat=data.apply_chat_template, max_model_len=config.generation.max_model_len)

@@ -87,15 +87,43 @@ def encode_prompt(tokenizer, prompt: str | list[dict], chat: bool, max_tokens: i
     return (ids[-max_tokens:], True) if len(ids) > max_tokens else (ids, False)
 
 
-def read_prompt_rows(config, field: str = "data.prompts") -> list[dict]:
-    """The rows of data.prompts or eval.prompts (`field`), checked against the data section: a prompt of the right
-    type in data.prompt_key, a label at data.label_key when set (storage/prompts.py)."""
-    from storage.prompts import read_prompts
+_PROMPT_SETS: dict[tuple, tuple] = {}
+"""(field, its sources and reading options) → (the sources' stamp, rows, fingerprint): prompt sets read in this
+process (`prompt_set`)."""
 
-    data = config.data
-    return read_prompts(data.prompts if field == "data.prompts" else config.eval.prompts, data.prompt_key,
-                        config.storage.storage_options, label_key=data.label_key, chat=data.apply_chat_template,
+
+def prompt_set(config, field: str = "data.prompts") -> tuple[list[dict], str]:
+    """The rows of data.prompts or eval.prompts (`field`), checked against the data section (a prompt of the right
+    type in data.prompt_key, a label at data.label_key when set: storage/prompts.py), and the set's fingerprint, a
+    hash of its prompts that the generate marker records (`data_start`).
+
+    Read once per process while the files stay as they are: generate used to read, check and hash the whole file at
+    every iteration. The cache is keyed by each file's size and modification time (storage/prompts.py
+    `source_stamp`), taken before the read, so a file rewritten between iterations or before a resume is read again;
+    folders, globs and hub datasets have no stamp and are read at every call. Callers share the rows: read only."""
+    import hashlib
+
+    from storage.prompts import prompt_text, read_prompts, source_stamp
+
+    data, opts = config.data, config.storage.storage_options
+    uris = data.prompts if field == "data.prompts" else config.eval.prompts
+    key = (field, json.dumps([uris, data.prompt_key, data.label_key, data.apply_chat_template, data.input_template,
+                              opts], sort_keys=True, default=str))
+    stamp = source_stamp(uris, opts)
+    if stamp is not None and (cached := _PROMPT_SETS.get(key)) is not None and cached[0] == stamp:
+        return cached[1], cached[2]
+    rows = read_prompts(uris, data.prompt_key, opts, label_key=data.label_key, chat=data.apply_chat_template,
                         input_template=data.input_template, field=field)
+    text = "\x1f".join(prompt_text(r[data.prompt_key]) for r in rows)
+    fingerprint = hashlib.sha256(text.encode()).hexdigest()[:16]
+    if stamp is not None:
+        _PROMPT_SETS[key] = (stamp, rows, fingerprint)
+    return rows, fingerprint
+
+
+def read_prompt_rows(config, field: str = "data.prompts") -> list[dict]:
+    """The rows of `prompt_set` (shared with other callers: read only)."""
+    return prompt_set(config, field)[0]
 
 
 def _sleep_engines(s: StageRun) -> None:
@@ -105,7 +133,7 @@ def _sleep_engines(s: StageRun) -> None:
 
 @stage("generate", schema="rollout", on_skip=_sleep_engines)
 def generate(s: StageRun) -> Output:
-    import hashlib
+    import copy
 
     import pyarrow as pa
     import torch
@@ -129,7 +157,7 @@ def generate(s: StageRun) -> Output:
     if any(v != version for v in engine_versions(pool.handles)):
         with trainers_lock(s.run_uri):
             pool.bring_to(version)
-    check_serving(pool.handles, version)
+        check_serving(pool.handles, version)  # engines that were all at `version` need no second question
     # Every request (or episode turn) from policy `version`; re-syncing a restarted engine takes the trainer lock.
     sample = functools.partial(pool.generate, version=version, stage="generate", iteration=iteration,
                                guard=lambda: trainers_lock(s.run_uri))
@@ -137,9 +165,7 @@ def generate(s: StageRun) -> Output:
 
     data, gen, algo = config.data, config.generation, config.algo
     batch, n = data.prompts_per_iteration, gen.n_samples_per_prompt
-    rows = read_prompt_rows(config)
-    text = "\x1f".join(prompt_text(r[data.prompt_key]) for r in rows)
-    fingerprint = hashlib.sha256(text.encode()).hexdigest()[:16]
+    rows, fingerprint = prompt_set(config)
     previous = store.stage_marker(iteration - 1, "generate") if iteration > 1 else None
     position = start = data_start(previous, fingerprint, iteration, batch)
     tok = _tokenizer(config.model.path)
@@ -163,7 +189,9 @@ def generate(s: StageRun) -> Output:
         if config.rollout.env is None:
             results = sample(requests)
         else:  # multi-turn episodes (workers/episodes.py); a SIGKILL inside repeats the same turns on resume
-            results, _ = play(requests, [rows[g["index"]] for g in groups], sample, tok, functools.partial(
+            # Copies: the rows are shared with later iterations (prompt_set), and an environment may change its own.
+            own = [copy.deepcopy(rows[g["index"]]) for g in groups]
+            results, _ = play(requests, own, sample, tok, functools.partial(
                 encode_prompt, tok, chat=data.apply_chat_template, max_tokens=data.max_prompt_tokens,
                 input_template=data.input_template), config.rollout, prompt_key=data.prompt_key,
                 chat=data.apply_chat_template, max_model_len=gen.max_model_len,

@@ -63,6 +63,26 @@ def read_prompts(uris: str | list[str], prompt_key: str = "prompt", storage_opti
     return out
 
 
+def source_stamp(uris: str | list[str], storage_options: dict | None = None) -> tuple | None:
+    """(uri, size, modification time) of every source when each is one plain file, else None (a folder, a glob, a
+    hub name, a file whose store reports no time): what a reader may key a cache of the rows by, since a file
+    rewritten in place changes its size or its time. None means: read the sources again."""
+    stamps = []
+    for uri in [uris] if isinstance(uris, str) else uris:
+        fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+        if any(c in path for c in "*?["):
+            return None
+        try:
+            info = fs.info(path)
+        except (FileNotFoundError, OSError):
+            return None
+        mtime = info.get("mtime", info.get("LastModified", info.get("last_modified")))
+        if info.get("type") != "file" or mtime is None:
+            return None
+        stamps.append((uri, info.get("size"), str(mtime)))
+    return tuple(stamps)
+
+
 def list_prompt_files(folder: str, storage_options: dict | None = None) -> list[str]:
     """URIs of the *.jsonl / *.parquet files directly in `folder`, sorted by name."""
     fs, path = fsspec.core.url_to_fs(folder, **(storage_options or {}))

@@ -35,6 +35,29 @@ def test_snapshot_follows_the_commit_markers(tmp_path):
     assert (s["done"], s["stage"], s["stages_done"], s["reward"], s["pass_rate"]) == (3, "done", 5, 0.75, 0.5)
 
 
+def test_snapshot_reads_settled_iterations_once(tmp_path):
+    """Between ticks the bars keep what they read of iterations that can no longer change (the next iteration's score
+    is committed), so a tick reads the markers of the last iterations only, and shows what a fresh read shows."""
+    store = RunStore(run_uri(str(tmp_path), "r"))
+    _commit(store, 0, "eval", **{"eval/pass_rate": 0.25})
+    for n in (1, 2, 3):
+        for stage in STAGES:
+            _commit(store, n, stage, **({"rollout/reward_mean": n / 10} if stage == "score" else {}))
+    _commit(store, 4, "generate")
+    reads = []
+    marker = store.stage_marker
+    store.stage_marker = lambda n, stage: reads.append(n) or marker(n, stage)
+    settled = {}
+    first = snapshot(store, 5, settled)
+    assert first == snapshot(store, 5) and first["done"] == 3 and first["reward"] == 0.3
+    assert sorted(settled) == [0, 1, 2]  # iteration 3's evaluation may still come: its next score is not committed
+    reads.clear()
+    assert snapshot(store, 5, settled) == first
+    assert set(reads) == {3, 4, 5}  # the unsettled iterations, and the next score of the last
+    _commit(store, 3, "eval", **{"eval/pass_rate": 0.5})
+    assert snapshot(store, 5, settled)["pass_rate"] == 0.5
+
+
 class _Tty(io.StringIO):
     def isatty(self):
         return True

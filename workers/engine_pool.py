@@ -15,6 +15,7 @@ Run alone: nothing to run; tests/workers/test_engine_group.py and test_weight_sy
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -116,8 +117,10 @@ class EnginePool:
         self.config, self.run_uri, self.store = config, run_uri, store
         self.log = log or logging.getLogger("ppoflow.engines").warning
 
-    @property
+    @functools.cached_property
     def handles(self) -> list:
+        """The engines' actor handles, looked up by name once per pool (a stage makes one): each lookup is a round
+        trip to Ray's GCS, and a handle stays good when Ray restarts its engine."""
         return get_engines(self.run_uri, self.config.ray.namespace, self.config.generation.num_engines)
 
     def _policy(self) -> list:

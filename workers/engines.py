@@ -288,7 +288,12 @@ def create_engines(run_uri: str, config, timeout_s: float = 600.0) -> tuple[list
     # Generation is the only work in its stage: an engine's threads spin between the many small ops of a decode step
     # (SPIN_ENV). Not where HF engines may share cores (several, each with more threads than its num_cpus): one's
     # spinning would take the cores another computes on. vLLM binds each engine's threads to cores of its own.
-    shares_cores = gen.backend == "hf" and gen.num_engines > 1 and (gen.num_threads or 1) > max(gen.num_cpus, 1)
+    threads = gen.num_threads
+    if threads is None and gen.backend == "hf" and gen.num_gpus == 0 and config.algo.max_staleness == 0:
+        # The stages take turns (S = 0): nothing else computes while the engines generate, so they split this host's
+        # cores rather than keep Ray's one thread per whole CPU reserved (one of two cores at the quickstart's 0.5).
+        threads = max(1, len(cores) // gen.num_engines)
+    shares_cores = gen.backend == "hf" and gen.num_engines > 1 and (threads or 1) > max(gen.num_cpus, 1)
     spin = {} if shares_cores else SPIN_ENV
     handles = []
     for i, bundles in enumerate(layout.engine_bundles):
@@ -307,7 +312,7 @@ def create_engines(run_uri: str, config, timeout_s: float = 600.0) -> tuple[list
 
             from workers.hf_engine import HFEngine
 
-            handles.append(ray.remote(HFEngine).options(**options).remote(**common, num_threads=gen.num_threads))
+            handles.append(ray.remote(HFEngine).options(**options).remote(**common, num_threads=threads))
         else:
             import ray
 

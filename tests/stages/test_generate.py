@@ -53,3 +53,31 @@ def test_chat_message_prompts_and_the_input_template(tiny_model_dir):
     assert tok.decode(plain) == "Q: 1+2\nA:"
     with pytest.raises(ValueError, match="data.apply_chat_template"):
         encode_prompt(tok, chat, chat=False, max_tokens=128)
+
+
+def test_prompt_set_is_read_once_until_its_file_changes(tmp_path):
+    """The generate stage reads its prompt set through a per-process cache: the same rows while the file stays as it
+    is, the file again (rows and fingerprint) once it is rewritten, even to the same size; a glob is read every time
+    (it has no stamp)."""
+    import json
+    import os
+
+    from stages.config import load_config
+    from stages.generate import prompt_set
+
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"What is 2*{i}?", "answer": str(2 * i)}) + "\n" for i in range(5)))
+    config = load_config("configs/quickstart.yaml", [f"data.prompts={path}", "eval.prompts=null"])
+    rows, fingerprint = prompt_set(config)
+    again, same = prompt_set(config)
+    assert again is rows and same == fingerprint and [r["answer"] for r in rows] == ["0", "2", "4", "6", "8"]
+
+    path.write_text(path.read_text().replace("2*4?", "2*5?"))  # same size: only the modification time tells
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    changed, new_fingerprint = prompt_set(config)
+    assert changed is not rows and changed[4]["prompt"] == "What is 2*5?" and new_fingerprint != fingerprint
+
+    globbed = load_config("configs/quickstart.yaml", [f"data.prompts={tmp_path}/*.jsonl", "eval.prompts=null"])
+    first, _ = prompt_set(globbed)
+    assert prompt_set(globbed)[0] is not first and prompt_set(globbed)[1] == new_fingerprint
