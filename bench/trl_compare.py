@@ -177,9 +177,9 @@ def main() -> None:
             make_tiny_model(model, sft_steps=0, shape=SHAPES[args.model], log=lambda *_: None)
         # Rounds alternate the systems, so a slow spell of the (shared, noisy) machine falls on all of them.
         for round_ in range(args.rounds):
+            run_root = f"{root}/round-{round_}"
+            Path(run_root).mkdir()
             for prompts in sizes:
-                run_root = f"{root}/round-{round_}"
-                Path(run_root).mkdir(exist_ok=True)
                 for what in only:
                     r = (run_trl(args.trl_python, args.iterations, run_root, model, args.max_new_tokens, prompts)
                          if what == "trl" else
