@@ -16,7 +16,8 @@ attention's own FLOPs are not counted (the usual 6N rule). peak: --peak-tflops (
 Run on the GPU host (bench/gpu_run.sh installs the stack):
     bash bench/gpu_run.sh bench/train_throughput.py --shape qwen2.5-0.5b,qwen2.5-1.5b --mode packed,padded
 CPU smoke check (tiny shapes):  .venv/bin/python bench/train_throughput.py --shape tiny --samples 16 --response 32
-Results: bench/RESULTS.md ("Training throughput at real shapes"), bench/results/train_throughput.json.
+Results: bench/RESULTS.md ("GPU: update throughput at real shapes"), bench/results/train_throughput.json (`summary`'s
+keys and the rows).
 """
 
 from __future__ import annotations
@@ -135,6 +136,21 @@ def run_case(args, shape: str, mode: str, role: str, workdir: Path) -> dict:
     return row
 
 
+def summary(rows: list[dict]) -> dict:
+    """Issue 23's keys from a sweep's rows: per shape the best policy row's MFU, tokens/s and peak memory
+    (`mfu_0_5b`, `tokens_per_s_1_5b`, `peak_gib_1_5b`, ...), and the largest model's vocabulary (`vocab`)."""
+    out: dict = {}
+    measured = [r for r in rows if r.get("mfu") is not None and r["role"] == "policy"]
+    for shape in sorted({r["shape"] for r in measured}):
+        best = max((r for r in measured if r["shape"] == shape), key=lambda r: r["mfu"])
+        tag = shape.removeprefix("qwen2.5-").replace(".", "_")
+        out.update({f"mfu_{tag}": best["mfu"], f"tokens_per_s_{tag}": best["tokens_per_s"],
+                    f"peak_gib_{tag}": best["peak_gib"], f"mode_{tag}": best["mode"]})
+    if measured:
+        out["vocab"] = max(measured, key=lambda r: r["params"])["vocab"]
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -189,7 +205,7 @@ def main(argv=None) -> int:
                     print(f"      {k['share']:6.1%} {k['cuda_ms']:9.1f} ms {k['calls']:6d}x  {k['name']}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+        Path(args.json).write_text(json.dumps({**summary(rows), "rows": rows}, indent=1) + "\n")
     return 0
 
 
