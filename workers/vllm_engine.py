@@ -76,6 +76,18 @@ class VLLMEngine(Engine):
 
         from vllm import LLM
 
+        if kv_cache_gib is None and tensor_parallel_size == 1:
+            import torch
+
+            # vLLM refuses a share larger than what is free, but its engine process dies with it and the actor only
+            # sees "Engine core initialization failed": name the setting here, with the numbers.
+            free, total = torch.cuda.mem_get_info()
+            if free < gpu_memory_utilization * total:
+                raise ValueError(
+                    f"generation.gpu_memory_utilization={gpu_memory_utilization} asks vLLM for "
+                    f"{gpu_memory_utilization * total / 2**30:.1f} GiB of this GPU's {total / 2**30:.1f} GiB, but only "
+                    f"{free / 2**30:.1f} GiB are free (under placement: hybrid the trainers sharing the GPU hold the "
+                    f"rest): set it to at most {free / total - 0.02:.2f}")
         started = time.perf_counter()
         self._llm = LLM(
             model=model_path,
