@@ -105,9 +105,10 @@ def overrides(args: argparse.Namespace, model: Path, prompts: Path, root: Path) 
         trainer = int((1.0 - engine if args.gpus == 1 else 1.0) / actors * 100) / 100
         out += ["model.dtype=bfloat16", f"generation.num_gpus={engine}", f"policy.num_gpus={trainer}",
                 f"critic.num_gpus={trainer}", "generation.num_cpus=1", "policy.num_cpus=1", "critic.num_cpus=1",
-                "policy.lr=1e-6", "critic.lr=1e-6"]
-        if args.gpus == 2:  # an engine of its own GPU joins trainer rank 0's NCCL group (a fraction could not)
-            out.append("generation.weight_sync=broadcast")
+                "policy.lr=1e-6", "critic.lr=1e-6",
+                # two GPUs: the engine's own GPU joins trainer rank 0's NCCL group; one GPU: the engine shares it
+                # with the policy, so the sync takes the CUDA IPC route (workers/cluster.py weight_route)
+                "generation.weight_sync=broadcast"]
     else:
         # The engine's one CPU and one thread; the trainers' one CPU between policy, reference (on the policy's
         # share) and critic, one thread each.
@@ -233,8 +234,10 @@ def main(argv: list[str] | None = None) -> int:
         results[str(stale)] = {**measure(str(workdir / "runs" / run_id), args.warmup),
                                "run_s": round(time.perf_counter() - t0, 1), "device": device,
                                "measured": datetime.now().isoformat(timespec="seconds"),
-                               "settings": {k: v for k, v in vars(args).items()
-                                            if k not in ("out", "workdir", "staleness")}}
+                               "settings": {**{k: v for k, v in vars(args).items()
+                                               if k not in ("out", "workdir", "staleness")},
+                                            # runs before the one-GPU IPC route synced through the object store
+                                            **({"weight_sync": "broadcast"} if gpu else {})}}
 
     # Runs of earlier calls (--out) count when they ran on the same device with the same settings: the GPU's 10-minute
     # command limit may split S = 0, 1, 2 over two calls.

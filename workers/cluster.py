@@ -35,6 +35,15 @@ class RunActor:
             name = None
         return name or type(self).__name__
 
+    def gpus(self) -> list[str]:
+        """Where this actor's GPUs are: `node-id/gpu-id` for each physical GPU Ray gave it (none: []). Two actors
+        holding fractions of one GPU report the same entry; the weight sync picks its route from these
+        (`weight_route`)."""
+        import ray
+
+        node = ray.get_runtime_context().get_node_id()
+        return sorted(f"{node}/{gpu}" for gpu in ray.get_gpu_ids())
+
 
 def free_port() -> int:
     """A TCP port free on this host now (the OS picks it): a rendezvous or a store binds it right after."""
@@ -151,6 +160,22 @@ def rank_role(role: str, rank: int) -> str:
 def get_group(run_uri: str, role: str, namespace: str, num_ranks: int) -> list:
     """Every rank's actor of a trainer group, in rank order."""
     return [get_actor(run_uri, rank_role(role, r), namespace) for r in range(num_ranks)]
+
+
+def weight_route(engines: dict[int, list[str]], ranks: list[list[str]]) -> str:
+    """The sync route for engines on GPU fractions (`generation.weight_sync: broadcast` asked), from the GPUs each
+    engine to sync holds (`engines`, by engine index) and each policy rank holds (`ranks`, by rank), as
+    `RunActor.gpus` reports them. NCCL refuses two ranks of one group on one GPU, so:
+    - `ipc`: every engine holds one GPU and shares it with the policy rank of its own index (placement hybrid, or
+      standard with both on one GPU): it loads the weights from that rank's GPU memory;
+    - `broadcast`: the engines' GPUs are all distinct and none is policy rank 0's (the sender);
+    - `object_store` otherwise."""
+    if engines and all(len(g) == 1 and i < len(ranks) and g == ranks[i] for i, g in engines.items()):
+        return "ipc"
+    held = [gpu for g in engines.values() for gpu in g]
+    if held and len(set(held)) == len(held) and not set(held) & set(ranks[0] if ranks else []):
+        return "broadcast"
+    return "object_store"
 
 
 def on_all_ranks(group: list, method: str, *args) -> list:

@@ -107,10 +107,11 @@ class GenerationConfig(BaseModel):
     """How the sync stage moves the new policy into the engines. `broadcast` (workers/weight_sync.py): trainer rank 0
     sends it in buckets over a process group of its own spanning every engine worker (gloo on CPU, NCCL on GPU),
     gathered bucket by bucket under ZeRO-3, and both sides' sums of every tensor and of a sample must match; with a
-    GPU fraction per engine (`0 < num_gpus < 1`, e.g. hybrid placement) an engine may share its GPU with trainer rank
-    0, which NCCL cannot put in one group: under hybrid placement with one engine per policy rank (tensor parallel
-    1; vLLM or HF), engine i then loads the weights straight from the GPU memory of policy rank i (CUDA IPC handles
-    of its bucket buffers, method `ipc`), otherwise those syncs go through the object store. `object_store`: one
+    GPU fraction per engine (`0 < num_gpus < 1`) an engine may share its GPU with a trainer rank, which NCCL cannot
+    put in one group, so the route follows where Ray placed them (tensor parallel 1; vLLM or HF): when every engine
+    shares the GPU of the policy rank of its index (hybrid placement; standard placement on one GPU) engine i loads
+    the weights straight from that rank's GPU memory (CUDA IPC handles of its bucket buffers, method `ipc`); when
+    the engines' GPUs are distinct and none is rank 0's, the broadcast; otherwise the object store. `object_store`: one
     safetensors export through Ray's object store, read by every engine. `storage`: the engines load the committed HF export of
     the checkpoint from the run's storage (for engines that cannot join the group); a sample's sums are checked
     against the trainer's."""

@@ -115,6 +115,51 @@ def _with_route(config, route: str):
     return config.model_copy(update={"generation": config.generation.model_copy(update={"weight_sync": route})})
 
 
+def test_weight_route_follows_where_the_engines_and_policy_ranks_hold_their_gpus():
+    from workers.cluster import weight_route
+
+    a, b, c = "node/0", "node/1", "node/2"
+    # hybrid: engine i on policy rank i's GPU, one engine or two; standard placement on a one-GPU host alike
+    assert weight_route({0: [a]}, [[a]]) == "ipc"
+    assert weight_route({0: [a], 1: [b]}, [[a], [b]]) == "ipc"
+    assert weight_route({1: [b]}, [[a], [b]]) == "ipc"  # only engine 1 is behind
+    # engines on GPUs of their own, none the sender's (rank 0): one NCCL group
+    assert weight_route({0: [b], 1: [c]}, [[a]]) == "broadcast"
+    assert weight_route({0: [c]}, [[a], [b]]) == "broadcast"  # rank 1's GPU is not in the group
+    # an engine on rank 0's GPU but not paired with it, or two engines on one GPU: neither IPC nor one NCCL group
+    assert weight_route({1: [a]}, [[a], [b]]) == "object_store"
+    assert weight_route({0: [b], 1: [b]}, [[a]]) == "object_store"
+    assert weight_route({0: [a], 1: [c]}, [[a], [b]]) == "object_store"
+    # no GPU reported (Ray gave none): nothing to pair, nothing to broadcast over
+    assert weight_route({0: []}, [[]]) == "object_store"
+
+
+def test_actors_on_fractions_of_one_gpu_report_the_same_gpu():
+    """RunActor.gpus in a Ray of its own with two logical GPUs (Ray places fractional actors on them without a real
+    device): actors sharing a GPU report the same entry, the next one another, a CPU actor none."""
+    import os
+    import subprocess
+    import sys
+
+    script = """
+import ray
+from workers.cluster import RunActor, weight_route
+ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
+A = ray.remote(RunActor)
+engine, rank0 = A.options(num_gpus=0.5, num_cpus=0).remote(), A.options(num_gpus=0.5, num_cpus=0).remote()
+other, cpu = A.options(num_gpus=1, num_cpus=0).remote(), A.options(num_cpus=0).remote()
+e, r, o, c = ray.get([x.gpus.remote() for x in (engine, rank0, other, cpu)])
+print(e, r, o, c)
+assert e == r and len(e) == 1 and o != e and len(o) == 1 and c == [], (e, r, o, c)
+assert weight_route({0: e}, [r]) == "ipc" and weight_route({0: o}, [r]) == "broadcast"
+print("OK")
+"""
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-c", script], cwd=repo, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(repo)})
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
 @pytest.fixture(scope="module")
 def run(ray_session, tiny_model_dir, tmp_path_factory):
     """Two engines (0.5 CPU each, in the run's placement group) and the policy's two ranks (0.25 CPU each), named
