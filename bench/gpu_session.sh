@@ -9,6 +9,8 @@
 #                                 then every gpu-marked test
 #   bash bench/gpu_session.sh 3   1.5B PPO with a critic end to end -> gpu_ppo_15b.json; 0.5B without sleep (peak)
 #   bash bench/gpu_session.sh 4   LoRA vs full at 0.5B (bench/lora.py --gpu); 0.5B with CUDA graphs off (enforce_eager)
+#   bash bench/gpu_session.sh gpu_ppo_05b_standard   the 0.5B run with placement standard (engine beside, not in, the
+#                                 policy's bundle; the sync's route as weight_route picks it)
 #   bash bench/gpu_session.sh async_gpu  S = 0 and 1 on one GPU's fractions (bench/async.py --device gpu --gpus 1)
 #   bash bench/gpu_session.sh STEP...   named steps (see run_step), to fit what a call has left
 #
@@ -54,6 +56,9 @@ run_step() {  # one named measurement under its own limit
     gpu_ppo_05b_eager) step gpu_ppo_05b_eager 200 python3 bench/gpu_ppo.py --shape qwen2.5-0.5b --iterations 2 \
         --prompts 64 --samples 8 --max-new-tokens 256 --set algo.estimator=group_norm \
         --set generation.enforce_eager=true --no-standalone --json-name gpu_ppo_05b_eager.json ;;
+    gpu_ppo_05b_standard) step gpu_ppo_05b_standard 200 python3 bench/gpu_ppo.py --shape qwen2.5-0.5b --iterations 2 \
+        --prompts 64 --samples 8 --max-new-tokens 256 --set algo.estimator=group_norm \
+        --set generation.placement=standard --no-standalone --json-name gpu_ppo_05b_standard.json ;;
     async_gpu) cp bench/results/async.json "$OUT/async.json"  # updated under "gpu", the CPU numbers kept
         step async_gpu 330 python3 bench/async.py --device gpu --gpus 1 --staleness 0 1 --workdir /tmp/ppoflow-async \
         --out "$OUT/async.json" ;;
