@@ -48,6 +48,9 @@ run_step() {  # one named measurement under its own limit
         tests/workers/test_hf_engine.py tests/flows/test_engine_group_flow.py -p no:cacheprovider --durations=10 ;;
     gpu_ppo_15b) step gpu_ppo_15b 330 python3 bench/gpu_ppo.py --shape qwen2.5-1.5b --iterations 3 --prompts 64 \
         --samples 8 --max-new-tokens 256 --no-standalone --json-name gpu_ppo_15b.json ;;
+    gpu_ppo_15b_offload) step gpu_ppo_15b_offload 400 python3 bench/gpu_ppo.py --shape qwen2.5-1.5b --iterations 3 \
+        --prompts 64 --samples 8 --max-new-tokens 256 --offload optimizer --no-standalone \
+        --json-name gpu_ppo_15b_offload.json ;;  # an H100: the Adam states in host memory leave vLLM its share
     gpu_ppo_05b_nosleep) step gpu_ppo_05b_nosleep 230 python3 bench/gpu_ppo.py --shape qwen2.5-0.5b --iterations 2 \
         --prompts 64 --samples 8 --max-new-tokens 256 --set algo.estimator=group_norm --no-sleep --no-standalone \
         --json-name gpu_ppo_05b_nosleep.json ;;
