@@ -8,7 +8,9 @@ log-probs and entropy 1e-5 absolute, gradients 1e-5 relative (‖Δg‖ ≤ 1e-5
 relative and the weights after the update as tests/workers/test_trainer_group.py compares them (1e-4 of the
 update itself). Seen on CPU: log-probs within 1e-6, gradients within 5e-7 relative.
 
-Compiling costs tens of seconds per graph on a 2-core host: each test compiles once and reuses the graphs.
+Compiling dominates: each test compiles its graphs once and reuses them (the file took ~2.5 min with a cold inductor
+cache on a shared 2-core host, well under a minute with a warm one). The trainers run in this process (DeepSpeed on a
+1-rank gloo group), not in Ray actors.
 
 Run alone:  .venv/bin/pytest -q tests/workers/test_trainer_compile.py
 """
