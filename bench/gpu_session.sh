@@ -12,6 +12,8 @@
 #   bash bench/gpu_session.sh gpu_ppo_05b_standard   the 0.5B run with placement standard (engine beside, not in, the
 #                                 policy's bundle; the sync's route as weight_route picks it)
 #   bash bench/gpu_session.sh async_gpu  S = 0 and 1 on one GPU's fractions (bench/async.py --device gpu --gpus 1)
+#   bash bench/gpu_session.sh train_compile  update MFU at 0.5B and 1.5B, packed token budget, with policy.compile
+#                                 (torch.compile) -> train_compile.json; its eager rows are train_throughput's
 #   bash bench/gpu_session.sh STEP...   named steps (see run_step), to fit what a call has left
 #
 # Needs .carry/ (bash gpu/pack.sh) beside the repo; see bench/gpu_run.sh. Results are copied into bench/RESULTS.md
@@ -44,6 +46,9 @@ run_step() {  # one named measurement under its own limit
     vllm_tests) step vllm_tests 170 python3 -m pytest -q -x -m gpu tests/flows/test_vllm_gpu.py -p no:cacheprovider ;;
     train_throughput) TAIL=40 step train_throughput 270 python3 bench/train_throughput.py \
         --shape qwen2.5-0.5b,qwen2.5-1.5b --mode packed-budget,padded --role policy --profile ;;
+    train_compile) TAIL=40 step train_compile 270 python3 bench/train_throughput.py \
+        --shape qwen2.5-0.5b,qwen2.5-1.5b --mode packed-budget --role policy --compile on \
+        --json "$OUT/train_compile.json" ;;
     gpu_tests) step gpu_tests 260 python3 -m pytest -v -m gpu tests/flows/test_vllm_gpu.py \
         tests/workers/test_hf_engine.py tests/flows/test_engine_group_flow.py -p no:cacheprovider --durations=10 ;;
     gpu_ppo_15b) step gpu_ppo_15b 330 python3 bench/gpu_ppo.py --shape qwen2.5-1.5b --iterations 3 --prompts 64 \

@@ -1,7 +1,8 @@
 """Update throughput at real shapes: the policy's (and the critic's) PPO update, through the trainer classes a run
 uses (workers/trainer.py, DeepSpeed), on one device, packed or padded, with micro-batches cut by a token budget or
-by a sample count. Reports train tokens/s, model FLOPs utilisation and peak memory; with --profile, the top CUDA
-kernels of one optimizer step.
+by a sample count, eager or with `compile` (torch.compile of the decoder layers and the LM head's softmax; --compile).
+Reports train tokens/s, model FLOPs utilisation, peak memory and the warm-up step's seconds (compilation included);
+with --profile, the top CUDA kernels of one optimizer step.
 
 Models: random-init Qwen2 with the published Qwen2.5 shapes (0.5B: hidden 896 × 24 layers, 14 heads / 2 KV, MLP 4864;
 1.5B: 1536 × 28, 12 / 2, 8960), the 151,936-token vocabulary included (ppoflow.tiny_model pads its tokenizer to it),
@@ -15,6 +16,7 @@ attention's own FLOPs are not counted (the usual 6N rule). peak: --peak-tflops (
 
 Run on the GPU host (bench/gpu_run.sh installs the stack):
     bash bench/gpu_run.sh bench/train_throughput.py --shape qwen2.5-0.5b,qwen2.5-1.5b --mode packed,padded
+    compiled against eager, one row each:  ... --mode packed-budget --compile off,on
 CPU smoke check (tiny shapes):  .venv/bin/python bench/train_throughput.py --shape tiny --samples 16 --response 32
 Results: bench/RESULTS.md ("GPU: update throughput at real shapes"), bench/results/train_throughput.json (`summary`'s
 keys and the rows).
@@ -77,8 +79,9 @@ def experience(n: int, prompt: int, response: int, vocab: int, seed: int = 0):
     })
 
 
-def run_case(args, shape: str, mode: str, role: str, workdir: Path) -> dict:
-    """One (shape, packing, role) update: a warm-up step, then the timed update over the whole table."""
+def run_case(args, shape: str, mode: str, role: str, compiled: str, workdir: Path) -> dict:
+    """One (shape, packing, role, compile on/off) update: a warm-up step (which compiles), then the timed update
+    over the whole table."""
     import torch
     from safetensors import safe_open
 
@@ -97,7 +100,7 @@ def run_case(args, shape: str, mode: str, role: str, workdir: Path) -> dict:
     trainer = TrainerConfig(lr=1e-6, zero_stage=args.zero, mini_batch_size=args.samples // args.steps,
                             micro_batch_size=args.micro, num_threads=2, packing=mode.startswith("packed"),
                             max_tokens_per_micro_batch=budget, gradient_checkpointing=args.checkpointing,
-                            share_prompts=False)
+                            share_prompts=False, compile=compiled == "on")
     algo = AlgoConfig(estimator="gae" if role == "critic" else "group_norm", kl_in_reward=False, kl_coef=0.0)
     dtype = "bfloat16" if cuda else "float32"
     if role == "policy":
@@ -106,7 +109,9 @@ def run_case(args, shape: str, mode: str, role: str, workdir: Path) -> dict:
         worker = CriticWorker(str(model), trainer, dtype, 0, algo=algo, pad_token_id=0)
     table = experience(args.samples, args.prompt, args.response, VOCAB if shape != "tiny" else 279)
     tokens = sum(len(p) + len(r) for p, r in zip(table["prompt_ids"].to_pylist(), table["response_ids"].to_pylist()))
+    t0 = time.perf_counter()
     worker.train(table.slice(0, trainer.mini_batch_size), 1, 0, 0.0)  # warm-up: kernels, allocator, optimizer state
+    warmup = time.perf_counter() - t0  # with --compile: the compilation, what a run pays at its first update
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -121,7 +126,7 @@ def run_case(args, shape: str, mode: str, role: str, workdir: Path) -> dict:
            "mfu": round(6 * params * tokens / seconds / (args.peak_tflops * 1e12), 4) if cuda else None,
            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
            "zero_stage": args.zero, "tokens_per_micro_batch": budget, "micro_batch": args.micro,
-           "checkpointing": args.checkpointing}
+           "checkpointing": args.checkpointing, "compile": compiled == "on", "warmup_s": round(warmup, 1)}
     if args.profile and cuda:
         from torch.profiler import ProfilerActivity, profile
 
@@ -145,7 +150,8 @@ def summary(rows: list[dict]) -> dict:
         best = max((r for r in measured if r["shape"] == shape), key=lambda r: r["mfu"])
         tag = shape.removeprefix("qwen2.5-").replace(".", "_")
         out.update({f"mfu_{tag}": best["mfu"], f"tokens_per_s_{tag}": best["tokens_per_s"],
-                    f"peak_gib_{tag}": best["peak_gib"], f"mode_{tag}": best["mode"]})
+                    f"peak_gib_{tag}": best["peak_gib"], f"mode_{tag}": best["mode"],
+                    f"compile_{tag}": best.get("compile", False)})
     if measured:
         out["vocab"] = max(measured, key=lambda r: r["params"])["vocab"]
     return out
@@ -167,13 +173,17 @@ def main(argv=None) -> int:
     p.add_argument("--tokens-per-micro-batch", type=int, default=16384, help="token budget (packed-budget)")
     p.add_argument("--zero", type=int, default=1, help="ZeRO stage")
     p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing")
+    p.add_argument("--compile", nargs="?", const="on", default="off",
+                   help="trainer.compile: off, on (the bare flag), or off,on for one row each")
     p.add_argument("--profile", action="store_true", help="top CUDA kernels of one step per case")
     p.add_argument("--peak-tflops", type=float, default=989.4)
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "ppoflow-train-bench"))
     p.add_argument("--json", default=os.environ.get("OUT") and os.path.join(os.environ["OUT"],
                                                                             "train_throughput.json"))
-    p.add_argument("--one", nargs=3, metavar=("SHAPE", "MODE", "ROLE"), help=argparse.SUPPRESS)
+    p.add_argument("--one", nargs=4, metavar=("SHAPE", "MODE", "ROLE", "COMPILE"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if bad := set(args.compile.split(",")) - {"off", "on"}:
+        p.error(f"--compile: {', '.join(sorted(bad))}: expected off, on or off,on")
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     if args.one:  # a case in a process of its own: its memory, its DeepSpeed state
@@ -185,27 +195,27 @@ def main(argv=None) -> int:
 
     rows = []
     passthrough = [a for a in (argv if argv is not None else sys.argv[1:])]
-    for shape in args.shape.split(","):
-        for role in args.role.split(","):
-            for mode in args.mode.split(","):
-                out = subprocess.run([sys.executable, __file__, *passthrough, "--one", shape, mode, role],
-                                     capture_output=True, text=True, cwd=REPO)
-                found = [line[4:] for line in out.stdout.splitlines() if line.startswith("ROW ")]
-                if found:
-                    rows.append(json.loads(found[-1]))
-                else:
-                    rows.append({"shape": shape, "mode": mode, "role": role,
-                                 "failed": (out.stderr or out.stdout).strip()[-1500:]})
-                r = rows[-1]
-                print(f"{shape:>13} {role:>6} {mode:>13}: " + (
-                    f"{r['tokens_per_s']:>9.0f} tok/s  MFU {100 * (r['mfu'] or 0):5.1f}%  peak "
-                    f"{r['peak_gib']} GiB  ({r['tokens']} tokens in {r['seconds']} s)" if "failed" not in r
-                    else "FAILED " + r["failed"][-400:]), flush=True)
-                for k in r.get("top_kernels", []):
-                    print(f"      {k['share']:6.1%} {k['cuda_ms']:9.1f} ms {k['calls']:6d}x  {k['name']}")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({**summary(rows), "rows": rows}, indent=1) + "\n")
+    cases = [(shape, role, mode, compiled) for shape in args.shape.split(",") for role in args.role.split(",")
+             for mode in args.mode.split(",") for compiled in args.compile.split(",")]
+    for shape, role, mode, compiled in cases:
+        out = subprocess.run([sys.executable, __file__, *passthrough, "--one", shape, mode, role, compiled],
+                             capture_output=True, text=True, cwd=REPO)
+        found = [line[4:] for line in out.stdout.splitlines() if line.startswith("ROW ")]
+        if found:
+            rows.append(json.loads(found[-1]))
+        else:
+            rows.append({"shape": shape, "mode": mode, "role": role, "compile": compiled == "on",
+                         "failed": (out.stderr or out.stdout).strip()[-1500:]})
+        r = rows[-1]
+        print(f"{shape:>13} {role:>6} {mode:>13} {'compiled' if compiled == 'on' else 'eager':>8}: " + (
+            f"{r['tokens_per_s']:>9.0f} tok/s  MFU {100 * (r['mfu'] or 0):5.1f}%  peak {r['peak_gib']} GiB  "
+            f"({r['tokens']} tokens in {r['seconds']} s; warm-up {r['warmup_s']} s)" if "failed" not in r
+            else "FAILED " + r["failed"][-400:]), flush=True)
+        for k in r.get("top_kernels", []):
+            print(f"      {k['share']:6.1%} {k['cuda_ms']:9.1f} ms {k['calls']:6d}x  {k['name']}")
+        if args.json:  # after every case: a sweep stopped by its time limit keeps the rows it finished
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps({**summary(rows), "rows": rows}, indent=1) + "\n")
     return 0
 
 

@@ -268,9 +268,10 @@ class TrainerConfig(BaseModel):
     KV cache (workers/trainer.py: sample_logprobs), in the policy's and the reference's log-probs and the policy's
     update: the n samples of a group share their prompt, so a long prompt is computed once instead of n times. Same
     results to float rounding. Turn it off for a model whose forward takes no past_key_values, position_ids or
-    logits_to_keep; it is off in training under gradient_checkpointing. The critic always runs full sequences. On a
-    GPU a small batch is bound by kernel launches, and the second forward can cost more than the prompt saves: with
-    short prompts and long responses the GPU configs turn it off (bench/RESULTS.md); long prompts should gain."""
+    logits_to_keep; it is off in training under gradient_checkpointing, and everywhere under `compile`. The critic
+    always runs full sequences. On a GPU a small batch is bound by kernel launches, and the second forward can cost
+    more than the prompt saves: with short prompts and long responses the GPU configs turn it off
+    (bench/RESULTS.md); long prompts should gain."""
 
     packing: bool | None = None
     """Run forwards padding-free (workers/packing.py): a micro-batch's sequences packed into one row, attention kept
@@ -297,6 +298,18 @@ class TrainerConfig(BaseModel):
     """ZeRO-Offload: keep the optimizer states (and, under ZeRO-3, the parameters too) in host memory and step the
     optimizer there. Frees GPU memory for a slower step; needs zero_stage >= 1 (optimizer_and_params: 3)."""
 
+    compile: bool = False
+    """torch.compile each decoder layer of this model in place (and, in the policy's update, the float32 softmax over
+    the vocabulary of workers/packing.py `LinearLogprobs`), with dynamic shapes so that packed micro-batches of any
+    token count share one graph. It fuses the elementwise chains that sit between the GEMMs in the update's GPU
+    profile (RMSNorm, rotary, SwiGLU, residual adds, the log-softmax's casts and exps) into fewer kernels. Start-up
+    cost: the first forward and backward of every actor process wait for the compilation (bench/RESULTS.md), and
+    each new kind of call compiles once more (eval without gradients, padded instead of packed, a LoRA policy's
+    adapter disabled). Unpacked forwards run full sequences: share_prompts does not apply, as its KV cache would
+    give every layer a graph of its own. The reference uses the policy's. Opt-in until measured on a GPU
+    (bench/train_throughput.py --compile). Not with zero_stage 3 (refused): its partitioned parameters are gathered
+    by module hooks around every layer's forward."""
+
     deepspeed_config: str | None = None
     """A DeepSpeed JSON file merged over the config built from these fields (its keys win, nested dicts merge), for
     what has no field here (e.g. `zero_optimization.reduce_bucket_size`, `communication_data_type`). The batch keys
@@ -320,6 +333,11 @@ class TrainerConfig(BaseModel):
         if self.offload == "optimizer_and_params" and self.zero_stage != 3:
             errors.append(f"offload: parameter offload needs zero_stage 3 (got {self.zero_stage}); set zero_stage: 3 "
                           "or offload: optimizer")
+        if self.compile and self.zero_stage == 3:
+            errors.append("compile: torch.compile of the decoder layers needs zero_stage 0, 1 or 2: ZeRO-3 gathers "
+                          "each layer's partitioned parameters in module hooks (collectives that swap the "
+                          "parameters' storage) around its forward, which the compiled layer would have to trace; "
+                          "set compile: false or zero_stage: 2")
         if self.lr_decay_steps is None and self.lr_schedule == "cosine":
             errors.append("lr_decay_steps: lr_schedule cosine needs lr_decay_steps (optimizer steps from the end of "
                           "the warmup to min_lr_ratio·lr): set it, or lr_schedule: constant")

@@ -123,11 +123,33 @@ def _chunk_logprobs(head, hidden, targets, with_entropy: bool, entropy_grad: boo
 
 
 @functools.cache
-def _linear_logprobs():
-    """The autograd Function of `token_logprobs`'s training path (built on first use: torch is imported late)."""
+def _linear_logprobs(compiled: bool = False):
+    """The autograd Function of `token_logprobs`'s training path (built on first use: torch is imported late); with
+    `compiled`, its two passes over a chunk's logits go through torch.compile."""
     import torch
 
     from algorithms.losses import entropy_from_logits
+
+    def softmax_stats(hidden, weight, targets, with_entropy: bool):
+        """(n, H) hidden rows → log p(target), logsumexp, entropy (empty when not asked): (n,) float32 each."""
+        logits = torch.nn.functional.linear(hidden, weight).float()
+        lse = torch.logsumexp(logits, dim=-1)
+        logp = logits.gather(-1, targets[:, None]).squeeze(-1) - lse
+        return logp, lse, entropy_from_logits(logits, lse) if with_entropy else logp.new_zeros(0)
+
+    def logits_grad(hidden, weight, targets, lse, grad_logp):
+        """∂/∂z of Σ g·log p(target), (n, V) in the hidden rows' dtype: g · (onehot(target) − softmax(z))."""
+        grad = torch.nn.functional.linear(hidden, weight).float()  # a new tensor: the in-place steps are safe
+        grad.sub_(lse[:, None]).exp_().mul_(-grad_logp[:, None])  # −softmax(z) · g
+        grad.scatter_add_(-1, targets[:, None], grad_logp[:, None].to(grad.dtype))  # + onehot(target) · g
+        return grad.to(hidden.dtype)
+
+    if compiled:
+        # Eager, each step is a pass over the chunk's (rows × vocabulary) float32 logits (cast, max, exp, sum,
+        # gather; sub, exp, mul, scatter, cast back), the fp32 work that leads the update's GPU profile besides the
+        # GEMMs; inductor fuses them into fewer passes over the GEMM's output. dynamic: the last chunk of a
+        # micro-batch is shorter, and must not recompile.
+        softmax_stats, logits_grad = (torch.compile(f, dynamic=True) for f in (softmax_stats, logits_grad))
 
     class LinearLogprobs(torch.autograd.Function):
         """log softmax(hidden · Wᵀ)[target] per row, float32, and the entropy (no gradient; empty when not asked).
@@ -138,10 +160,7 @@ def _linear_logprobs():
 
         @staticmethod
         def forward(ctx, hidden, weight, targets, with_entropy: bool):
-            logits = torch.nn.functional.linear(hidden, weight).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            logp = logits.gather(-1, targets[:, None]).squeeze(-1) - lse
-            entropy = entropy_from_logits(logits, lse) if with_entropy else logp.new_zeros(0)
+            logp, lse, entropy = softmax_stats(hidden, weight, targets, with_entropy)
             ctx.save_for_backward(hidden, weight, targets, lse)
             ctx.mark_non_differentiable(entropy)
             return logp, entropy
@@ -149,10 +168,7 @@ def _linear_logprobs():
         @staticmethod
         def backward(ctx, grad_logp, _grad_entropy):
             hidden, weight, targets, lse = ctx.saved_tensors
-            grad = torch.nn.functional.linear(hidden, weight).float()
-            grad.sub_(lse[:, None]).exp_().mul_(-grad_logp[:, None])  # −softmax(z) · g
-            grad.scatter_add_(-1, targets[:, None], grad_logp[:, None].to(grad.dtype))  # + onehot(target) · g
-            grad = grad.to(hidden.dtype)
+            grad = logits_grad(hidden, weight, targets, lse, grad_logp)
             return (grad @ weight if ctx.needs_input_grad[0] else None,
                     grad.t() @ hidden if ctx.needs_input_grad[1] else None, None, None)
 
@@ -160,13 +176,14 @@ def _linear_logprobs():
 
 
 def token_logprobs(head, hidden: torch.Tensor, targets: torch.Tensor, with_entropy: bool = False,
-                   entropy_grad: bool = False, chunk: int = LOGITS_CHUNK_TOKENS):
+                   entropy_grad: bool = False, chunk: int = LOGITS_CHUNK_TOKENS, compiled: bool = False):
     """log softmax(head(hidden))[targets] for rows of hidden states (N, H) → (N,) float32, and the entropy (N,)
     when asked (with a gradient only if `entropy_grad`), LOGITS_CHUNK_TOKENS rows at a time, so that no more than
     one chunk's logits exist at once. Under autograd a plain bias-free linear head goes through `LinearLogprobs`
     (only the hidden rows and a logsumexp per row kept for the backward); any other head (a ZeRO-3-partitioned
     weight, which only the module's own forward gathers; an adapter-wrapped head) and an entropy with a gradient
-    run the same arithmetic checkpointed, its logits recomputed in the backward."""
+    run the same arithmetic checkpointed, its logits recomputed in the backward. `compiled` (`trainer.compile`):
+    `LinearLogprobs`'s passes over the logits through torch.compile; the other paths stay eager."""
     import torch
     from torch.utils.checkpoint import checkpoint
 
@@ -177,7 +194,7 @@ def token_logprobs(head, hidden: torch.Tensor, targets: torch.Tensor, with_entro
     for start in range(0, hidden.shape[0], chunk):
         args = (head, hidden[start:start + chunk], targets[start:start + chunk], with_entropy, entropy_grad)
         if fused:
-            logp, entropy = _linear_logprobs().apply(args[1], head.weight, args[2], with_entropy)
+            logp, entropy = _linear_logprobs(compiled).apply(args[1], head.weight, args[2], with_entropy)
         elif training:
             logp, entropy = checkpoint(_chunk_logprobs, *args, use_reentrant=False)
         else:
@@ -263,16 +280,20 @@ def _register_varlen() -> bool:
 
 
 def register_attention(name: str, kernel) -> None:
-    """Register attention `name` with transformers: packed forwards (inside `packed_forward`) call `kernel(q, k, v,
-    cu_seqlens, max_len, scale)` on (T, H, D) tensors, causal within each sequence; every other forward (a padded
-    batch, a KV-cache forward) is SDPA with the mask transformers builds for it."""
+    """Register attention `name` with transformers: packed forwards (those given cumulative lengths; inside
+    `packed_forward` no mask is built for them) call `kernel(q, k, v, cu_seqlens, max_len, scale)` on (T, H, D)
+    tensors, causal within each sequence; every other forward (a padded batch, a KV-cache forward) is SDPA with the
+    mask transformers builds for it."""
     from transformers import AttentionInterface, AttentionMaskInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import sdpa_mask
 
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        # Only a packed forward passes cumulative lengths (`Packed.forward_kwargs`), and the kernel is right whenever
+        # they are given. The context variable is not read here: dynamo cannot trace ContextVar.get, so a compiled
+        # decoder layer (trainer.compile) would break its graph around every attention call.
         cu = kwargs.get("cu_seq_lens_q")
-        if cu is None or not _PACKED.get():
+        if cu is None:
             return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                           dropout=dropout, **kwargs)
         # (1, H, T, D) → (T, H, D); grouped KV heads repeated to the query heads

@@ -136,7 +136,8 @@ def response_logprobs(model, ids, attn, prompt_lens, resp_lens, with_entropy: bo
     """log π(a_t|s_t) of every response token, (B, A_max) float32, and its mask (+ per-token entropy if asked)."""
     import torch
 
-    logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
+    # No KV cache: nothing reads it, and with `compile` each layer's index in it would compile a graph of its own.
+    logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits[:, :-1].float()
     logp, mask = _response_slice(_token_logprobs(logits, ids[:, 1:]), prompt_lens, resp_lens)
     if not with_entropy:
         return logp, mask
@@ -198,12 +199,13 @@ def sample_logprobs(model, prompt_ids: list, response_ids: list, pad_id: int, de
 
 
 def packed_logprobs(model, prompt_ids: list, response_ids: list, device=None, with_entropy: bool = False,
-                    entropy_grad: bool = False):
+                    entropy_grad: bool = False, compiled: bool = False):
     """`response_logprobs` of the samples, padding-free (workers/packing.py): the micro-batch packed into one row,
     attention kept within each sequence, the log-probs (and entropy, with a gradient only if `entropy_grad`) taken
     from the hidden states in chunks, never the full (tokens × vocabulary) logits. The same values to float rounding,
     gradients included. `model` is a causal LM (or the DeepSpeed engine around one) with `get_decoder` and
-    `get_output_embeddings`, as HF causal LMs have."""
+    `get_output_embeddings`, as HF causal LMs have. `compiled`: the chunks' softmax arithmetic through torch.compile
+    (`trainer.compile`)."""
     from workers.packing import pack, packed_forward, token_logprobs
 
     batch = pack(prompt_ids, response_ids, device)
@@ -211,17 +213,18 @@ def packed_logprobs(model, prompt_ids: list, response_ids: list, device=None, wi
     with packed_forward():
         hidden = module.get_decoder()(input_ids=batch.input_ids, **batch.forward_kwargs()).last_hidden_state[0]
     logp, entropy = token_logprobs(module.get_output_embeddings(), hidden[batch.predict], batch.targets,
-                                   with_entropy, entropy_grad)
+                                   with_entropy, entropy_grad, compiled=compiled)
     logp, mask = batch.unflatten(logp)
     return (logp, mask) if not with_entropy else (logp, mask, batch.unflatten(entropy)[0])
 
 
 def forward_logprobs(model, prompt_ids: list, response_ids: list, pad_id: int, device, how: str,
-                     with_entropy: bool = False, entropy_grad: bool = True):
+                     with_entropy: bool = False, entropy_grad: bool = True, compiled: bool = False):
     """log π of every response token (B, A_max) float32, its mask, and the entropy when asked, by `how`:
-    `packed` (`packed_logprobs`), `shared` (each distinct prompt once, `sample_logprobs`) or `padded`."""
+    `packed` (`packed_logprobs`; `compiled` as there), `shared` (each distinct prompt once, `sample_logprobs`) or
+    `padded`."""
     if how == "packed":
-        return packed_logprobs(model, prompt_ids, response_ids, device, with_entropy, entropy_grad)
+        return packed_logprobs(model, prompt_ids, response_ids, device, with_entropy, entropy_grad, compiled)
     return sample_logprobs(model, prompt_ids, response_ids, pad_id, device, how == "shared", with_entropy)
 
 
@@ -241,6 +244,29 @@ def _attention(packing: bool | None) -> tuple[str, bool]:
 
     varlen = register_varlen_attention()
     return (VARLEN_ATTENTION if varlen else "sdpa"), (varlen if packing is None else packing)
+
+
+def _compile_layers(model, field: str) -> None:
+    """torch.compile every decoder layer of `model` in place (`trainer.compile`; `field` names it in errors): the
+    layers transformers repeats (`GradientCheckpointingLayer`, also inside a PEFT wrapper or the critic's body).
+    In place (`Module.compile`), so parameter names, checkpoints and the weight sync see the model unchanged, and
+    per layer rather than the whole model: one graph serves every layer, and the model's mask building and Python
+    loop stay eager. dynamic=True: a packed row's length, its number of sequences and its longest one change every
+    micro-batch, and must not recompile."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not layers:
+        raise ValueError(f"{field}: {type(model).__name__} has no transformers decoder layers "
+                         f"(GradientCheckpointingLayer) to compile; set {field}: false")
+    for layer in layers:
+        layer.compile(dynamic=True)
+
+
+def _shares_prompts(cfg: TrainerConfig) -> bool:
+    """Whether unpacked forwards share prompts (`share_prompts`): not with `compile`, where the KV cache's per-layer
+    index would make every compiled layer a graph of its own, up to dynamo's recompile limit, then eager."""
+    return cfg.share_prompts and not cfg.compile
 
 
 def _padded(column: list, a_max: int, device=None):
@@ -419,6 +445,8 @@ class _DeepSpeedWorker(RunActor):
             # block none of whose inputs requires grad.
             self._checkpointed_module(model).gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self.cfg.compile:
+            _compile_layers(model, f"{self.role}.compile")
         # Trainable parameters only: a LoRA policy's frozen base weights get no optimizer state (nor ZeRO partitions).
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=self.cfg.lr,
                                       weight_decay=self.cfg.weight_decay)
@@ -679,10 +707,11 @@ class PolicyWorker(_DeepSpeedWorker):
 
     def _how(self, training: bool) -> str:
         """How forwards run: packed, shared prompts (not under gradient checkpointing in training: its
-        recomputation would append to the KV cache again), or padded."""
+        recomputation would append to the KV cache again; not with `compile`: `_shares_prompts`), or padded."""
         if self.packing:
             return "packed"
-        return "shared" if self.cfg.share_prompts and not (training and self.cfg.gradient_checkpointing) else "padded"
+        shared = _shares_prompts(self.cfg) and not (training and self.cfg.gradient_checkpointing)
+        return "shared" if shared else "padded"
 
     @staticmethod
     def _checkpointed_module(model):
@@ -750,7 +779,8 @@ class PolicyWorker(_DeepSpeedWorker):
                 self._micro_step(last=j == len(mine) - 1)
                 logp, mask, entropy = forward_logprobs(
                     self.engine, [cols["prompt_ids"][i] for i in mb], [response_ids[i] for i in mb],
-                    self.tokenizer.pad_token_id, self.device, how, with_entropy=True, entropy_grad=entropy_grad)
+                    self.tokenizer.pad_token_id, self.device, how, with_entropy=True, entropy_grad=entropy_grad,
+                    compiled=self.cfg.compile)
                 a_max = logp.shape[1]
                 mask = mask & _padded([policy[i] for i in mb], a_max, logp.device).bool()
                 column = lambda name: _padded([cols[name][i] for i in mb], a_max, logp.device)  # noqa: E731
@@ -1038,7 +1068,7 @@ class CriticWorker(_DeepSpeedWorker):
                 values = self.engine(batch.input_ids, **batch.forward_kwargs())[0]
             return batch.unflatten(values[batch.predict])
         ids, attn, p_lens, a_lens = _collate(prompt_ids, response_ids, self.pad_token_id, self.device)
-        return _response_slice(self.engine(ids, attn)[:, :-1], p_lens, a_lens)
+        return _response_slice(self.engine(ids, attn, use_cache=False)[:, :-1], p_lens, a_lens)  # as response_logprobs
 
     def values(self, table, threads: int | None = None) -> list[list[float]]:
         """V(s_t) before every response token (every rank: the whole table in, the whole list out). `threads`: torch
@@ -1108,6 +1138,8 @@ class ReferenceWorker(RunActor):
         attention, self.packing = _attention(trainer.packing)
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=_torch_dtype(dtype),
                                                           attn_implementation=attention).to(self.device).eval()
+        if trainer.compile:
+            _compile_layers(self.model, "policy.compile")
 
     def logprobs(self, table, threads: int | None = None) -> list[list[float]]:
         """log π_ref(a_t|s_t) for every response token; `threads`: torch threads for this call (None: the
@@ -1115,7 +1147,7 @@ class ReferenceWorker(RunActor):
         import torch
 
         _use_threads(threads, self.cfg.num_threads)
-        how = "packed" if self.packing else "shared" if self.cfg.share_prompts else "padded"
+        how = "packed" if self.packing else "shared" if _shares_prompts(self.cfg) else "padded"
         out = [None] * table.num_rows
         with torch.no_grad():
             for idx in _micro_batches(self.cfg, np.arange(table.num_rows), _lengths(table)):
