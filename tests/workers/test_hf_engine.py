@@ -288,11 +288,11 @@ def _threads_and_openmp_env(self) -> tuple[int, str | None, str | None]:
 
 @pytest.mark.slow
 def test_run_factory_gives_hf_engines_generation_num_threads_and_spinning_threads(ray_session, make_config, tmp_path):
-    """Threads as generation.num_threads says, and where it is None the host's cores split between the engines when
-    generation runs alone in its stage (algo.max_staleness 0), Ray's one thread for a 0.5-CPU actor when it runs
-    beside the trainers; OpenMP threads that spin between ops (GOMP_SPINCOUNT overrides the PASSIVE policy the job
-    gives every actor), since generation runs alone in its stage; but not where two engines have more threads than
-    CPUs and may share cores."""
+    """Threads as generation.num_threads says, and where it is None the host's cores but the driver's split between
+    the engines when generation runs alone in its stage (algo.max_staleness 0), Ray's one thread for a 0.5-CPU actor
+    when it runs beside the trainers; OpenMP threads that spin between ops (GOMP_SPINCOUNT overrides the PASSIVE
+    policy the job gives every actor), since generation runs alone in its stage; but not where two engines have more
+    threads than CPUs and may share cores."""
     import os
 
     import ray
@@ -300,8 +300,8 @@ def test_run_factory_gives_hf_engines_generation_num_threads_and_spinning_thread
     from workers.engines import create_engines, get_engines, remove_placement_group
 
     cores = len(os.sched_getaffinity(0))
-    for threads, engines, stale, expected in ((None, 1, 0, (cores, "300000")), (None, 1, 1, (1, "300000")),
-                                              (None, 2, 0, (max(1, cores // 2), "300000")),
+    for threads, engines, stale, expected in ((None, 1, 0, (max(1, cores - 1), "300000")), (None, 1, 1, (1, "300000")),
+                                              (None, 2, 0, (max(1, (cores - 1) // 2), "300000")),
                                               (2, 1, 0, (2, "300000")), (2, 2, 0, (2, None))):
         config = make_config("generation.backend=hf", "generation.num_cpus=0.5", "ray.namespace=ppoflow-tests",
                              f"generation.num_threads={'null' if threads is None else threads}",

@@ -397,3 +397,42 @@ def test_critic_group_values_and_training(ray_session, tiny_model_dir, vocab):
         assert not np.allclose(np.concatenate(after), np.concatenate(values))  # the critic trained
     finally:
         _kill_all(solo, duo)
+
+
+def test_one_rank_zero0_drops_the_gradient_all_reduce_bit_for_bit(ray_session, tiny_model_dir, vocab):
+    """A 1-rank ZeRO-0 group does not all_reduce its gradients with itself at each optimizer step (workers/trainer.py
+    `_build`): two optimizer steps of two micro-batches each give the same metrics and weights, bit for bit, as the
+    same group with DeepSpeed's all_reduce put back."""
+    import ray
+
+    from workers.trainer import PolicyWorker
+
+    solo = None
+    try:
+        solo = Group(PolicyWorker, 1, tiny_model_dir, _trainer(zero_stage=0, mini_batch_size=16, micro_batch_size=8),
+                     algo=_algo(), norm_len=8)
+        (actor,) = solo.actors
+        tokens = _tokens(32, seed=11, vocab=vocab)
+        (lp,) = solo.call("logprobs", tokens)
+        table = _experience(tokens, lp, seed=12)
+
+        def trained(all_reduce: bool) -> tuple[list[dict], bytes]:
+            def rebuild(self) -> bool:  # version 0 again: the same initial weights and optimizer
+                self._build()
+                skipped = not self.engine.enable_backward_allreduce
+                self.engine.enable_backward_allreduce = all_reduce or not skipped
+                return skipped
+
+            assert ray.get(actor.__ray_call__.remote(rebuild), timeout=600)
+            (before,) = solo.call("export_weights")
+            (steps,) = solo.call("train", table, 1, SEED, 0.05)
+            (weights,) = solo.call("export_weights")
+            assert weights != before  # the steps trained
+            return steps, weights
+
+        skipped, kept = trained(False), trained(True)
+        assert len(skipped[0]) == 2 and skipped[0][0]["ppo/grad_norm"] > 0
+        assert skipped[0] == kept[0]  # losses, gradient norms, clip fractions: exactly
+        assert skipped[1] == kept[1]  # every weight, bit for bit
+    finally:
+        _kill_all(solo)
