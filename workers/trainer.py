@@ -465,7 +465,7 @@ class _DeepSpeedWorker(RunActor):
         if self.world_size == 1 and self.cfg.zero_stage == 0:
             # A group of one has no gradients to average, yet at every optimizer step ZeRO-0 would flatten all of
             # them, all_reduce the buffer with itself and copy it back: the same values (tests/workers/
-            # test_trainers.py). ZeRO >= 1 does its own gradient bookkeeping in that call, so it keeps it.
+            # test_trainer_group.py). ZeRO >= 1 does its own gradient bookkeeping in that call, so it keeps it.
             self.engine.enable_backward_allreduce = False
         # DeepSpeed writes every checkpoint file through its checkpoint engine: ours keeps host copies of the state
         # instead, for save_checkpoint to write now or in the background.
