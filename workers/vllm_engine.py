@@ -76,35 +76,34 @@ class VLLMEngine(Engine):
 
         from vllm import LLM
 
-        if kv_cache_gib is None and tensor_parallel_size == 1:
-            import torch
-
-            # vLLM refuses a share larger than what is free, but its engine process dies with it and the actor only
-            # sees "Engine core initialization failed": name the setting here, with the numbers.
-            free, total = torch.cuda.mem_get_info()
-            if free < gpu_memory_utilization * total:
-                raise ValueError(
-                    f"generation.gpu_memory_utilization={gpu_memory_utilization} asks vLLM for "
-                    f"{gpu_memory_utilization * total / 2**30:.1f} GiB of this GPU's {total / 2**30:.1f} GiB, but only "
-                    f"{free / 2**30:.1f} GiB are free (under placement: hybrid the trainers sharing the GPU hold the "
-                    f"rest): set it to at most {free / total - 0.02:.2f}")
         started = time.perf_counter()
-        self._llm = LLM(
-            model=model_path,
-            seed=seed,
-            dtype=dtype,
-            max_model_len=max_model_len,
-            enforce_eager=enforce_eager,
-            enable_prefix_caching=enable_prefix_caching,
-            enable_sleep_mode=enable_sleep_mode,
-            **memory,
-            **parallel,
-            # A prefill split over two steps makes vLLM rewind the request's seeded generator, which a CPU generator
-            # cannot do ("CPU Generator does not use offset"): a batch over the token budget (4096 tokens, e.g. 256
-            # prompts of 18 tokens) killed the engine. Whole prefills only; the rest wait for the next step.
-            enable_chunked_prefill=False,
-            worker_extension_cls=EXTENSION_CLS,
-        )
+        try:
+            self._llm = LLM(
+                model=model_path,
+                seed=seed,
+                dtype=dtype,
+                max_model_len=max_model_len,
+                enforce_eager=enforce_eager,
+                enable_prefix_caching=enable_prefix_caching,
+                enable_sleep_mode=enable_sleep_mode,
+                **memory,
+                **parallel,
+                # A prefill split over two steps makes vLLM rewind the request's seeded generator, which a CPU generator
+                # cannot do ("CPU Generator does not use offset"): a batch over the token budget (4096 tokens, e.g. 256
+                # prompts of 18 tokens) killed the engine. Whole prefills only; the rest wait for the next step.
+                enable_chunked_prefill=False,
+                worker_extension_cls=EXTENSION_CLS,
+            )
+        except RuntimeError as e:
+            if kv_cache_gib is None:
+                # vLLM's engine process dies on a share larger than the GPU's free memory, and this actor only sees
+                # "Engine core initialization failed". Not checked beforehand: asking CUDA here would start a CUDA
+                # context in this process, which holds GPU memory and makes vLLM spawn its engine process.
+                raise RuntimeError(
+                    f"{e}\nIf the engine's log above says the free memory is less than the desired GPU memory "
+                    f"utilization: lower generation.gpu_memory_utilization (now {gpu_memory_utilization}); under "
+                    f"placement: hybrid the trainers sharing the GPU hold part of it") from e
+            raise
         self.startup_seconds = time.perf_counter() - started
         self._sleep_level = sleep_level
         super().__init__()
