@@ -7,8 +7,8 @@ created by workers/engines.py.
 Weight sync routes (`generation.weight_sync`, see GenerationConfig): `broadcast` from trainer rank 0 over a group of
 its own (workers/weight_sync.py; gloo on CPU, NCCL on GPU), `object_store` (one safetensors export through Ray's
 object store), `storage` (the engines read the checkpoint's HF export), and `ipc` (engine i on a fraction of the GPU
-that policy rank i holds, e.g. hybrid placement: it loads from that rank's GPU memory through CUDA IPC handles). Every route but the object store checks both
-sides' sums of a sample of tensors.
+that policy rank i holds, e.g. hybrid placement: it loads from that rank's GPU memory through CUDA IPC handles).
+Every route but the object store checks both sides' sums of a sample of tensors.
 
 Run alone: nothing to run; tests/workers/test_engine_group.py and test_weight_sync.py drive it on real engines.
 """
@@ -200,8 +200,8 @@ class EnginePool:
         again while the others are left alone; all engines behind get the same weights, concurrently, by
         `generation.weight_sync`'s route (`object_store` instead of `storage` for a version without a whole HF export
         in storage, e.g. version 0; for `broadcast` with engines on GPU fractions, the route `weight_route` picks from
-        where Ray put the engines and the policy ranks; see GenerationConfig.weight_sync). `fault_stage` names the fault point between the policy's
-        side and the engines' update (`{fault_stage}.before_engine_update`)."""
+        where Ray put the engines and the policy ranks; see GenerationConfig.weight_sync). `fault_stage` names the
+        fault point between the policy's side and the engines' update (`{fault_stage}.before_engine_update`)."""
         import ray
 
         handles = self.handles
@@ -220,14 +220,15 @@ class EnginePool:
         route = gen.weight_sync
         if route == "storage" and not (version > 0 and self.store.hf_export_ready(version, self._full_export)):
             route = "object_store"  # no HF export of this version in storage (the base model; hf_every; in flight)
-        if route == "broadcast" and 0 < gen.num_gpus < 1 and gen.tensor_parallel_size == 1:
+        if route == "broadcast" and 0 < gen.num_gpus < 1:
             # An engine may share a GPU with a trainer rank (NCCL cannot put both in one group): the route follows
             # where Ray put them, so that standard placement on one GPU gets the IPC route as hybrid does.
-            places = ray.get([handles[i].gpus.remote() for i in behind] + [r.gpus.remote() for r in policy],
-                             timeout=SYNC_TIMEOUT_S)
-            route = weight_route(dict(zip(behind, places)), places[len(behind):])
-        elif route == "broadcast" and 0 < gen.num_gpus < 1:  # tensor-parallel workers' GPUs are vLLM's to place
+            # Tensor-parallel workers' GPUs are vLLM's to place: the object store.
             route = "object_store"
+            if gen.tensor_parallel_size == 1:
+                places = ray.get([handles[i].gpus.remote() for i in behind] + [r.gpus.remote() for r in policy],
+                                 timeout=SYNC_TIMEOUT_S)
+                route = weight_route(dict(zip(behind, places)), places[len(behind):])
         send = {"broadcast": self._broadcast, "object_store": self._via_object_store, "storage": self._via_storage,
                 "ipc": self._via_ipc}[route]
         results = send(policy, [handles[i] for i in behind], behind, version, fault_stage)
