@@ -59,7 +59,7 @@ run_step() {  # one named measurement under its own limit
     gpu_ppo_05b_nosleep) step gpu_ppo_05b_nosleep 230 python3 bench/gpu_ppo.py --shape qwen2.5-0.5b --iterations 2 \
         --prompts 64 --samples 8 --max-new-tokens 256 --set algo.estimator=group_norm --no-sleep --no-standalone \
         --json-name gpu_ppo_05b_nosleep.json ;;
-    lora_gpu) step lora_gpu 320 python3 bench/lora.py --gpu --iterations 3 --workdir /tmp/ppoflow-lora \
+    lora_gpu) step lora_gpu 380 python3 bench/lora.py --gpu --iterations 3 --workdir /tmp/ppoflow-lora \
         --json "$OUT/lora-gpu.json" ;;
     gpu_ppo_05b_eager) step gpu_ppo_05b_eager 200 python3 bench/gpu_ppo.py --shape qwen2.5-0.5b --iterations 2 \
         --prompts 64 --samples 8 --max-new-tokens 256 --set algo.estimator=group_norm \
@@ -68,7 +68,7 @@ run_step() {  # one named measurement under its own limit
         --prompts 64 --samples 8 --max-new-tokens 256 --set algo.estimator=group_norm \
         --set generation.placement=standard --no-standalone --json-name gpu_ppo_05b_standard.json ;;
     async_gpu) cp bench/results/async.json "$OUT/async.json"  # updated under "gpu", the CPU numbers kept
-        step async_gpu 330 python3 bench/async.py --device gpu --gpus 1 --staleness 0 1 --workdir /tmp/ppoflow-async \
+        step async_gpu 450 python3 bench/async.py --device gpu --gpus 1 --staleness 0 1 --workdir /tmp/ppoflow-async \
         --out "$OUT/async.json" ;;
     *) echo "unknown step $1" >&2 ;;
     esac
