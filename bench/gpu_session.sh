@@ -14,6 +14,9 @@
 #   bash bench/gpu_session.sh async_gpu  S = 0 and 1 on one GPU's fractions (bench/async.py --device gpu --gpus 1)
 #   bash bench/gpu_session.sh train_compile  update MFU at 0.5B and 1.5B, packed token budget, with policy.compile
 #                                 (torch.compile) -> train_compile.json; its eager rows are train_throughput's
+#   CARRY=.carry-trl bash bench/gpu_session.sh trl_gpu   ppoflow's GRPO and TRL's GRPOTrainer with vLLM colocate on
+#                                 the same 0.5B shape, prompts and lengths (bench/trl_gpu.py) -> trl_gpu.json; needs
+#                                 the archive of WITH_TRL=1 bash gpu/pack.sh .carry-trl (carried as .carry-trl/)
 #   bash bench/gpu_session.sh STEP...   named steps (see run_step), to fit what a call has left
 #
 # Needs .carry/ (bash gpu/pack.sh) beside the repo; see bench/gpu_run.sh. Results are copied into bench/RESULTS.md
@@ -70,6 +73,9 @@ run_step() {  # one named measurement under its own limit
     async_gpu) cp bench/results/async.json "$OUT/async.json"  # updated under "gpu", the CPU numbers kept
         step async_gpu 450 python3 bench/async.py --device gpu --gpus 1 --staleness 0 1 --workdir /tmp/ppoflow-async \
         --out "$OUT/async.json" ;;
+    # ppoflow ~220 s (4 iterations, actors' start-up ~90 s) then TRL ~180 s (vLLM's compile and CUDA graphs, 3
+    # iterations); each side has its own limit inside (270 s, 230 s; 20 s at most for the GPU to empty between).
+    trl_gpu) TAIL=25 step trl_gpu 550 python3 bench/trl_gpu.py --json "$OUT/trl_gpu.json" ;;
     *) echo "unknown step $1" >&2 ;;
     esac
 }

@@ -27,6 +27,7 @@ Run:  .venv/bin/python bench/trl_compare.py [--prompts 8,32,128] [--iterations 6
       [--model 6m --max-new-tokens 64]   (a random-init ~6M model whose samples run to the length limit: where the
                                           models' arithmetic, not fixed per-call costs, makes the time)
 Results: bench/RESULTS.md ("ppoflow vs TRL GRPOTrainer"; the sweep: "The per-iteration floor").
+On one GPU with vLLM on both sides: bench/trl_gpu.py (it runs this script's `--trl-worker --device gpu`).
 """
 
 from __future__ import annotations
@@ -49,6 +50,33 @@ SHAPES = {  # --model: the quickstart's SFT'd tiny model, or a random-init one o
 }
 
 
+def grpo_sets(prompts: int, max_new_tokens: int, mini_batch: int = MINI_BATCH,
+              micro_batch: int = MINI_BATCH) -> list[str]:
+    """The GRPO both systems run, as ppoflow config overrides (`--set`); trl_grpo_config is TRL's side of it. Also
+    bench/trl_gpu.py's (the GPU side by side), with the GPU benchmark's micro-batch."""
+    return ["algo.estimator=group_norm", "algo.kl_in_reward=false", "algo.kl_estimator=k3", f"algo.kl_coef={BETA}",
+            f"policy.lr={LR}", f"policy.mini_batch_size={mini_batch}", f"policy.micro_batch_size={micro_batch}",
+            f"data.prompts_per_iteration={prompts}", f"generation.n_samples_per_prompt={GROUP}",
+            f"generation.max_new_tokens={max_new_tokens}", "generation.temperature=1.0"]
+
+
+def trl_grpo_config(prompts: int, max_new_tokens: int, iterations: int, mini_batch: int = MINI_BATCH,
+                    micro_batch: int = MINI_BATCH) -> dict:
+    """grpo_sets as TRL GRPOConfig arguments: an iteration is one generation of prompts x GROUP samples and its
+    prompts x GROUP / mini_batch optimizer steps of mini_batch samples (micro_batch per forward pass, the rest
+    gradient accumulation), one pass (mu = 1)."""
+    steps = prompts * GROUP // mini_batch
+    accumulation = mini_batch // micro_batch
+    return dict(
+        seed=0, report_to=[], save_strategy="no", logging_steps=steps, max_steps=iterations * steps,
+        per_device_train_batch_size=micro_batch, gradient_accumulation_steps=accumulation,
+        # TRL counts it in forward/backward passes (per_device_train_batch_size samples each), not optimizer steps.
+        steps_per_generation=steps * accumulation, num_generations=GROUP, num_iterations=1,
+        max_completion_length=max_new_tokens, temperature=1.0, learning_rate=LR, lr_scheduler_type="constant",
+        beta=BETA, epsilon=0.2, loss_type="dapo", scale_rewards="group", max_grad_norm=1.0, weight_decay=0.0,
+        warmup_steps=0, dataloader_num_workers=0)
+
+
 def run_ppoflow(backend: str, iterations: int, root: str, model: str, max_new_tokens: int, prompts: int) -> dict:
     """`ppoflow train` with the quickstart config turned into the GRPO above; per-iteration seconds from markers."""
     sys.path.insert(0, str(REPO / "bench"))
@@ -57,11 +85,7 @@ def run_ppoflow(backend: str, iterations: int, root: str, model: str, max_new_to
     from storage.run import RunStore, run_uri
 
     sets = [f"iterations={iterations}", "eval.prompts=null", f"storage.root={root}", f"generation.backend={backend}",
-            f"model.path={model}",
-            "algo.estimator=group_norm", "algo.kl_in_reward=false", "algo.kl_estimator=k3", f"algo.kl_coef={BETA}",
-            f"policy.lr={LR}", f"policy.mini_batch_size={MINI_BATCH}", f"policy.micro_batch_size={MINI_BATCH}",
-            f"data.prompts_per_iteration={prompts}", f"generation.n_samples_per_prompt={GROUP}",
-            f"generation.max_new_tokens={max_new_tokens}", "generation.temperature=1.0"]
+            f"model.path={model}", *grpo_sets(prompts, max_new_tokens)]
     # This interpreter, so that PYTHONPATH (a worktree) decides which ppoflow runs.
     args = [sys.executable, "-m", "ppoflow.cli", "train", "--config", "configs/quickstart.yaml",
             "--run-id", f"{backend}-{prompts}"]
@@ -91,7 +115,15 @@ def run_trl(python: str, iterations: int, out_dir: str, model: str, max_new_toke
             "iterations": result["iterations"][1:], "wall": wall, "reward": result["reward"]}
 
 
-def trl_worker(iterations: int, out: str, model_dir: str, max_new_tokens: int, prompts: int) -> None:
+def trl_worker(iterations: int, out: str, model_dir: str, max_new_tokens: int, prompts: int, device: str = "cpu",
+               prompts_file: str | None = None, mini_batch: int = MINI_BATCH, micro_batch: int = MINI_BATCH,
+               gpu_memory_utilization: float = 0.3, max_model_len: int | None = None) -> None:
+    """TRL's GRPOTrainer on the GRPO of trl_grpo_config; writes per-iteration seconds and tokens to `out`.
+
+    device "cpu": generation with `model.generate`, fp32, all cores. "gpu" (bench/trl_gpu.py): one process on one GPU
+    with vLLM colocated (`vllm_mode="colocate"`, slept while the trainer works), bf16 autocast over the fp32 weights
+    (TRL's default precision for a model it is given a path of), no gradient checkpointing (ppoflow's policy has it
+    off)."""
     import torch
     import trl
     from datasets import Dataset
@@ -101,8 +133,8 @@ def trl_worker(iterations: int, out: str, model_dir: str, max_new_tokens: int, p
     sys.path.insert(0, str(REPO / "ppoflow" / "tasks"))
     import arith  # stdlib only: the same reward function as ppoflow's runs
 
-    torch.set_num_threads(os.cpu_count())
-    rows = [json.loads(line) for line in (REPO / "data/arith/train.jsonl").read_text().splitlines() if line]
+    source = Path(prompts_file) if prompts_file else REPO / "data/arith/train.jsonl"
+    rows = [json.loads(line) for line in source.read_text().splitlines() if line]
     dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}], "answer": r["answer"]}
                                  for r in rows])
 
@@ -110,37 +142,62 @@ def trl_worker(iterations: int, out: str, model_dir: str, max_new_tokens: int, p
         texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
         return arith.reward([""] * len(texts), texts, [{"answer": a} for a in answer])
 
-    steps_per_iteration = prompts * GROUP // MINI_BATCH
+    steps_per_iteration = prompts * GROUP // mini_batch
+    cuda = device == "gpu"
     stamps: list[float] = []
-    rewards: list[float] = []
+    tokens: list[int] = []  # TRL's own count at each stamp: prompt + completion tokens of every generated sample
+    logs_seen: list[dict] = []
 
     class Clock(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
+        def stamp(self, state):
+            if cuda:
+                torch.cuda.synchronize()
             stamps.append(time.perf_counter())
+            tokens.append(int(state.num_input_tokens_seen))
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.stamp(state)
 
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step % steps_per_iteration == 0:
-                stamps.append(time.perf_counter())
+                self.stamp(state)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "reward" in logs:
-                rewards.append(logs["reward"])
+            if logs:
+                logs_seen.append(dict(logs))
 
-    config = GRPOConfig(
-        output_dir=tempfile.mkdtemp(prefix="trl-grpo-"), use_cpu=True, bf16=False, seed=0, report_to=[],
-        save_strategy="no", logging_steps=steps_per_iteration, max_steps=iterations * steps_per_iteration,
-        per_device_train_batch_size=MINI_BATCH, gradient_accumulation_steps=1,
-        steps_per_generation=steps_per_iteration, num_generations=GROUP, num_iterations=1,
-        max_completion_length=max_new_tokens, temperature=1.0, learning_rate=LR, lr_scheduler_type="constant",
-        beta=BETA, epsilon=0.2, loss_type="dapo", scale_rewards="group", max_grad_norm=1.0, weight_decay=0.0,
-        warmup_steps=0, dataloader_num_workers=0)
+    shared = trl_grpo_config(prompts, max_new_tokens, iterations, mini_batch, micro_batch)
+    if cuda:
+        # vLLM's colocated engine runs as a torchrun-style rank ("external_launcher"): one process is rank 0 of 1.
+        for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
+            os.environ.setdefault(key, value)
+        if not os.environ.get("MASTER_PORT"):
+            import socket
+
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
+        config = GRPOConfig(
+            output_dir=tempfile.mkdtemp(prefix="trl-grpo-"), bf16=True, gradient_checkpointing=False,
+            use_vllm=True, vllm_mode="colocate", vllm_gpu_memory_utilization=gpu_memory_utilization,
+            vllm_enable_sleep_mode=True, vllm_max_model_length=max_model_len, **shared)
+    else:
+        torch.set_num_threads(os.cpu_count())
+        config = GRPOConfig(output_dir=tempfile.mkdtemp(prefix="trl-grpo-"), use_cpu=True, bf16=False, **shared)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    t0 = time.perf_counter()
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=config, train_dataset=dataset,
                           processing_class=tokenizer, callbacks=[Clock()])
+    init_s = time.perf_counter() - t0  # with vLLM: the colocated engine's start (compile, CUDA graphs)
     trainer.train()
     per_iteration = [b - a for a, b in zip(stamps, stamps[1:])]
-    Path(out).write_text(json.dumps({"version": trl.__version__, "iterations": per_iteration, "reward": rewards}))
+    Path(out).write_text(json.dumps({
+        "version": trl.__version__, "iterations": per_iteration, "tokens": [b - a for a, b in zip(tokens, tokens[1:])],
+        "reward": [log["reward"] for log in logs_seen if "reward" in log], "init_s": init_s,
+        "completion_mean_length": [log.get("completions/mean_length") for log in logs_seen if "reward" in log],
+        "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+        "peak_torch_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}))
 
 
 def main() -> None:
@@ -151,6 +208,13 @@ def main() -> None:
     parser.add_argument("--trl-python", default=str(REPO / ".venv-trl/bin/python"))
     parser.add_argument("--trl-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
+    # --trl-worker for bench/trl_gpu.py (the GPU side by side): its device, prompts file, batches and vLLM's share
+    parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu", help=argparse.SUPPRESS)
+    parser.add_argument("--prompts-file", help=argparse.SUPPRESS)
+    parser.add_argument("--mini-batch", type=int, default=MINI_BATCH, help=argparse.SUPPRESS)
+    parser.add_argument("--micro-batch", type=int, default=MINI_BATCH, help=argparse.SUPPRESS)
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.3, help=argparse.SUPPRESS)
+    parser.add_argument("--max-model-len", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--model", default="tiny", help=f"{list(SHAPES)} (for --trl-worker: the model's folder)")
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=1, help="run every system this many times, alternating")
@@ -163,7 +227,9 @@ def main() -> None:
         parser.error(f"--prompts: {bad} give no whole number of optimizer steps (P x {GROUP} samples must be a "
                      f"positive multiple of {MINI_BATCH})")
     if args.trl_worker:
-        return trl_worker(args.iterations, args.out, args.model, args.max_new_tokens, sizes[0])
+        return trl_worker(args.iterations, args.out, args.model, args.max_new_tokens, sizes[0], args.device,
+                          args.prompts_file, args.mini_batch, args.micro_batch, args.gpu_memory_utilization,
+                          args.max_model_len)
 
     sys.path.insert(0, str(REPO))
     only = args.only or ["trl", "hf", "vllm"]
