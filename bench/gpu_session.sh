@@ -74,7 +74,7 @@ run_step() {  # one named measurement under its own limit
         step async_gpu 450 python3 bench/async.py --device gpu --gpus 1 --staleness 0 1 --workdir /tmp/ppoflow-async \
         --out "$OUT/async.json" ;;
     # ppoflow ~220 s (4 iterations, actors' start-up ~90 s) then TRL ~180 s (vLLM's compile and CUDA graphs, 3
-    # iterations); each side has its own limit inside (270 s, 230 s; 20 s at most for the GPU to empty between).
+    # iterations); each side has its own limit inside (260 s, 250 s; 20 s at most for the GPU to empty between).
     trl_gpu) TAIL=25 step trl_gpu 550 python3 bench/trl_gpu.py --json "$OUT/trl_gpu.json" ;;
     *) echo "unknown step $1" >&2 ;;
     esac

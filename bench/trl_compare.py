@@ -147,6 +147,7 @@ def trl_worker(iterations: int, out: str, model_dir: str, max_new_tokens: int, p
     stamps: list[float] = []
     tokens: list[int] = []  # TRL's own count at each stamp: prompt + completion tokens of every generated sample
     logs_seen: list[dict] = []
+    init_s = None
 
     class Clock(TrainerCallback):
         def stamp(self, state):
@@ -165,12 +166,23 @@ def trl_worker(iterations: int, out: str, model_dir: str, max_new_tokens: int, p
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs:
                 logs_seen.append(dict(logs))
+            save()  # after every iteration (logging_steps): a run cut by a time limit keeps what it timed
+
+    def save() -> None:
+        Path(out).write_text(json.dumps({
+            "version": trl.__version__, "iterations": [b - a for a, b in zip(stamps, stamps[1:])],
+            "tokens": [b - a for a, b in zip(tokens, tokens[1:])], "init_s": init_s,
+            "reward": [log["reward"] for log in logs_seen if "reward" in log],
+            "completion_mean_length": [log.get("completions/mean_length") for log in logs_seen if "reward" in log],
+            "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+            "peak_torch_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}))
 
     shared = trl_grpo_config(prompts, max_new_tokens, iterations, mini_batch, micro_batch)
     if cuda:
-        # vLLM's colocated engine runs as a torchrun-style rank ("external_launcher"): one process is rank 0 of 1.
-        for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
-            os.environ.setdefault(key, value)
+        # vLLM's colocated engine runs as a torchrun-style rank ("external_launcher"): TRL sets RANK, LOCAL_RANK and
+        # WORLD_SIZE (0, 0, 1) right before it starts vLLM, the rendezvous address is ours. Not LOCAL_RANK here: with
+        # it accelerate would wrap the model in a one-process DDP (torchrun's setup, not a plain one-GPU run).
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         if not os.environ.get("MASTER_PORT"):
             import socket
 
@@ -191,13 +203,7 @@ def trl_worker(iterations: int, out: str, model_dir: str, max_new_tokens: int, p
                           processing_class=tokenizer, callbacks=[Clock()])
     init_s = time.perf_counter() - t0  # with vLLM: the colocated engine's start (compile, CUDA graphs)
     trainer.train()
-    per_iteration = [b - a for a, b in zip(stamps, stamps[1:])]
-    Path(out).write_text(json.dumps({
-        "version": trl.__version__, "iterations": per_iteration, "tokens": [b - a for a, b in zip(tokens, tokens[1:])],
-        "reward": [log["reward"] for log in logs_seen if "reward" in log], "init_s": init_s,
-        "completion_mean_length": [log.get("completions/mean_length") for log in logs_seen if "reward" in log],
-        "device": torch.cuda.get_device_name(0) if cuda else "cpu",
-        "peak_torch_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}))
+    save()
 
 
 def main() -> None:

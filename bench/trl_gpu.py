@@ -63,9 +63,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--micro-batch", type=int, default=16, help="samples per forward/backward pass")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.3, help="vLLM's share of the GPU, both sides")
     p.add_argument("--only", choices=["ppoflow", "trl"], help="run one side (trl needs --workdir of an earlier run)")
-    p.add_argument("--ppoflow-timeout", type=float, default=270,
+    p.add_argument("--ppoflow-timeout", type=float, default=260,
                    help="seconds for ppoflow's process, start-up included")
-    p.add_argument("--trl-timeout", type=float, default=230, help="seconds for TRL's process, start-up included")
+    p.add_argument("--trl-timeout", type=float, default=250, help="seconds for TRL's process, start-up included")
     p.add_argument("--gpu-ppo-arg", action="append", default=[], metavar="ARG",
                    help="extra argument for bench/gpu_ppo.py (repeatable; e.g. --gpu-ppo-arg=--hidden=64 with "
                         "--shape custom)")
@@ -167,16 +167,20 @@ def run_trl(args: argparse.Namespace, workdir: Path) -> dict:
            "--prompts-file", str(prompts), "--prompts", str(args.prompts), "--max-new-tokens", str(args.max_new_tokens),
            "--mini-batch", str(args.mini_batch), "--micro-batch", str(args.micro_batch),
            "--gpu-memory-utilization", str(args.gpu_memory_utilization), "--max-model-len", str(max_model_len)]
+    out.unlink(missing_ok=True)  # a reused --workdir's earlier result must not pass for this run's
     rc, wall = run_logged(cmd, workdir / "trl.log", args.trl_timeout)
     result.update(rc=rc, wall_s=round(wall, 1))
-    if rc != 0 or not out.is_file():
-        return {**result, "error": tail(workdir / "trl.log")}
-    data = json.loads(out.read_text())
+    if rc != 0:
+        result["error"] = tail(workdir / "trl.log")
+    # The worker rewrites its file after every iteration: one cut by the limit still has the iterations it timed.
+    data = json.loads(out.read_text()) if out.is_file() else {"iterations": []}
+    if len(data["iterations"]) < 2:
+        return {**result, "error": result.get("error") or f"no timed iteration in {out}"}
     result.update(system=f"TRL {data['version']} GRPOTrainer", iterations=list(range(2, len(data["iterations"]) + 1)),
                   seconds=data["iterations"][1:], tokens=data["tokens"][1:], startup_s=data.get("init_s"),
                   device=data.get("device"), all_seconds=data["iterations"], all_tokens=data["tokens"],
                   completion_mean_length=data.get("completion_mean_length"),
-                  peak_torch_gib=data.get("peak_torch_gib"))
+                  peak_torch_gib=data.get("peak_torch_gib"), partial=rc != 0)
     return result
 
 
