@@ -75,7 +75,7 @@ run_step() {  # one named measurement under its own limit
         --out "$OUT/async.json" ;;
     # ppoflow ~220 s (4 iterations, actors' start-up ~90 s) then TRL ~180 s (vLLM's compile and CUDA graphs, 3
     # iterations); each side has its own limit inside (260 s, 250 s; 20 s at most for the GPU to empty between).
-    trl_gpu) TAIL=25 step trl_gpu 550 python3 bench/trl_gpu.py --json "$OUT/trl_gpu.json" ;;
+    trl_gpu) TAIL=45 step trl_gpu 550 python3 bench/trl_gpu.py --json "$OUT/trl_gpu.json" ;;
     *) echo "unknown step $1" >&2 ;;
     esac
 }

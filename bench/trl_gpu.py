@@ -80,7 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def tail(path: Path, lines: int = 40) -> str:
+def tail(path: Path, lines: int = 25) -> str:
     """The last lines of a log, without blank lines and Python's warning noise."""
     if not path.is_file():
         return f"(no log at {path})"
