@@ -24,6 +24,7 @@ class RunContext:
     workers: dict[str, Any] = field(default_factory=dict)  # role → actor handle: Ray kills a non-detached actor
     # once no handle to it is left, so the run's handles live as long as the run does
     tracker: Any = None  # stages.tracking.Tracker the reports keep open
+    prewarm: threading.Thread | None = None  # importing what the first report needs (stages/report.py prewarm)
     config_logged: bool = False  # the run's config went to its tracker once in this process
     report_rows: dict[int, dict] = field(default_factory=dict)  # iteration → its row of the iterations table
     stop_log_forwarding: Callable[[], None] | None = None  # undoes the forwarding of actor lines to the flow run

@@ -13,8 +13,9 @@ A flow run creates each artifact at its first report and updates it in place at 
 artifact a flow run created, and a version per iteration would bury the latest under thirty others. The next flow run
 of the run (a resume) adds a version of each key. The curves are redrawn every `eval.every` iterations (where the pass
 rate gains a point), at the last iteration and at a flow run's first report: drawing is the report's costliest part,
-and it competes with the next iteration for the CPU. An artifact that would be missing or empty fails the report
-(ReportError), naming it.
+and it competes with the next iteration for the CPU. The modules a report imports (matplotlib, the tracker's) are
+imported by `prewarm` while the actors start, not by the first report beside iteration 2. An artifact that would be
+missing or empty fails the report (ReportError), naming it.
 
 The table's rows stay in the run's context (stages/context.py) from one report to the next: each iteration's markers
 are read once, when it is reported (a process's first report reads every earlier committed iteration), rather than
@@ -25,9 +26,11 @@ tests/flows/test_deployment.py (the artifacts in the UI, in a browser)
 """
 
 import base64
+import importlib
 import json
 import math
 import re
+import threading
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -154,6 +157,29 @@ def _publish(artifacts: dict[str, dict], prefix: str) -> None:
             client.create_artifact(ArtifactCreate(key=key, type=art["type"], data=art["data"],
                                                   description=art["description"], flow_run_id=flow_run_id,
                                                   task_run_id=task_run_id))
+
+
+def prewarm(config) -> threading.Thread:
+    """Start importing, in a thread, the modules the run's first report imports: matplotlib (the curves) and the
+    tracker's (stages.tracking.IMPORTS). Imports only: nothing is opened or written, so what the run stores and
+    publishes does not change. start_workers starts it while the driver waits for its actors, the first report
+    would otherwise pay for it beside iteration 2 (on 2 cores the driver's orchestration waits for the GIL);
+    close_run joins it. A module that fails to import is left for the report, which names it."""
+    from stages.tracking import IMPORTS
+
+    names = ("matplotlib.figure", "matplotlib.ticker", "matplotlib.backends.backend_agg",
+             *IMPORTS.get(config.tracking.logger, ()))
+
+    def run() -> None:
+        for name in names:
+            try:
+                importlib.import_module(name)
+            except Exception:  # noqa: BLE001 - the report imports it again and raises its own, clearer error
+                pass
+
+    thread = threading.Thread(target=run, name="report-prewarm")
+    thread.start()
+    return thread
 
 
 def report(config, run_uri: str, iteration: int, samples: int = 8) -> dict:

@@ -250,6 +250,10 @@ def start_workers(config, run_uri: str) -> dict:
     t0 = time.perf_counter()
     connect(config.ray.address, config.ray.num_cpus, config.ray.namespace)
     ctx = run_context(run_uri)
+    if ctx.prewarm is None:  # after connect (it imports Ray), so that the two threads do not import one module at once
+        from stages.report import prewarm
+
+        ctx.prewarm = prewarm(config)
     _forward_logs_to_flow_run(ctx)
     ctx.workers = launch(run_uri, config)
     store = store_of(config, run_uri)
@@ -356,6 +360,8 @@ def close_run(config, run_uri: str, stop_workers: bool = True) -> None:
         return
     if ctx.stop_log_forwarding is not None:
         ctx.stop_log_forwarding()
+    if ctx.prewarm is not None:  # no thread of the run outlives it
+        ctx.prewarm.join()
     try:
         if ctx.tracker is not None:  # MLflow marks its run FINISHED, W&B finishes
             ctx.tracker.close()

@@ -30,6 +30,11 @@ from stages.config import TrackingConfig
 HPARAM_METRICS = ("rollout/reward_mean", "rollout/kl")
 """Metrics TensorBoard's HPARAMS tab shows beside each run's config."""
 
+IMPORTS = {"tensorboard": ("torch.utils.tensorboard", "tensorboard.compat.proto.event_pb2"),
+           "mlflow": ("mlflow.tracking", "mlflow.entities"), "wandb": ("wandb",)}
+"""Modules each `tracking.logger` imports when its tracker opens: the report's prewarm (stages/report.py) imports them
+while the actors start, so the first report does not."""
+
 
 
 def flatten_config(config: dict, prefix: str = "") -> dict:

@@ -2,7 +2,8 @@
 a resumed process rebuilds from storage, reporting an iteration reads only that iteration's markers, one TensorBoard
 writer serves every iteration of a flow run; the artifacts hold the table, the best and worst rollouts, the curves
 picture and where storage and tracking live; an artifact that would be missing or empty fails the report; in a flow
-run each artifact is created once and then updated in place (a real Prefect API).
+run each artifact is created once and then updated in place (a real Prefect API); the prewarm imports matplotlib and
+the tracker's modules in a fresh process, opens and writes nothing, and the report after it publishes the same bytes.
 
 Run alone:  .venv/bin/pytest tests/stages/test_report.py
 """
@@ -189,3 +190,57 @@ def test_a_flow_run_creates_each_artifact_once_and_updates_it(tmp_path, prefect_
     assert "it2-s9" in by_key["r4-rollouts"].data
     latest = client.read_latest_artifacts()
     assert {a.key: a.latest_id for a in latest if a.key.startswith("r4-")} == {k: a.id for k, a in by_key.items()}
+
+
+
+PREWARMED_REPORT = """
+import json, os, sys
+import stages.report
+from stages.config import load_config
+from stages.setup import close_run
+from storage.run import run_uri
+
+root, logger = sys.argv[1], sys.argv[2]
+config = load_config(base={"model": {"path": "unused"}, "data": {"prompts": "unused.jsonl"},
+                           "storage": {"root": root}, "run_id": "r5", "iterations": 4, "tracking": {"logger": logger}})
+modules = ("matplotlib.figure", "matplotlib.backends.backend_agg", "torch.utils.tensorboard")
+uri = run_uri(root, "r5")
+before = [m for m in modules if m in sys.modules]
+stages.report.prewarm(config).join()
+imported, files = [m for m in modules if m in sys.modules], sorted(os.listdir(uri))
+published = {}
+stages.report._publish = lambda artifacts, prefix: published.update({
+    f"{prefix}-{n}": json.loads(a["data"]) if a["type"] == "table" else a["data"] for n, a in artifacts.items()})
+stages.report.report(config, uri, 1)
+close_run(config, uri, stop_workers=False)
+print(json.dumps({"before": before, "imported": imported, "files": files, "published": published}))
+"""
+
+
+@pytest.mark.parametrize("logger", ["tensorboard", "none"])
+def test_the_prewarm_imports_what_the_first_report_needs_and_changes_nothing_it_publishes(tmp_path, published,
+                                                                                       logger):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    uri = run_uri(str(tmp_path), "r5")
+    _commit_iteration(RunStore(uri), 1)
+    stored = sorted(os.listdir(uri))
+    # A fresh interpreter, so that nothing the report needs is imported before the prewarm.
+    out = subprocess.run([sys.executable, "-c", PREWARMED_REPORT, str(tmp_path), logger], capture_output=True,
+                         text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}).stdout
+    got = json.loads(out.strip().splitlines()[-1])
+    assert got["before"] == []
+    assert got["imported"] == ["matplotlib.figure", "matplotlib.backends.backend_agg",
+                               *(["torch.utils.tensorboard"] if logger == "tensorboard" else [])]
+    assert got["files"] == stored  # imports only: no tracker opened, nothing written
+
+    # The same report in this process, without a prewarm: the same artifacts, the curves picture byte for byte.
+    config = _config(tmp_path, "r5", tracking={"logger": logger})
+    report(config, uri, 1)
+    close_run(config, uri, stop_workers=False)
+    assert "(data:image/png;base64," in published["r5-overview"]
+    assert got["published"] == published
