@@ -36,7 +36,6 @@ IMPORTS = {"tensorboard": ("torch.utils.tensorboard", "tensorboard.compat.proto.
 while the actors start, so the first report does not."""
 
 
-
 def flatten_config(config: dict, prefix: str = "") -> dict:
     """`{"algo": {"gamma": 1.0}}` → `{"algo.gamma": 1.0}`; lists and empty sections become JSON text, because
     TensorBoard hparams and MLflow params take scalars only."""
