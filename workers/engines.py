@@ -328,6 +328,6 @@ def create_engines(run_uri: str, config, timeout_s: float = 600.0) -> tuple[list
                 omp_threads_bind=None if on_gpu else cpu_binding(i, gen.num_engines, cores),
                 tensor_parallel_size=gen.tensor_parallel_size,
                 bundle_indices=bundles if gen.tensor_parallel_size > 1 else None, worker_gpus=layout.worker_gpus,
-                enable_sleep_mode=gen.enable_sleep_mode, sleep_level=gen.sleep_level))
+                enable_sleep_mode=gen.enable_sleep_mode, sleep_level=gen.sleep_level, in_process=not on_gpu))
     return handles, layout, pg
 

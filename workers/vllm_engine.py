@@ -47,12 +47,14 @@ class VLLMEngine(Engine):
         worker_gpus: float = 1.0,
         enable_sleep_mode: bool = False,
         sleep_level: int = 1,
+        in_process: bool = False,
     ) -> None:
         """`kv_cache_gib`: KV-cache size; None sizes it from `gpu_memory_utilization` instead (GPU only).
         `tensor_parallel_size` > 1 runs vLLM's Ray executor, one worker per rank on the placement-group bundles
         `bundle_indices` of the group this actor was scheduled in (with placement_group_capture_child_tasks), each
         worker taking `worker_gpus` GPUs. `enable_sleep_mode` lets `sleep`/`wake_up` free GPU memory (GPU only), at
-        `sleep_level` (GenerationConfig.sleep_level)."""
+        `sleep_level` (GenerationConfig.sleep_level). `in_process` runs vLLM's engine core and its one worker in this
+        actor's process (workers/engines.py: CPU engines)."""
         # vLLM reads these when it is imported and when its engine processes start, so set them first.
         # VLLM_CPU_KVCACHE_SPACE is the legacy integer-GiB knob and overrides kv_cache_memory_bytes when present;
         # drop any inherited value so `kv_cache_gib` (fractions allowed) is the single source of truth. Without an
@@ -61,6 +63,12 @@ class VLLMEngine(Engine):
         if omp_threads_bind is not None:
             # vLLM's auto binding puts every engine on core 0 and ignores Ray's CPU accounting.
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = omp_threads_bind
+        if in_process:
+            # By default vLLM runs its engine core and worker as two child processes, and the worker busy-polls its
+            # RPC queue for 1 s after every message (shm_broadcast's SpinCondition): after each generate it keeps a
+            # core busy through score and update, on a 2-core host the trainers' (bench/RESULTS.md). In this process
+            # nothing polls and nothing is spawned. CPU only: the GPU path keeps vLLM's processes.
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         os.environ.setdefault("VLLM_CACHE_ROOT", os.path.join(tempfile.gettempdir(), "ppoflow-vllm-cache"))
         parallel = {}
         if tensor_parallel_size > 1:
