@@ -49,7 +49,8 @@ def cpu_runs(iterations: int, root: Path) -> list[dict]:
                 "tracking.logger=none", f"checkpoint.every={k}", f"checkpoint.background={str(background).lower()}"])
             store = RunStore(ppo_train(config=config)["run_uri"])
             spans = [t["span"] for n in range(2, iterations + 1) if (t := iteration_times(store, n)) is not None]
-            blocked = [store.stage_marker(n, "update")["metrics"]["perf/checkpoint_s"] for n in range(2, iterations + 1)]
+            blocked = [store.stage_marker(n, "update")["metrics"]["perf/checkpoint_s"]
+                       for n in range(2, iterations + 1)]
             rows.append({"k": k, "background": background, "iter_s": round(statistics.mean(spans), 3),
                          "share": round(sum(blocked) / sum(spans), 4)})
             print(f"cpu K={k:>2} {'background' if background else 'foreground':>10}: {rows[-1]['iter_s']:.3f} s per "

@@ -483,7 +483,8 @@ def standalone_vllm(model_dir: str, run_uri: str, iteration: int, generation: di
     n = len(rollout) // len(groups)
     llm = LLM(model=model_dir, dtype=dtype, seed=0, max_model_len=generation["max_model_len"],
               gpu_memory_utilization=generation["gpu_memory_utilization"],
-              enforce_eager=bool(generation["enforce_eager"]), enable_prefix_caching=generation["enable_prefix_caching"])
+              enforce_eager=bool(generation["enforce_eager"]),
+              enable_prefix_caching=generation["enable_prefix_caching"])
     prompts = [TokensPrompt(prompt_token_ids=p) for p in groups.values()]
     params = [SamplingParams(n=n, temperature=generation["temperature"], top_p=generation["top_p"],
                              top_k=generation["top_k"], max_tokens=generation["max_new_tokens"], seed=1000 + i * n,
@@ -541,7 +542,8 @@ def hf_vs_generate(model_dir: str, prompts: int, samples: int, max_new_tokens: i
     plain_s = time.perf_counter() - t0
     plain_tokens = (generated.shape[1] - batch["input_ids"].shape[1]) * generated.shape[0]
     return {"batch": prompts * samples, "max_new_tokens": max_new_tokens,
-            "hf_engine_tok_s": round(engine_tokens / engine_s, 1), "hf_generate_tok_s": round(plain_tokens / plain_s, 1),
+            "hf_engine_tok_s": round(engine_tokens / engine_s, 1),
+            "hf_generate_tok_s": round(plain_tokens / plain_s, 1),
             "engine_tokens": engine_tokens, "generate_tokens": plain_tokens}
 
 

@@ -15,8 +15,8 @@ Each variant is one `ppoflow train` process (its own local Ray and Prefect) of -
 CPU (the quickstart, 2 cores; a shared machine gives orders of magnitude only):
     .venv/bin/python bench/lora.py --iterations 6 --json bench/results/lora.json
     .venv/bin/python bench/lora.py --vllm-lora-only          # merged reload vs vLLM's LoRA, no training
-GPU (one GPU, a random-init model of Qwen2.5-0.5B's shape and vocabulary, configs/gpu-0.5b.yaml's settings), from the repo root
-with the carried wheels (bench/gpu_run.sh installs them and runs a named script):
+GPU (one GPU, a random-init model of Qwen2.5-0.5B's shape and vocabulary, configs/gpu-0.5b.yaml's settings), from the
+repo root with the carried wheels (bench/gpu_run.sh installs them and runs a named script):
     bash bench/gpu_run.sh bench/lora.py --gpu --iterations 3 --json $OUT/lora-gpu.json
 Results: bench/RESULTS.md ("LoRA"), bench/results/lora.json.
 """

@@ -83,7 +83,8 @@ def main(argv=None) -> int:
     print(f"{'samples':>7} {'response':>8} {'tokens':>7} {'padded MiB':>11} {'packed MiB':>11} {'ratio':>6}")
     for i in range(0, len(rows), 2):
         pad, pack = rows[i], rows[i + 1]
-        fmt = lambda r: f"{r['peak_growth_mib']:>11.1f}" if r["peak_growth_mib"] is not None else f"{'killed':>11}"  # noqa: E731
+        fmt = lambda r: (f"{r['peak_growth_mib']:>11.1f}" if r["peak_growth_mib"] is not None  # noqa: E731
+                         else f"{'killed':>11}")
         ratio = (pad["peak_growth_mib"] / max(pack["peak_growth_mib"], 0.1)
                  if pad["peak_growth_mib"] is not None and pack["peak_growth_mib"] is not None else None)
         print(f"{pad['samples']:>7} {pad['response']:>8} {pad['tokens']:>7} {fmt(pad)} {fmt(pack)} "

@@ -3,8 +3,8 @@ the raw bandwidth of the same kind of link.
 
 What it runs: for each model size, a random-init Qwen2 built here (ppoflow's tokenizer; nothing is downloaded), a
 1-rank DeepSpeed policy and `--engines` engines of one run (vLLM on CPU, `--backend hf` for the GPU host, where vLLM
-is not carried), created as a run creates them. Each route of workers/engine_pool.py is then timed end to end (the policy's
-side, the transfer and the engines' in-place load, with its checksum verification) `--repeats` times; the first
+is not carried), created as a run creates them. Each route of workers/engine_pool.py is then timed end to end (the
+policy's side, the transfer and the engines' in-place load, with its checksum verification) `--repeats` times; the first
 broadcast, which builds the process group, is reported apart. GB/s = bytes the route moved / seconds (broadcast: the
 bytes trainer rank 0 sent, once for all engines, as a broadcast sends them; object_store: the safetensors export;
 storage: the export on disk, which the engines read but nobody sends). The link: two bare Ray actors placed like the

@@ -1,8 +1,9 @@
 """Run setup and teardown: pre-flight checks, the run manifest and lock, starting and restoring the workers.
 
 `open_run` fails fast — bad reward path, unreadable prompts, missing model, a placement the cluster layout cannot
-hold, a resumed run whose config changed — before any worker starts and before anything is written. `start_workers` creates the run's actors and brings them to the latest committed policy
-version, so the first stage that runs finds the state the crashed process left committed.
+hold, a resumed run whose config changed — before any worker starts and before anything is written.
+`start_workers` creates the run's actors and brings them to the latest committed policy version, so the first
+stage that runs finds the state the crashed process left committed.
 
 Run alone to check a config as a run would before starting (preflight) and print where its actors go:
     python -m stages.setup configs/quickstart.yaml [--set generation.num_engines=2 ...]

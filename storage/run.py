@@ -9,7 +9,8 @@ Layout (every path below the run URI `{root}/{run_id}`; runs started before that
     iter-000001/generate/_SUCCESS.json        ... committed by its marker, written last
     iter-000001/{score,advantages,update,sync}/...
     checkpoints/iter-000001/{policy,critic,hf}/  DeepSpeed state + HF export (every checkpoint.every iterations)
-    checkpoints/iter-000001/_PART-*.json      one per part (policy-rank0, critic-rank0, hf, ...), once its files are whole
+    checkpoints/iter-000001/_PART-*.json      one per part (policy-rank0, critic-rank0, hf, ...), once its files are
+                                              whole
     checkpoints/iter-000001/_SUCCESS.json     the checkpoint is complete: its update committed, every part whole
     checkpoints/iter-000001/_PINNED.json      kept by rotation whatever its age (a lineage's final policy)
     events/*.json                             one record per stage execution (ran / skipped), for operators and tests

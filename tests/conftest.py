@@ -112,7 +112,8 @@ def test_scale() -> list[str]:
 
 @pytest.fixture
 def make_config(tmp_path, tiny_model_dir, prompts_dir):
-    """The quickstart config pointed at the test model, prompts and a temporary storage root, plus overrides.  Sized by TEST_SCALE."""
+    """The quickstart config pointed at the test model, prompts and a temporary storage root, plus overrides. Sized by
+    TEST_SCALE."""
     from pathlib import Path
 
     from stages.config import load_config

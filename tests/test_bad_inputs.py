@@ -121,7 +121,7 @@ def test_storage_options_without_credentials_are_kept():
     assert config.storage.storage_options == options
 
 
-# ---- the CLI: a bad prompt file ends in one clear line and exit code 2 ------------------------------------------------
+# ---- the CLI: a bad prompt file ends in one clear line and exit code 2 -------------------------------------------
 
 def test_cli_names_the_bad_line_of_a_prompt_file(tmp_path, tiny_model_dir):
     prompts = tmp_path / "prompts.jsonl"

@@ -113,9 +113,9 @@ class GenerationConfig(BaseModel):
     shares the GPU of the policy rank of its index (hybrid placement; standard placement on one GPU) engine i loads
     the weights straight from that rank's GPU memory (CUDA IPC handles of its bucket buffers, method `ipc`); when
     the engines' GPUs are distinct and none is rank 0's, the broadcast; otherwise the object store. `object_store`: one
-    safetensors export through Ray's object store, read by every engine. `storage`: the engines load the committed HF export of
-    the checkpoint from the run's storage (for engines that cannot join the group); a sample's sums are checked
-    against the trainer's."""
+    safetensors export through Ray's object store, read by every engine. `storage`: the engines load the committed HF
+    export of the checkpoint from the run's storage (for engines that cannot join the group); a sample's sums are
+    checked against the trainer's."""
 
     weight_sync_bucket_mb: float = Field(64.0, gt=0.0)
     """Size of one broadcast (MiB) under `weight_sync: broadcast`: tensors are packed into flat buffers of at most
@@ -124,8 +124,8 @@ class GenerationConfig(BaseModel):
     max_engine_restarts: int = Field(3, ge=0)
     """Times Ray restarts an engine actor that died (OOM kill, segfault, lost node), per engine over the run. A
     restarted engine comes back from its constructor with the base weights; the stage sampling on it waits for it,
-    syncs it to the committed policy and sends its unfinished requests again (workers/engine_pool.py: generate_on_engines).
-    0: a dead engine fails the stage."""
+    syncs it to the committed policy and sends its unfinished requests again (workers/engine_pool.py:
+    generate_on_engines). 0: a dead engine fails the stage."""
 
     # One model validator for the rules between fields (so declaration order never matters); each message starts
     # with its field's name, which the config loader turns into the path (`generation.tensor_parallel_size: ...`).

@@ -302,7 +302,8 @@ def create_engines(run_uri: str, config, timeout_s: float = 600.0) -> tuple[list
         # A dead engine is restarted by Ray (its constructor again: base weights, version 0, on its bundle), but no
         # call is replayed on it (max_task_retries 0): a replayed generate would sample from the base weights, and
         # only the caller knows which policy the engine must serve first. The caller syncs it and resends
-        # (workers/engine_pool.py: generate_on_engines); a stage whose sync met the death fails, and its task retry syncs.
+        # (workers/engine_pool.py: generate_on_engines); a stage whose sync met the death fails, and its task retry
+        # syncs.
         options = {"name": engine_name(run_uri, i), "namespace": ns, "get_if_exists": True,
                    "max_restarts": gen.max_engine_restarts, "max_task_retries": 0,
                    "scheduling_strategy": bundle_strategy(pg, bundles[0]), **layout.engine_resources,

