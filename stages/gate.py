@@ -63,6 +63,7 @@ def score_policies(config, folders: list[str]) -> list[dict]:
                                       gate.pass_threshold, f"gate{version}")[1])
         return out
     finally:
+        ray.wait([engine.close.remote()], timeout=10)  # Engine.close: what the kill would leave on disk
         ray.kill(engine)
 
 

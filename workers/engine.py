@@ -41,6 +41,11 @@ class Engine(RunActor):
         """Cumulative counts since the actor started: requests, samples, generated_tokens, generate_seconds."""
         return dict(self._stats)
 
+    def close(self) -> list[str]:
+        """Remove what this engine leaves on its host's disk and a killed process cannot remove itself; call it right
+        before killing the actor (workers/launch.py's stop_workers). Returns the paths removed (none here)."""
+        return []
+
     def sleep(self) -> None:
         """Free the engine's device memory while the trainers work: drop the KV cache and move the weights to host
         memory. Idempotent. Only engines created with enable_sleep_mode (GPU) free anything."""

@@ -88,10 +88,16 @@ def stop_workers(run_uri: str, namespace: str) -> None:
     import ray
 
     prefix = actor_name(run_uri, "")
+    actors = {}
     for entry in ray.util.list_named_actors(all_namespaces=True):
         if entry["namespace"] == namespace and entry["name"].startswith(prefix):
             try:
-                ray.kill(ray.get_actor(entry["name"], namespace=namespace))
+                actors[entry["name"]] = ray.get_actor(entry["name"], namespace=namespace)
             except ValueError:  # died meanwhile
                 pass
+    # An engine first removes what a kill would leave on disk (Engine.close); a busy or dead one is killed without.
+    closing = [a.close.remote() for name, a in actors.items() if name.startswith(prefix + "engine-")]
+    ray.wait(closing, num_returns=len(closing), timeout=10)
+    for actor in actors.values():
+        ray.kill(actor)
     remove_placement_group(run_uri)

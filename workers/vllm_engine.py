@@ -114,6 +114,7 @@ class VLLMEngine(Engine):
             raise
         self.startup_seconds = time.perf_counter() - started
         self._sleep_level = sleep_level
+        self._store_files = sorted({f for f in self._llm.collective_rpc("ppoflow_store_file") if f})
         super().__init__()
 
     def generate(self, requests: list[dict[str, Any]], version: int | None = None) -> list[list[dict[str, Any]]]:
@@ -214,6 +215,20 @@ class VLLMEngine(Engine):
         started = time.perf_counter()
         sums = self._llm.collective_rpc("ppoflow_receive_weights", args=(spec,))[0]
         return self._finish_update(version, started, sums)
+
+    def close(self) -> list[str]:
+        """Remove the rendezvous file of vLLM's workers ({tmp}/vllm_dist_<uuid>). torch removes a FileStore's file
+        when its last user closes it, which a killed actor never does: every stopped engine left one behind. Call it
+        right before the kill: a process group created after it (none is) would find no rendezvous."""
+        removed = []
+        for path in self._store_files:
+            try:
+                os.unlink(path)
+                removed.append(path)
+            except FileNotFoundError:
+                pass
+        self._store_files = []
+        return removed
 
     def sync_group_id(self) -> str | None:
         """The weight-sync group every worker of this engine belongs to, or None (a restarted engine, or workers

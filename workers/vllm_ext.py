@@ -37,6 +37,12 @@ def _float64_sum(tensor: torch.Tensor) -> float:
 class WeightSyncExtension:
     """Mixed into vLLM's worker class: `self` is the worker."""
 
+    def ppoflow_store_file(self) -> str | None:
+        """The file of the FileStore this worker met its process group at (vLLM's `file://{tmp}/vllm_dist_<uuid>`
+        rendezvous, used by its uniproc and multiproc executors), or None for a TCP one (its Ray executor)."""
+        method = self.distributed_init_method
+        return method.removeprefix("file://") if method.startswith("file://") else None
+
     def ppoflow_load_weights(self, payload: bytes) -> dict[str, float]:
         """Load a full HF-named state dict given as `safetensors.torch.save` bytes; return both checksums.
 

