@@ -39,8 +39,9 @@ class WeightSyncExtension:
 
     def ppoflow_store_file(self) -> str | None:
         """The file of the FileStore this worker met its process group at (vLLM's `file://{tmp}/vllm_dist_<uuid>`
-        rendezvous, used by its uniproc and multiproc executors), or None for a TCP one (its Ray executor)."""
-        method = self.distributed_init_method
+        rendezvous, used by its uniproc and multiproc executors), or None for a TCP one (its Ray executor). vLLM's
+        WorkerBase keeps the method; a worker class without it has no file we know of: None, and the engine starts."""
+        method = getattr(self, "distributed_init_method", None) or ""
         return method.removeprefix("file://") if method.startswith("file://") else None
 
     def ppoflow_load_weights(self, payload: bytes) -> dict[str, float]:
